@@ -1,0 +1,122 @@
+"""Frozen configuration dataclasses for quantization: search, QAT, and the top-level ``QuantConfig``.
+
+Plain data only (no torch): each has ``to_dict``/``from_dict`` so recipes, reports and caches share one form.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+METRICS = ("hessian", "fisher", "weight")
+METHODS = ("greedy", "milp")
+
+
+def _check_keys(cls: type, data: dict[str, Any], section: str) -> None:
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {section}.{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ValueError(f"unknown key {section}.{key}{hint}")
+
+
+def _tuple(value: Any) -> tuple:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How sensitivities are measured and bits allocated.
+
+    ``bits=()`` means every bit width a scheme supports. ``protect`` lists name globs kept at
+    ``protect_scheme``/``protect_bits`` (counted in the budget); ``protect_first_last`` adds the first and
+    last quantized layer.
+    """
+
+    metric: str = "hessian"
+    method: str = "greedy"
+    schemes: tuple[str, ...] = ("uniform", "pot")
+    bits: tuple[int, ...] = ()
+    protect: tuple[str, ...] = ()
+    protect_first_last: bool = True
+    protect_scheme: str = "uniform"
+    protect_bits: int = 8
+    calib_batches: int = 4
+    max_samples: int = 64
+    rel_tol: float = 0.05
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", _tuple(self.schemes))
+        object.__setattr__(self, "bits", tuple(int(b) for b in _tuple(self.bits)))
+        object.__setattr__(self, "protect", _tuple(self.protect))
+        if self.metric not in METRICS:
+            raise ValueError(f"search.metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"search.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not self.schemes:
+            raise ValueError("search.schemes is empty: allow at least one of 'uniform', 'pot'")
+        if self.calib_batches < 1 or self.max_samples < 1:
+            raise ValueError("search.calib_batches and search.max_samples must be >= 1")
+        if not 0 < self.rel_tol < 1:
+            raise ValueError(f"search.rel_tol must be in (0, 1), got {self.rel_tol}")
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """Short quantization-aware fine-tuning: CE + distillation from the float teacher, cosine LR."""
+
+    steps: int = 150
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    distill_weight: float = 0.5
+    temperature: float = 2.0
+    calib_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"qat.steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"qat.lr must be > 0, got {self.lr}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"qat.distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.temperature > 0:
+            raise ValueError(f"qat.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything ``hq_ptq.quantize`` needs besides the model, the budget and the data."""
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    search: SearchConfig = field(default_factory=SearchConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
+    seed: int = 0
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _tuple(self.include))
+        object.__setattr__(self, "exclude", _tuple(self.exclude))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        data = dict(data)
+        _check_keys(cls, data, "quant")
+        search = dict(data.pop("search", {}) or {})
+        qat = dict(data.pop("qat", {}) or {})
+        _check_keys(SearchConfig, search, "search")
+        _check_keys(QATConfig, qat, "qat")
+        return cls(search=SearchConfig(**search), qat=QATConfig(**qat), **data)
+
+
+def section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:
+    """Build a flat config dataclass from a recipe section, naming a misspelled key."""
+    _check_keys(cls, data, section)
+    return cls(**data)
