@@ -1,0 +1,156 @@
+"""``fashion``: Fashion-MNIST turned into saccade DVS recordings, like ``digits``.
+
+Reads the four standard idx ``.gz`` files from a local folder (by default the Debian package
+``dataset-fashion-mnist``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from hq_ptq.data.digits import images_to_saccade_frames
+from hq_ptq.data.registry import DatasetInfo, EventFrames, cached_arrays, register_dataset
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot")
+_SUBSET_SEED = 0  # fixed: a subset must not follow the user seed
+
+
+def _find(data_dir: Path, name: str) -> Path | None:
+    for candidate in (data_dir / name, data_dir / name.removesuffix(".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path} is not an idx file of the expected kind (magic {found}, "
+                         f"expected {magic}); re-install the Fashion-MNIST files")
+    ndim = magic & 0xFF
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} holds {data.size} values, its header says {shape}; "
+                         f"the file is truncated, re-install it")
+    return data.reshape(shape)
+
+
+def read_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split of Fashion-MNIST.
+
+    Args:
+        data_dir: folder with the idx files (``.gz`` or uncompressed).
+        split: ``"train"`` (60000) or ``"test"`` (10000).
+
+    Returns:
+        ``(images uint8 (N, 28, 28), labels int64 (N,))``.
+
+    Raises:
+        FileNotFoundError: naming the folder, the missing files and how to get them.
+    """
+    data_dir = Path(data_dir).expanduser()
+    image_name, label_name = FILES[split]
+    paths = {name: _find(data_dir, name) for name in (image_name, label_name)}
+    missing = [name for name, p in paths.items() if p is None]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST file(s) {', '.join(missing)} not found in {data_dir}; install the "
+            f"Debian package (apt-get install dataset-fashion-mnist, it puts them in "
+            f"{DEFAULT_DIR}) or copy the four idx .gz files to a folder and pass it with "
+            f"data_dir=... (CLI: --data-dir)"
+        )
+    images = _read_idx(paths[image_name], 0x0803)  # type: ignore[arg-type]
+    labels = _read_idx(paths[label_name], 0x0801)  # type: ignore[arg-type]
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels in {data_dir}")
+    return images, labels.astype(np.int64)
+
+
+def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
+    """A fixed, class-stratified subset of ``n`` indices (all of them when ``n`` is None)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n < len(np.unique(labels)):
+        raise ValueError(f"subset of {n} is smaller than the number of classes; use >= 10")
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(labels)), train_size=int(n), stratify=labels,
+                              random_state=_SUBSET_SEED)
+    return np.sort(idx)
+
+
+@register_dataset(
+    "fashion",
+    info=DatasetInfo(
+        name="fashion", num_classes=10, sensor_size=(32, 32), frame_size=(32, 32), default_T=8,
+        classes=CLASSES,
+        description="Fashion-MNIST moved along 3 saccades through a DVS emulator (local idx files)",
+    ),
+)
+def build_fashion(
+    split: str,
+    *,
+    data_dir: str | Path = DEFAULT_DIR,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    T: int = 8,
+    size: int = 32,
+    image_size: int = 24,
+    threshold: float = 0.2,
+    steps_per_saccade: int = 10,
+    refractory_us: float = 0.0,
+    noise_rate_hz: float = 0.0,
+    eps: float = 0.1,
+    emulator_seed: int = 0,
+    cache: bool = True,
+) -> EventFrames:
+    """The ``fashion`` dataset (official 60000/10000 split, optionally a fixed subset).
+
+    Args:
+        split: ``"train"`` or ``"test"``.
+        data_dir: folder with the four idx ``.gz`` files.
+        train_subset: use a fixed class-stratified subset of this many training images.
+        test_subset: same for the test split.
+        T, size, image_size, threshold, steps_per_saccade, refractory_us, noise_rate_hz, eps,
+            emulator_seed: as for ``digits`` (images are resized 28 -> ``image_size``).
+        cache: keep the converted split in ``cache_dir()`` (keyed by all options).
+
+    Returns:
+        An :class:`EventFrames` dataset of ``(FloatTensor [T, 2, size, size], label)``.
+
+    Raises:
+        FileNotFoundError: when the idx files are not in ``data_dir``.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    images, labels = read_fashion_mnist(data_dir, split)
+    n = train_subset if split == "train" else test_subset
+    idx = subset_indices(labels, None if n is None else int(n))
+    conv = dict(T=int(T), size=int(size), image_size=int(image_size),
+                threshold=float(threshold), steps_per_saccade=int(steps_per_saccade),
+                refractory_us=float(refractory_us), noise_rate_hz=float(noise_rate_hz),
+                eps=float(eps), seed=int(emulator_seed))
+    key = dict(conv, split=split, n=len(idx), source=str(data_dir))
+
+    def build() -> dict[str, np.ndarray]:
+        logger.info("converting %d Fashion-MNIST %s images to events", len(idx), split)
+        frames = images_to_saccade_frames(images[idx], scale=1.0 / 255.0, **conv)
+        return {"frames": frames, "labels": labels[idx]}
+
+    arrays = cached_arrays("fashion", key, build, enabled=cache)
+    return EventFrames(arrays["frames"], arrays["labels"], classes=CLASSES)
