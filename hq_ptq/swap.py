@@ -1,0 +1,231 @@
+"""Attach hq_ptq weight quantizers to any model: swap Conv1d/Conv2d/Linear for Brevitas layers in place.
+
+Swapped layers quantize weights only (no input/output/bias quantization, ``return_quant_tensor=False``),
+share the original ``weight``/``bias`` Parameters, and carry their scheme as plain attributes
+``hq_scheme``/``hq_bits`` (read with :func:`layer_quant`, changed with :func:`set_layer_quant`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable
+
+import brevitas.nn as qnn
+import torch
+from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
+from torch import nn
+
+from hq_ptq.schemes import quantized_weight, weight_quant
+
+__all__ = [
+    "LAYER_MAP",
+    "find_layers",
+    "layer_quant",
+    "quant_layers",
+    "set_layer_quant",
+    "swap_layers",
+    "weight_error",
+]
+
+log = logging.getLogger(__name__)
+
+# Exact types only: subclasses (e.g. MultiheadAttention's out_proj, which F.multi_head_attention_forward
+# reads as a raw tensor) would be silently bypassed if swapped, and Brevitas layers subclass these too.
+LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: qnn.QuantConv1d,
+    nn.Conv2d: qnn.QuantConv2d,
+    nn.Linear: qnn.QuantLinear,
+}
+
+SCHEME_ATTR = "hq_scheme"
+BITS_ATTR = "hq_bits"
+
+
+def _as_globs(globs: str | Iterable[str], what: str) -> tuple[str, ...]:
+    out = (globs,) if isinstance(globs, str) else tuple(globs)
+    if not all(isinstance(g, str) for g in out):
+        raise ValueError(f"{what} must be glob strings, got {globs!r}")
+    return out
+
+
+def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) for g in include) and not any(
+        fnmatch.fnmatchcase(name, g) for g in exclude
+    )
+
+
+def _is_hq_layer(module: nn.Module) -> bool:
+    return isinstance(module, QuantWeightBiasInputOutputLayer) and hasattr(module, SCHEME_ATTR)
+
+
+def find_layers(
+    model: nn.Module, include: str | Iterable[str] = ("*",), exclude: str | Iterable[str] = ()
+) -> list[str]:
+    """Qualified names (model order) of the float Conv1d/Conv2d/Linear and hq_ptq-quantized layers
+    matching an ``include`` glob and no ``exclude`` glob (``fnmatch``, case-sensitive).
+
+    Raises:
+        ValueError: no layer matched (the message names the globs).
+    """
+    inc, exc = _as_globs(include, "include"), _as_globs(exclude, "exclude")
+    names = [
+        n for n, m in model.named_modules()
+        if n and (type(m) in LAYER_MAP or _is_hq_layer(m)) and _matches(n, inc, exc)
+    ]
+    if not names:
+        raise ValueError(
+            f"no Conv1d/Conv2d/Linear layer matches include={list(inc)} exclude={list(exc)}; "
+            "check the globs against [n for n, _ in model.named_modules()]"
+        )
+    return names
+
+
+def _quant_layer_like(module: nn.Module, injector: type) -> nn.Module:
+    w = module.weight
+    common = dict(
+        bias=module.bias is not None, weight_quant=injector, bias_quant=None, input_quant=None,
+        output_quant=None, return_quant_tensor=False, device=w.device, dtype=w.dtype,
+    )
+    if isinstance(module, nn.Linear):
+        q = qnn.QuantLinear(module.in_features, module.out_features, **common)
+    else:
+        q = LAYER_MAP[type(module)](
+            module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+            padding=module.padding, dilation=module.dilation, groups=module.groups,
+            padding_mode=module.padding_mode, **common,
+        )
+    # Reuse the very Parameters (bit-identical, optimizer references stay valid); Brevitas'
+    # register_parameter hook re-initialises the quantizer from the assigned weight.
+    q.weight = w
+    q.bias = module.bias
+    q.train(module.training)
+    return q
+
+
+def _init_scales(layer: nn.Module) -> None:
+    # One quantizer call initialises stats-based scales now, so the state_dict has the same keys
+    # for every scheme from the start (Brevitas adds `scaling_impl.value` only after the first call).
+    with torch.no_grad():
+        quantized_weight(layer)
+
+
+def swap_layers(
+    model: nn.Module,
+    *,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] = (),
+    scheme: str = "uniform",
+    bits: int = 8,
+) -> list[str]:
+    """Replace matching ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear`` in place by Brevitas quant layers.
+
+    Each new layer quantizes its weight with ``scheme`` at ``bits`` and keeps the original weight and
+    bias Parameters and constructor attributes (stride, padding, dilation, groups, padding_mode,
+    device, dtype). Layers already quantized are left alone, so calling it twice is harmless. A module
+    registered under several names is swapped once and replaced everywhere.
+
+    Args:
+        model: any ``nn.Module``; changed in place.
+        include: ``fnmatch`` globs on qualified module names; a layer must match one.
+        exclude: globs; a layer matching any is skipped.
+        scheme: registered scheme name (``hq_ptq.schemes.list_schemes()``).
+        bits: bit width allowed by the scheme.
+
+    Returns:
+        Names of the newly swapped layers, in model order.
+
+    Raises:
+        ValueError: unknown scheme/bits, or no layer matched the globs.
+
+    Example:
+        >>> swap_layers(model, include=("blocks.*",), exclude=("*.head",), scheme="pot", bits=4)
+    """
+    injector = weight_quant(scheme, bits)
+    targets = set(find_layers(model, include, exclude))
+    modules = list(model.named_modules(remove_duplicate=False))
+    already = sum(1 for n, m in model.named_modules() if n in targets and _is_hq_layer(m))
+    replaced: dict[int, nn.Module] = {}
+    swapped: list[str] = []
+    for name, module in modules:
+        if name in targets and type(module) in LAYER_MAP and id(module) not in replaced:
+            new = _quant_layer_like(module, injector)
+            setattr(new, SCHEME_ATTR, scheme)
+            setattr(new, BITS_ATTR, int(bits))
+            _init_scales(new)
+            replaced[id(module)] = new
+            swapped.append(name)
+    # second pass: a module registered under several names is replaced under all of them
+    for name, module in modules:
+        if id(module) in replaced:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, replaced[id(module)])
+    log.info("swapped %d layers to %s/%d bits (%d matching layers already quantized)",
+             len(swapped), scheme, bits, already)
+    return swapped
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name → hq_ptq-quantized Brevitas layer, in model order."""
+    return {n: m for n, m in model.named_modules() if n and _is_hq_layer(m)}
+
+
+def _check_hq_layer(layer: nn.Module) -> None:
+    if not _is_hq_layer(layer):
+        raise ValueError(
+            f"{type(layer).__name__} is not an hq_ptq quant layer; swap it first with swap_layers"
+        )
+
+
+def layer_quant(layer: nn.Module) -> tuple[str, int]:
+    """The layer's ``(scheme, bits)``.
+
+    Raises:
+        ValueError: the layer was not swapped by hq_ptq.
+    """
+    _check_hq_layer(layer)
+    return getattr(layer, SCHEME_ATTR), getattr(layer, BITS_ATTR)
+
+
+def _new_proxy(layer: nn.Module, injector: type) -> nn.Module:
+    # The proxy class differs between schemes (int vs float proxy), so build a fresh proxy rather than
+    # patching the old one's injector; it tracks `layer` without being attached to it.
+    proxy = injector.proxy_class(layer, injector)
+    proxy.train(layer.training)
+    return proxy
+
+
+def set_layer_quant(layer: nn.Module, scheme: str, bits: int) -> None:
+    """Give an hq_ptq quant layer a new ``scheme``/``bits`` in place.
+
+    The quantizer is rebuilt, so its scale is re-initialised from the current weight statistics
+    (a learned scale is not carried over), and its parameters are new objects: build the optimizer
+    after the last call.
+
+    Raises:
+        ValueError: not an hq_ptq layer, or unknown scheme/bits.
+    """
+    _check_hq_layer(layer)
+    injector = weight_quant(scheme, bits)
+    layer.weight_quant = _new_proxy(layer, injector)
+    layer._cached_sub_tensor_slice_list_modules = None  # Brevitas caches submodules of the old proxy
+    setattr(layer, SCHEME_ATTR, scheme)
+    setattr(layer, BITS_ATTR, int(bits))
+    _init_scales(layer)
+
+
+def weight_error(layer: nn.Module, scheme: str, bits: int) -> float:
+    """``‖Q(W) − W‖²`` for candidate ``(scheme, bits)``, leaving the layer unchanged.
+
+    ``Q`` is a fresh quantizer on the current weight, i.e. exactly what the layer produces right
+    after ``set_layer_quant(layer, scheme, bits)``.
+
+    Raises:
+        ValueError: not an hq_ptq layer, or unknown scheme/bits.
+    """
+    _check_hq_layer(layer)
+    proxy = _new_proxy(layer, weight_quant(scheme, bits))
+    with torch.no_grad():
+        out = proxy(layer.weight)
+        wq = out.value if hasattr(out, "value") else out
+        return float((wq - layer.weight).pow(2).sum())

@@ -1,0 +1,302 @@
+from __future__ import annotations
+
+import brevitas.nn as qnn
+import pytest
+import snntorch as snn
+import torch
+from snntorch import utils as snn_utils
+from torch import nn
+
+from hq_ptq.schemes import SCHEMES, quantized_weight
+from hq_ptq.swap import (
+    find_layers,
+    layer_quant,
+    quant_layers,
+    set_layer_quant,
+    swap_layers,
+    weight_error,
+)
+
+CANDIDATES = [(s, b) for s in SCHEMES if s in ("uniform", "pot") for b in SCHEMES[s].bits]
+
+
+class CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 1, bias=False),
+        )
+        self.head = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16, bias=False), nn.Tanh(),
+                         nn.Linear(16, 3))
+
+
+def _conv1d() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(4, 6, 3, padding="same", dilation=2),
+        nn.ReLU(),
+        nn.Conv1d(6, 6, 5, stride=2, padding=2, padding_mode="circular", groups=3),
+    )
+
+
+class SNN(nn.Module):
+    """snnTorch style: an nn.Sequential of layers and Leaky(init_hidden=True), looped over T."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(2, 6, 3, padding=1),
+            snn.Leaky(beta=0.8, init_hidden=True, threshold=0.5),
+            nn.Flatten(),
+            nn.Linear(6 * 8 * 8, 4),
+            snn.Leaky(beta=0.8, init_hidden=True, threshold=0.5, output=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        snn_utils.reset(self.net)
+        mems = []
+        for t in range(x.shape[0]):
+            _, mem = self.net(x[t])
+            mems.append(mem)
+        return torch.stack(mems)
+
+
+MODELS = {
+    "cnn": (CNN, lambda g: torch.randn(2, 3, 8, 8, generator=g),
+            ["features.0", "features.2", "features.4", "head"]),
+    "mlp": (_mlp, lambda g: torch.randn(5, 12, generator=g), ["0", "2", "4"]),
+    "conv1d": (_conv1d, lambda g: torch.randn(2, 4, 20, generator=g), ["0", "2"]),
+    "snn": (SNN, lambda g: (torch.rand(4, 2, 2, 8, 8, generator=g) < 0.4).float(), ["net.0", "net.3"]),
+}
+
+_CTOR = ("stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
+         "kernel_size", "in_features", "out_features")
+
+
+def _build(kind: str) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    torch.manual_seed(0)
+    ctor, make_x, names = MODELS[kind]
+    return ctor(), make_x(torch.Generator().manual_seed(1)), names
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_swap_keeps_weights_attributes_and_outputs(kind):
+    model, x, names = _build(kind)
+    before = dict(model.named_modules())
+    params = {n: (m.weight, m.bias) for n, m in before.items() if n in names}
+    weights = {n: m.weight.detach().clone() for n, m in before.items() if n in names}
+    with torch.no_grad():
+        ref = model(x)
+
+    assert swap_layers(model, scheme="uniform", bits=8) == names
+    layers = quant_layers(model)
+    assert list(layers) == names
+    for n, q in layers.items():
+        old = before[n]
+        assert type(q) is {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d,
+                           nn.Linear: qnn.QuantLinear}[type(old)]
+        for attr in (a for a in _CTOR if hasattr(old, a)):
+            assert getattr(q, attr) == getattr(old, attr), (n, attr)
+        assert q.weight is params[n][0] and q.bias is params[n][1]
+        assert torch.equal(q.weight, weights[n])
+        assert q.weight.dtype == old.weight.dtype and q.weight.device == old.weight.device
+        assert not q.return_quant_tensor
+        assert not q.input_quant.is_quant_enabled and not q.output_quant.is_quant_enabled
+        assert not q.bias_quant.is_quant_enabled and q.weight_quant.is_quant_enabled
+        assert layer_quant(q) == ("uniform", 8)
+
+    # with the weight quantizer switched off the swapped model is the float model, bit for bit
+    for q in layers.values():
+        q.weight_quant.disable_quant = True
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    for q in layers.values():
+        q.weight_quant.disable_quant = False
+    with torch.no_grad():
+        out = model(x)
+    if kind != "snn":  # spikes may flip under int8; the float-equality check above covers it
+        assert not torch.equal(out, ref)
+        torch.testing.assert_close(out, ref, rtol=0.05, atol=0.02)
+
+
+def test_swap_is_idempotent_and_keeps_existing_quantizers():
+    model, _, names = _build("cnn")
+    swap_layers(model, include=("features.*",), scheme="pot", bits=4)
+    layers = quant_layers(model)
+    assert swap_layers(model, scheme="uniform", bits=8) == ["head"]
+    assert swap_layers(model) == []
+    after = quant_layers(model)
+    assert list(after) == names
+    assert all(after[n] is layers[n] for n in layers)
+    assert layer_quant(after["features.0"]) == ("pot", 4) and layer_quant(after["head"]) == ("uniform", 8)
+
+
+def test_include_exclude_globs():
+    model, _, _ = _build("cnn")
+    assert find_layers(model, include="features.*", exclude=("*.2",)) == ["features.0", "features.4"]
+    got = swap_layers(model, include=("features.*", "head"), exclude=("features.[24]",), bits=4)
+    assert got == ["features.0", "head"]
+    assert isinstance(model.features[2], nn.Conv2d) and not isinstance(model.features[2], qnn.QuantConv2d)
+    assert isinstance(model.features[4], nn.Conv2d) and not isinstance(model.features[4], qnn.QuantConv2d)
+
+
+def test_nothing_matched_names_the_globs():
+    model, _, _ = _build("mlp")
+    with pytest.raises(ValueError, match=r"include=\['blocks\.\*'\] exclude=\['\*head'\]"):
+        swap_layers(model, include=("blocks.*",), exclude=("*head",))
+    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Linear"):
+        swap_layers(model, exclude=("*",))
+    assert not quant_layers(model)
+
+
+def test_bad_scheme_or_bits():
+    model, _, _ = _build("mlp")
+    with pytest.raises(ValueError, match="unknown scheme 'log'"):
+        swap_layers(model, scheme="log", bits=4)
+    with pytest.raises(ValueError, match="choose one of 2, 3, 4, 5, 6$"):
+        swap_layers(model, scheme="pot", bits=8)
+    assert not quant_layers(model)
+    swap_layers(model)
+    with pytest.raises(ValueError, match="bits=7"):
+        set_layer_quant(model[0], "uniform", 7)
+    with pytest.raises(ValueError, match="not an hq_ptq quant layer"):
+        layer_quant(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not an hq_ptq quant layer"):
+        weight_error(qnn.QuantLinear(2, 2), "pot", 3)
+
+
+def test_shared_module_is_swapped_once_everywhere():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert swap_layers(model, bits=4) == ["0"]
+    assert model[0] is model[2] and isinstance(model[0], qnn.QuantLinear)
+    assert model[0].weight is shared.weight
+
+
+def test_dtype_is_kept():
+    model = nn.Sequential(nn.Linear(5, 3).double())
+    swap_layers(model, scheme="pot", bits=3)
+    q = model[0]
+    assert q.weight.dtype == torch.float64
+    assert q.weight_quant.tensor_quant.scale.dtype == torch.float64
+    assert q(torch.randn(2, 5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_set_layer_quant_changes_levels_and_metadata():
+    model, x, _ = _build("cnn")
+    swap_layers(model, scheme="uniform", bits=8)
+    layer = quant_layers(model)["features.2"]
+    w8 = quantized_weight(layer).detach()
+    s = layer.weight.detach().abs().flatten(1).amax(1)[:, None]
+    assert len((w8.flatten(1) / s).unique()) > 20
+
+    set_layer_quant(layer, "pot", 3)
+    assert layer_quant(layer) == ("pot", 3)
+    ratios = set((quantized_weight(layer).detach().abs().flatten(1) / s).unique().tolist())
+    assert ratios <= {0.0, 0.25, 0.5, 1.0}
+    assert isinstance(model.features[2], qnn.QuantConv2d) and model.features[2] is layer
+
+    set_layer_quant(layer, "uniform", 2)
+    assert layer_quant(layer) == ("uniform", 2)
+    assert set(torch.round(quantized_weight(layer).detach().flatten(1) / s).unique().tolist()) <= {
+        -1.0, 0.0, 1.0}
+    with torch.no_grad():
+        model(x)  # still runs after switching schemes both ways
+    # the new quantizer trains: gradients reach weight and scale
+    model.zero_grad()
+    model(x).square().sum().backward()
+    scale = [p for n, p in layer.named_parameters() if n.startswith("weight_quant.")]
+    assert len(scale) == 1 and scale[0].grad is not None and scale[0].grad.abs().sum() > 0
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def test_weight_error_matches_set_layer_quant_and_leaves_layer_alone():
+    model, _, _ = _build("cnn")
+    swap_layers(model, scheme="uniform", bits=8)
+    layer = quant_layers(model)["features.0"]
+    proxy, wq = layer.weight_quant, quantized_weight(layer).detach().clone()
+    errors = {c: weight_error(layer, *c) for c in CANDIDATES}
+    assert layer.weight_quant is proxy and layer_quant(layer) == ("uniform", 8)
+    assert torch.equal(quantized_weight(layer).detach(), wq)
+    for cand, err in errors.items():
+        set_layer_quant(layer, *cand)
+        with torch.no_grad():
+            direct = float((quantized_weight(layer) - layer.weight).pow(2).sum())
+        assert err == direct, cand
+    # more bits, less error within each scheme
+    for scheme in ("uniform", "pot"):
+        errs = [errors[(scheme, b)] for b in SCHEMES[scheme].bits]
+        assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1] > 0
+
+
+def test_spikformer_tiny_swaps_and_runs():
+    models = pytest.importorskip("hq_ptq.models")
+    torch.manual_seed(0)
+    model = models.build_model("spikformer-tiny").train()  # batch-stat BN gives nonzero logits
+    x = (torch.rand(2, 2, 2, 32, 32, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    with torch.no_grad():
+        ref = model(x)
+    assert ref.abs().sum() > 0
+    float_layers = [n for n, m in model.named_modules() if type(m) in (nn.Conv1d, nn.Conv2d, nn.Linear)]
+    names = swap_layers(model, exclude=("head",), scheme="pot", bits=4)
+    assert names == [n for n in float_layers if n != "head"] and len(names) >= 10
+    swap_layers(model, include="head", scheme="uniform", bits=8)
+    for q in quant_layers(model).values():
+        q.weight_quant.disable_quant = True
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    for q in quant_layers(model).values():
+        q.weight_quant.disable_quant = False
+    set_layer_quant(quant_layers(model)["blocks.0.attn.q.conv"], "uniform", 3)
+    out = model(x)
+    assert torch.isfinite(out).all() and out.shape == ref.shape
+    out.square().sum().backward()
+    head = quant_layers(model)["head"]
+    assert head.weight.grad.abs().sum() > 0
+    assert head.weight_quant.tensor_quant.scaling_impl.value.grad.abs().sum() > 0
+
+
+def test_state_dict_round_trip_and_deepcopy():
+    import copy
+
+    def quantized() -> nn.Module:
+        model, _, _ = _build("cnn")
+        swap_layers(model, exclude="head", scheme="pot", bits=3)
+        swap_layers(model, include="head", scheme="uniform", bits=4)
+        return model
+
+    model, x = quantized(), torch.randn(3, 3, 8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    keys = [k for k in model.state_dict() if "weight_quant" in k]
+    assert len(keys) == 4  # one learned scale per layer, present from the swap on
+    other = quantized()
+    other.load_state_dict(model.state_dict())
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.equal(other(x), ref)
+        assert torch.equal(twin(x), ref)
+    assert layer_quant(twin.head) == ("uniform", 4)
+    assert twin.head.weight is not model.head.weight
+
+
+def test_shared_module_matched_by_its_name_is_replaced_under_every_alias():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Sequential(shared), nn.ReLU())
+    model.add_module("alias", shared)  # named "0.0" first, "alias" second
+    assert swap_layers(model, include="0.0", bits=4) == ["0.0"]
+    assert model[0][0] is model.alias and isinstance(model.alias, qnn.QuantLinear)
