@@ -1,0 +1,626 @@
+"""Per-layer sensitivity for mixed-precision allocation (HAWQ-V2/V3 style).
+
+The sensitivity of layer ``l`` to candidate ``c = (scheme, bits)`` is
+
+    Omega_l(c) = (Tr(H_l) / n_l) * ||Q_c(W_l) - W_l||^2
+
+where ``H_l`` is the diagonal block of the loss Hessian for the layer's weight and ``n_l``
+its number of elements. Three trace metrics are provided: Hutchinson (``"hessian"``), the
+empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"weight"``). Traces are
+cached in JSON keyed by a fingerprint of the model weights and the analysis options, because
+the Hessian pass is the expensive part.
+
+Spiking nets: snnTorch surrogates are differentiable twice, but the "Hessian" is then the
+Jacobian of a pseudo-gradient. It is not symmetric and its trace can be negative. Hutchinson is
+still unbiased for that trace; :func:`hutchinson_traces` reports its magnitude (see there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[Any, Any]
+LossFn = Callable[[Any, Any], torch.Tensor]
+ResetFn = Callable[[nn.Module], object]  # return value ignored (reset_states returns a count)
+ProgressFn = Callable[[int, int], None]
+Candidate = tuple[str, int]
+Table = dict[str, dict[Candidate, float]]
+
+METRICS = ("hessian", "fisher", "weight")
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """Hutchinson estimate of one layer's mean Hessian trace Tr(H_l)/n_l.
+
+    ``mean`` is signed (pseudo-Hessians of spiking nets can give negative values); ``stderr`` is the
+    standard error of the mean over ``n_samples`` Rademacher probes; ``n_zero`` counts probes that
+    were exactly zero.
+    """
+
+    mean: float
+    stderr: float
+    n_samples: int
+    n_zero: int
+
+    @property
+    def rel_stderr(self) -> float:
+        """Standard error relative to |mean| (inf when the mean is zero and the error is not)."""
+        if self.mean == 0.0:
+            return 0.0 if self.stderr == 0.0 else math.inf
+        return self.stderr / abs(self.mean)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _layer_weights(layers: Mapping[str, nn.Module]) -> dict[str, nn.Parameter]:
+    if not layers:
+        raise ValueError("layers is empty; pass a mapping {name: module} of the layers to analyse")
+    weights: dict[str, nn.Parameter] = {}
+    seen: dict[int, str] = {}
+    for name, layer in layers.items():
+        w = getattr(layer, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            raise ValueError(
+                f"layer {name!r} ({type(layer).__name__}) has no tensor .weight; "
+                "pass only Linear/Conv-like layers"
+            )
+        if not w.is_floating_point():
+            raise ValueError(f"layer {name!r} has a non-float weight ({w.dtype}); pass float layers")
+        if id(w) in seen:
+            # A shared weight would be counted twice in the joint Hessian-vector product.
+            raise ValueError(
+                f"layers {seen[id(w)]!r} and {name!r} share one weight; list a shared weight once"
+            )
+        seen[id(w)] = name
+        weights[name] = w
+    return weights
+
+
+@contextlib.contextmanager
+def _analysis_mode(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Eval mode (deterministic BN/dropout) and grads only for ``weights``; restores both after."""
+    training = {m: m.training for m in model.modules()}
+    params = list(model.parameters())
+    wanted = {id(w) for w in weights}
+    flags = [(p, p.requires_grad) for p in params]
+    extra = [w for w in weights if id(w) not in {id(p) for p in params}]
+    extra_flags = [(w, w.requires_grad) for w in extra]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(id(p) in wanted)
+        for w in extra:
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, flag in flags + extra_flags:
+            p.requires_grad_(flag)
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor) and x.device != device:
+        return x.to(device)
+    return x
+
+
+def _batch_loss(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    reset: ResetFn | None,
+    device: torch.device,
+    names: list[str],
+) -> torch.Tensor:
+    try:
+        inputs, targets = batch
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+        ) from None
+    if reset is not None:
+        reset(model)
+    outputs = model(_to_device(inputs, device))
+    loss = loss_fn(outputs, _to_device(targets, device))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor; reduce it (e.g. mean) over the batch")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the loss does not depend on any of the layers {names}; check that they belong to "
+            "`model` and that the forward is not under torch.no_grad()"
+        )
+    return loss.reshape(())
+
+
+def _check_traces(traces: Mapping[str, float], metric: str) -> None:
+    bad_nan = [n for n, t in traces.items() if not math.isfinite(t)]
+    if bad_nan:
+        raise ValueError(
+            f"{metric} traces are non-finite for layers {bad_nan}; check the loss and inputs for NaN/inf"
+        )
+    bad_zero = [n for n, t in traces.items() if t == 0.0]
+    if bad_zero:
+        raise ValueError(
+            f"{metric} traces are zero for layers {bad_zero}: no gradient reaches them; drop them "
+            "from `layers` or check the forward (detach, no_grad, zero-curvature surrogate)"
+        )
+
+
+def _batches_list(batches: Iterable[Batch]) -> list[Batch]:
+    out = list(batches)
+    if not out:
+        raise ValueError("batches is empty; pass at least one (inputs, targets) batch")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# trace metrics
+
+
+def hutchinson_estimates(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    rel_tol: float = 0.05,
+    min_samples: int = 8,
+    max_samples: int = 64,
+    hvps_per_batch: int | None = None,
+    seed: int = 0,
+    reset: ResetFn | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, TraceEstimate]:
+    """Signed Hutchinson estimates of Tr(H_l)/n_l with their standard errors.
+
+    Same arguments as :func:`hutchinson_traces`, which applies the sign/zero policy on top.
+    ``hvps_per_batch`` is the number of probes per visit of a batch; the default
+    ``ceil(min_samples / n_batches)`` makes the first convergence check come after every batch
+    was visited once. The standard error treats probes as independent; probes that share a
+    batch are correlated through it, so with few batches it underestimates the error with
+    respect to the data distribution.
+    """
+    if not 0.0 < rel_tol:
+        raise ValueError(f"rel_tol={rel_tol} must be > 0")
+    if not 2 <= min_samples <= max_samples:
+        raise ValueError(
+            f"need 2 <= min_samples <= max_samples, got min_samples={min_samples}, max_samples={max_samples}"
+        )
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    weights = _layer_weights(layers)
+    names = list(weights)
+    params = [weights[n] for n in names]
+    data = _batches_list(batches)
+    if hvps_per_batch is not None and hvps_per_batch < 1:
+        raise ValueError(f"hvps_per_batch={hvps_per_batch} must be >= 1 (or None for the default)")
+    per_visit = hvps_per_batch or max(1, math.ceil(min_samples / len(data)))
+    device = params[0].device
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def rademacher(w: torch.Tensor) -> torch.Tensor:
+        # One local generator per device so the global RNG stays untouched.
+        if w.device not in gens:
+            gens[w.device] = torch.Generator(device=w.device).manual_seed(seed)
+        bits = torch.randint(0, 2, w.shape, generator=gens[w.device], device=w.device)
+        return bits.to(w.dtype).mul_(2).sub_(1)
+
+    samples = torch.zeros(max_samples, len(names), dtype=torch.float64)
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+    n = 0
+    visit = 0
+    with _analysis_mode(model, params):
+        try:
+            graph_index = -1
+            grads: list[torch.Tensor | None] = []
+            while n < max_samples:
+                index = visit % len(data)
+                visit += 1
+                if index != graph_index:
+                    grads = []  # free the previous graph before building the next one
+                    loss = _batch_loss(model, data[index], loss_fn, reset, device, names)
+                    grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+                    del loss  # the graph stays alive through grads only
+                    graph_index = index
+                # Layers whose gradient is constant in every weight contribute exact zeros.
+                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                for _ in range(min(per_visit, max_samples - n)):
+                    vs = [rademacher(p) for p in params]
+                    if live:
+                        hvs = torch.autograd.grad(
+                            [grads[i] for i in live],
+                            params,
+                            grad_outputs=[vs[i] for i in live],
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                        vhv = [
+                            (v * hv).sum() if hv is not None else v.new_zeros(())
+                            for v, hv in zip(vs, hvs, strict=True)
+                        ]
+                        samples[n] = torch.stack(vhv).detach().double().cpu() / sizes
+                    n += 1
+                    if progress is not None:
+                        progress(n, max_samples)
+                if n >= min_samples and _converged(samples[:n], rel_tol):
+                    break
+        finally:
+            grads = []
+            if reset is not None:
+                reset(model)  # drop hidden states that still reference the autograd graph
+    used = samples[:n]
+    mean = used.mean(dim=0)
+    stderr = used.std(dim=0, unbiased=True) / math.sqrt(n)
+    zeros = (used == 0).sum(dim=0)
+    out = {
+        name: TraceEstimate(float(mean[i]), float(stderr[i]), n, int(zeros[i]))
+        for i, name in enumerate(names)
+    }
+    logger.info(
+        "hutchinson: %d probes over %d batch visits; worst relative stderr %.3f",
+        n,
+        visit,
+        max(e.rel_stderr for e in out.values()),
+    )
+    return out
+
+
+def _converged(samples: torch.Tensor, rel_tol: float) -> bool:
+    # Non-finite samples cannot converge; stop early, the caller reports them.
+    if not torch.isfinite(samples).all():
+        return True
+    mean = samples.mean(dim=0).abs()
+    stderr = samples.std(dim=0, unbiased=True) / math.sqrt(samples.shape[0])
+    return bool((stderr <= rel_tol * mean).all())
+
+
+def hutchinson_traces(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    rel_tol: float = 0.05,
+    min_samples: int = 8,
+    max_samples: int = 64,
+    hvps_per_batch: int | None = None,
+    seed: int = 0,
+    reset: ResetFn | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, float]:
+    """Per-layer mean Hessian trace Tr(H_l)/n_l of the loss w.r.t. each layer's ``.weight``.
+
+    Hutchinson with Rademacher probes: each probe draws one vector per layer weight and one
+    double-backward over all weights serves every layer. The gradient graph is built once per batch
+    visit and reused by several probes. Sampling stops once every layer's relative standard error is
+    at most ``rel_tol`` (after ``min_samples``), or at ``max_samples``; batches are cycled.
+
+    The model runs in eval mode (BatchNorm uses running stats, so the function is
+    deterministic) and only the analysed weights require grad; both are restored afterwards.
+    The global RNG is untouched.
+
+    Sign policy: with surrogate gradients the pseudo-Hessian can have a negative trace. Its
+    magnitude is returned (``abs(mean)``) and a warning names those layers: curvature of either
+    sign is a sensitivity, whereas a negative Omega would make a layer look like it gains from
+    quantization.
+
+    Args:
+        model: called as ``model(inputs)``.
+        layers: ``{name: module}``, each with a float ``.weight``.
+        batches: iterable of ``(inputs, targets)``; materialised into a list.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy.
+        rel_tol: target relative standard error per layer.
+        min_samples: probes before the first convergence check.
+        max_samples: probe cap.
+        hvps_per_batch: probes per batch visit (see :func:`hutchinson_estimates`).
+        seed: seed of the local generator for the probes.
+        reset: ``reset(model)`` before every forward (spiking neuron state).
+        progress: ``progress(done, total)`` after each probe.
+
+    Returns:
+        ``{name: trace}``, all finite and > 0.
+
+    Raises:
+        ValueError: a layer's estimate is non-finite or exactly zero (no gradient reached it).
+    """
+    est = hutchinson_estimates(
+        model,
+        layers,
+        batches,
+        loss_fn,
+        rel_tol=rel_tol,
+        min_samples=min_samples,
+        max_samples=max_samples,
+        hvps_per_batch=hvps_per_batch,
+        seed=seed,
+        reset=reset,
+        progress=progress,
+    )
+    zero = [n for n, e in est.items() if e.n_zero == e.n_samples]
+    traces = {n: (0.0 if n in zero else e.mean) for n, e in est.items()}
+    _check_traces(traces, "hessian")
+    negative = [n for n, t in traces.items() if t < 0]
+    if negative:
+        logger.warning(
+            "negative pseudo-Hessian trace for %s (surrogate gradients); using its magnitude",
+            negative,
+        )
+    noisy = [n for n, e in est.items() if e.rel_stderr > rel_tol]
+    if noisy:
+        logger.warning(
+            "hutchinson did not reach rel_tol=%.3g in %d probes for %s; raise max_samples for tighter traces",
+            rel_tol,
+            max_samples,
+            noisy,
+        )
+    return {n: abs(t) for n, t in traces.items()}
+
+
+def fisher_traces(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    reset: ResetFn | None = None,
+    progress: ProgressFn | None = None,
+) -> dict[str, float]:
+    """Empirical-Fisher proxy of Tr(H_l)/n_l: mean over batches of sum(g_l^2)/n_l.
+
+    ``g_l`` is the batch-mean gradient of the loss (one backward per batch, no per-sample
+    gradients), so the values shrink with batch size; only their ratios across layers matter for
+    allocation. Same model handling as :func:`hutchinson_traces`.
+
+    Raises:
+        ValueError: a layer's value is non-finite or zero (no gradient reached it).
+    """
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    weights = _layer_weights(layers)
+    names = list(weights)
+    params = [weights[n] for n in names]
+    data = _batches_list(batches)
+    device = params[0].device
+    total = torch.zeros(len(names), dtype=torch.float64)
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    with _analysis_mode(model, params):
+        try:
+            for k, batch in enumerate(data):
+                loss = _batch_loss(model, batch, loss_fn, reset, device, names)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                sq = [g.detach().double().pow(2).sum().cpu() if g is not None else zero for g in grads]
+                total += torch.stack(sq) / sizes
+                if progress is not None:
+                    progress(k + 1, len(data))
+        finally:
+            if reset is not None:
+                reset(model)
+    traces = {n: float(total[i]) / len(data) for i, n in enumerate(names)}
+    _check_traces(traces, "fisher")
+    return traces
+
+
+def weight_traces(layers: Mapping[str, nn.Module]) -> dict[str, float]:
+    """Data-free metric: 1.0 per layer, so Omega_l(c) = ||Q_c(W_l) - W_l||^2.
+
+    This is the HAWQ formula under H = I (mean trace 1). It is not divided by n_l: a big layer
+    perturbs the output more than a small one at the same per-element error.
+    """
+    _layer_weights(layers)
+    return {name: 1.0 for name in layers}
+
+
+def compute_traces(
+    metric: str,
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batches: Iterable[Batch] | None = None,
+    loss_fn: LossFn | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
+    """Dispatch on ``metric`` in ``METRICS``; kwargs go to the chosen function."""
+    if metric == "weight":
+        return weight_traces(layers)
+    if metric not in METRICS:
+        raise ValueError(f"unknown sensitivity metric {metric!r}; choose one of {list(METRICS)}")
+    if batches is None:
+        raise ValueError(f"metric {metric!r} needs calibration batches; pass batches or use 'weight'")
+    fn = hutchinson_traces if metric == "hessian" else fisher_traces
+    return fn(model, layers, batches, loss_fn, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# sensitivity table
+
+
+def sensitivity_table(
+    layers: Mapping[str, nn.Module],
+    traces: Mapping[str, float],
+    candidates: Iterable[Candidate],
+    weight_error: Callable[[nn.Module, str, int], float],
+) -> Table:
+    """Omega_l(c) = traces[l] * weight_error(layer, scheme, bits) for every layer and candidate.
+
+    Returns:
+        ``{layer_name: {(scheme, bits): omega}}``.
+    """
+    cands = [(str(s), int(b)) for s, b in candidates]
+    if not cands:
+        raise ValueError("candidates is empty; pass (scheme, bits) pairs such as ('uniform', 4)")
+    missing = [n for n in layers if n not in traces]
+    if missing:
+        raise KeyError(f"no trace for layers {missing}; compute traces for the same layers")
+    table: Table = {}
+    for name, layer in layers.items():
+        row: dict[Candidate, float] = {}
+        for scheme, bits in cands:
+            err = float(weight_error(layer, scheme, bits))
+            if not math.isfinite(err) or err < 0:
+                raise ValueError(
+                    f"weight_error({name!r}, {scheme!r}, {bits}) = {err}; it must be finite and >= 0"
+                )
+            row[(scheme, bits)] = float(traces[name]) * err
+        table[name] = row
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# cache
+
+
+def _candidate_key(c: Candidate) -> str:
+    return f"{c[0]}:{int(c[1])}"
+
+
+def _parse_candidate_key(key: str) -> Candidate:
+    scheme, sep, bits = key.rpartition(":")
+    if not sep or not scheme:
+        raise ValueError(f"bad candidate key {key!r} in cache; expected 'scheme:bits'")
+    return scheme, int(bits)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def table_to_json(
+    table: Table | None,
+    traces: Mapping[str, float],
+    path: str | os.PathLike[str],
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write traces, table (``"scheme:bits"`` keys) and meta to ``path`` atomically."""
+    doc = {
+        "version": CACHE_VERSION,
+        "meta": dict(meta or {}),
+        "traces": {n: float(t) for n, t in traces.items()},
+        "table": {
+            n: {_candidate_key(c): float(v) for c, v in row.items()} for n, row in (table or {}).items()
+        },
+    }
+    _atomic_write_text(Path(path), json.dumps(doc, indent=1, sort_keys=False))
+
+
+def table_from_json(path: str | os.PathLike[str]) -> tuple[Table, dict[str, float], dict[str, Any]]:
+    """Read a file written by :func:`table_to_json`; returns ``(table, traces, meta)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"sensitivity cache {str(p)!r} not found; compute it first")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+        if doc.get("version") != CACHE_VERSION:
+            raise ValueError(f"version {doc.get('version')!r} != {CACHE_VERSION}")
+        traces = {str(n): float(t) for n, t in doc["traces"].items()}
+        table = {
+            str(n): {_parse_candidate_key(k): float(v) for k, v in row.items()}
+            for n, row in doc["table"].items()
+        }
+        meta = dict(doc["meta"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"sensitivity cache {str(p)!r} is malformed ({exc}); delete it") from None
+    return table, traces, meta
+
+
+def fingerprint(
+    model: nn.Module,
+    layer_names: Iterable[str],
+    metric: str,
+    n_batches: int,
+    seed: int,
+    **options: Any,
+) -> str:
+    """Hex digest identifying a trace computation.
+
+    Covers the layer names and weight shapes, the bytes of every parameter and buffer of ``model``
+    (BatchNorm statistics change the Hessian too), the metric, batch count, seed and any extra
+    ``options`` (rel_tol, sample caps, a data-set tag, ...; JSON-able or str-able values).
+    """
+    modules = dict(model.named_modules())
+    h = hashlib.blake2b(digest_size=16)
+    header: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "metric": metric,
+        "n_batches": int(n_batches),
+        "seed": int(seed),
+        "options": options,
+        "layers": [],
+    }
+    for name in layer_names:
+        if name not in modules:
+            raise KeyError(f"layer {name!r} is not a submodule of the model; check the layer names")
+        w = getattr(modules[name], "weight", None)
+        header["layers"].append([name, list(w.shape) if isinstance(w, torch.Tensor) else None])
+    h.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for key, t in model.state_dict(keep_vars=False).items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(key.encode())
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        flat = t.detach().reshape(-1).contiguous().cpu()
+        # Raw bytes: exact and fast; view as uint8 also handles dtypes numpy lacks (bf16).
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_traces(
+    path: str | os.PathLike[str],
+    fingerprint: str,
+    compute: Callable[[], dict[str, float]],
+    *,
+    table: Callable[[dict[str, float]], Table] | None = None,
+    meta: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Load traces from ``path`` if its fingerprint matches, else ``compute()`` and save them.
+
+    ``table`` (optional) builds the Omega table from the traces so the saved JSON can be
+    inspected; ``meta`` adds fields to the saved meta. A malformed or stale cache is recomputed.
+    """
+    p = Path(path)
+    if p.is_file():
+        try:
+            _, traces, old_meta = table_from_json(p)
+        except ValueError as exc:
+            logger.warning("%s; recomputing", exc)
+        else:
+            if old_meta.get("fingerprint") == fingerprint:
+                logger.info("sensitivity traces loaded from %s", p)
+                return traces
+            logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
+    traces = dict(compute())
+    full_meta = {**dict(meta or {}), "fingerprint": fingerprint}
+    table_to_json(table(traces) if table is not None else None, traces, p, full_meta)
+    logger.info("sensitivity traces saved to %s", p)
+    return traces
