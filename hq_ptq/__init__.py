@@ -1,0 +1,32 @@
+"""hq_ptq: heterogeneous (uniform + power-of-two) mixed-precision weight quantization for spiking ViTs.
+
+qmodel = hq_ptq.quantize(model, budget=3.5, calib_data=loader, train_data=loader)
+plan = hq_ptq.get_plan(qmodel)
+"""
+
+from __future__ import annotations
+
+from hq_ptq.api import analyze, apply_plan, get_plan, quantize, search_plan
+from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+from hq_ptq.pack import load, save
+from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.qat import finetune
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize",
+    "get_plan",
+    "apply_plan",
+    "analyze",
+    "search_plan",
+    "save",
+    "load",
+    "finetune",
+    "Plan",
+    "LayerChoice",
+    "QuantConfig",
+    "SearchConfig",
+    "QATConfig",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from hq_ptq.cli import app
+
+app(prog_name="hq-ptq")

@@ -1,0 +1,280 @@
+"""The public one-liner and plan helpers: orchestration only, each step lives in its own module.
+
+model ─► swap (Brevitas layers) ─► sensitivity (Hutchinson / Fisher / weight) ─► allocate (greedy / MILP)
+      ─► apply plan ─► QAT (KD fine-tune)
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import itertools
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hq_ptq import progress
+from hq_ptq.config import QuantConfig
+from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.qat import finetune
+from hq_ptq.schemes import SCHEMES
+from hq_ptq.search import allocate
+from hq_ptq.sensitivity import (
+    cached_traces,
+    fingerprint,
+    fisher_traces,
+    hutchinson_traces,
+    sensitivity_table,
+    weight_traces,
+)
+from hq_ptq.snn import reset_states
+from hq_ptq.swap import (
+    find_layers,
+    layer_quant,
+    quant_layers,
+    set_layer_quant,
+    swap_layers,
+    weight_error,
+)
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+PLAN_ATTR = "hq_plan"
+
+
+def candidates(config: QuantConfig) -> list[tuple[str, int]]:
+    """Every (scheme, bits) the search may choose, from the allowed schemes and bit widths."""
+    out = []
+    for name in config.search.schemes:
+        if name not in SCHEMES:
+            raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
+        for b in SCHEMES[name].bits:
+            if not config.search.bits or b in config.search.bits:
+                out.append((name, b))
+    if not out:
+        raise ValueError(
+            f"no candidate left: schemes {config.search.schemes} allow none of bits {config.search.bits}"
+        )
+    return out
+
+
+def protected_layers(names: list[str], config: QuantConfig) -> dict[str, tuple[str, int]]:
+    """Layers held at ``protect_scheme``/``protect_bits``: the globs in ``protect`` plus first and last."""
+    s = config.search
+    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in s.protect)]
+    if s.protect_first_last and len(names) > 2:
+        chosen += [names[0], names[-1]]
+    return {n: (s.protect_scheme, s.protect_bits) for n in dict.fromkeys(chosen)}
+
+
+def _take(batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    taken = list(itertools.islice(iter(batches), n))
+    if not taken:
+        raise ValueError("calib_data yielded no batches")
+    for inputs, _ in taken:
+        if not torch.isfinite(inputs).all():
+            raise ValueError("calib_data contains NaN or Inf inputs")
+    return taken
+
+
+def measure_traces(
+    model: nn.Module,
+    layer_names: list[str],
+    calib: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    loss_fn: LossFn | None,
+    config: QuantConfig,
+) -> tuple[str, dict[str, float]]:
+    """Per-layer mean Hessian (or Fisher) trace on the float model; returns ``(metric, traces)``."""
+    metric = config.search.metric if calib is not None else "weight"
+    modules = dict(model.named_modules())
+    layers = {n: modules[n] for n in layer_names}
+    if metric == "weight":
+        return metric, weight_traces(layers)
+
+    def compute() -> dict[str, float]:
+        with progress.task(f"sensitivity ({metric})", total=None) as update:
+            tick = lambda done, total: update(advance=0, samples=f"{done}/{total}")  # noqa: E731
+            if metric == "fisher":
+                return fisher_traces(model, layers, calib, loss_fn, reset=reset_states, progress=tick)
+            return hutchinson_traces(
+                model,
+                layers,
+                calib,
+                loss_fn,
+                rel_tol=config.search.rel_tol,
+                max_samples=config.search.max_samples,
+                min_samples=min(8, config.search.max_samples),
+                seed=config.seed,
+                reset=reset_states,
+                progress=tick,
+            )
+
+    if config.cache_dir is None:
+        return metric, compute()
+    digest = hashlib.sha256(b"".join(x.numpy().tobytes()[:65536] for x, _ in calib)).hexdigest()[:16]
+    fp = fingerprint(
+        model,
+        layer_names,
+        metric=metric,
+        n_batches=len(calib),
+        seed=config.seed,
+        extra=f"{digest}:{config.search.max_samples}:{config.search.rel_tol}",
+    )
+    path = Path(config.cache_dir) / f"traces-{fp}.json"
+    return metric, cached_traces(path, fp, compute)
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Per-layer sensitivity of a model: what the allocator needs, reusable across budgets."""
+
+    table: dict[str, dict[tuple[str, int], float]]
+    sizes: dict[str, int]
+    traces: dict[str, float]
+    metric: str
+    protected: dict[str, tuple[str, int]]
+
+
+def analyze(
+    model: nn.Module,
+    *,
+    calib_data: Batches | None = None,
+    loss_fn: LossFn | None = None,
+    config: QuantConfig | None = None,
+) -> Analysis:
+    """Swap the model's layers to hq_ptq quant layers (in place) and score every (scheme, bits) per layer.
+
+    Traces are measured on the float weights before any quantizer is attached.
+    """
+    config = config or QuantConfig()
+    _check_weights(model)
+    cands = candidates(config)
+    names = find_layers(model, config.include, config.exclude)
+    calib = _take(calib_data, config.search.calib_batches) if calib_data is not None else None
+    metric, traces = measure_traces(model, names, calib, loss_fn, config)
+    swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
+    layers = quant_layers(model)
+    table = sensitivity_table({n: layers[n] for n in names}, traces, cands, weight_error)
+    sizes = {n: layers[n].weight.numel() for n in names}
+    return Analysis(table, sizes, traces, metric, protected_layers(names, config))
+
+
+def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = None) -> Plan:
+    """Allocate (scheme, bits) per layer under ``budget`` from an :class:`Analysis`."""
+    config = config or QuantConfig()
+    if not budget > 0:
+        raise ValueError(f"budget must be a positive number of bits, got {budget}")
+    plan = allocate(
+        analysis.table, analysis.sizes, budget, method=config.search.method, protected=analysis.protected
+    )
+    meta = {
+        **plan.meta,
+        "metric": analysis.metric,
+        "traces": analysis.traces,
+        "protected": sorted(analysis.protected),
+    }
+    return Plan(layers=plan.layers, budget=plan.budget, method=plan.method, meta=meta)
+
+
+def quantize(
+    model: nn.Module,
+    budget: float = 3.5,
+    *,
+    calib_data: Batches | None = None,
+    train_data: Batches | None = None,
+    loss_fn: LossFn | None = None,
+    config: QuantConfig | None = None,
+) -> nn.Module:
+    """Quantize ``model``'s weights in place under an average-bit ``budget`` and return it.
+
+    Every Conv1d/Conv2d/Linear matching ``config.include``/``exclude`` gets a uniform or power-of-two Brevitas
+    quantizer; the per-layer (scheme, bits) plan minimises Hessian-weighted weight perturbation with the
+    parameter-weighted average bits ≤ ``budget``. With ``train_data``, a short QAT (CE + distillation from the
+    float model) recovers accuracy.
+
+    Args:
+        model: any nn.Module with Conv/Linear layers, called as ``model(inputs)``.
+        budget: parameter-weighted average weight bits over the quantized layers.
+        calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis; without it the
+            data-free weight metric is used.
+        train_data: iterable of ``(inputs, targets)`` batches for QAT; without it no fine-tuning.
+        loss_fn: ``loss_fn(outputs, targets)``, cross-entropy by default.
+        config: search and QAT settings.
+
+    Returns:
+        The same model, quantized; ``hq_ptq.get_plan(model)`` gives the plan.
+
+    Example:
+        >>> qmodel = hq_ptq.quantize(model, budget=3.5, calib_data=loader, train_data=loader)
+    """
+    config = config or QuantConfig()
+    if not budget > 0:
+        raise ValueError(f"budget must be a positive number of bits, got {budget}")
+    if calib_data is None:
+        warnings.warn(
+            "hq_ptq.quantize without calib_data uses the data-free weight metric; pass calib_data for "
+            "Hessian-aware sensitivity and train_data for QAT recovery",
+            stacklevel=2,
+        )
+    teacher = None
+    if train_data is not None and config.qat.steps > 0 and config.qat.distill_weight > 0:
+        # one float copy serves as the distillation teacher; candidates never copy the model
+        teacher = copy.deepcopy(model).eval()
+    analysis = analyze(model, calib_data=calib_data, loss_fn=loss_fn, config=config)
+    plan = search_plan(analysis, budget, config)
+    apply_plan(model, plan)
+
+    if train_data is not None and config.qat.steps > 0:
+        finetune(model, train_data, config.qat, teacher=teacher, loss_fn=loss_fn, seed=config.seed)
+    model.eval()
+    return model
+
+
+def _check_weights(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(f"parameter {name} has NaN or Inf values; fix the model before quantizing")
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Give every layer of ``plan`` its (scheme, bits), swapping float layers first; returns the model."""
+    missing = [c.name for c in plan.layers if c.name not in dict(model.named_modules())]
+    if missing:
+        raise ValueError(f"plan names layers the model does not have: {', '.join(missing[:5])}")
+    layers = quant_layers(model)
+    to_swap = [c.name for c in plan.layers if c.name not in layers]
+    if to_swap:
+        swap_layers(model, include=tuple(to_swap), scheme="uniform", bits=8)
+        layers = quant_layers(model)
+    for choice in plan.layers:
+        set_layer_quant(layers[choice.name], choice.scheme, choice.bits)
+    setattr(model, PLAN_ATTR, plan)
+    return model
+
+
+def get_plan(model: nn.Module) -> Plan:
+    """The plan a quantized model carries, read back from its layers (scores from the search when known)."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("model has no hq_ptq-quantized layers; call hq_ptq.quantize or apply_plan first")
+    stored: Plan | None = getattr(model, PLAN_ATTR, None)
+    known = {c.name: c for c in stored.layers} if stored is not None else {}
+    choices = []
+    for name, layer in layers.items():
+        scheme, bits = layer_quant(layer)
+        sens = known[name].sensitivity if name in known else float("nan")
+        choices.append(
+            LayerChoice(name=name, scheme=scheme, bits=bits, params=layer.weight.numel(), sensitivity=sens)
+        )
+    if stored is None:
+        return Plan(layers=tuple(choices), method="manual")
+    return Plan(layers=tuple(choices), budget=stored.budget, method=stored.method, meta=stored.meta)

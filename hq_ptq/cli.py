@@ -1,0 +1,270 @@
+"""``hq-ptq``: the command line. Parses, loads recipes, calls the library, shows progress and tables.
+
+User errors (bad recipe key, missing file, unreachable budget) exit with status 2 and one readable line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Heterogeneous uniform/power-of-two quantization for spiking vision transformers.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def user_errors(fn):
+    """Turn library errors about the user's input into one red line and exit code 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            msg = err.args[0] if err.args else str(err)
+            err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library steps.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+
+
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value")
+]
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the recipes, one line each."""
+    from hq_ptq.recipe import list_recipes, load_recipe
+
+    for name in list_recipes():
+        r = load_recipe(name)
+        console.print(f"{name:<24} {r.model_name:<18} {r.data['name']:<10} {r.description}", highlight=False)
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or .toml path")],
+    out: Annotated[
+        Path | None, typer.Option(help="Checkpoint path (default: the recipe's fp_checkpoint)")
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Train the recipe's float model and save a safetensors checkpoint."""
+    from hq_ptq.pipeline import train_recipe
+    from hq_ptq.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    model, result, path = train_recipe(r, out)
+    n = sum(p.numel() for p in model.parameters())
+    console.print(f"trained {r.model_name} ({n:,} parameters) on {r.data['name']} in {result.seconds:.0f}s")
+    console.print(f"test accuracy: [bold]{100 * result.test_accuracy:.2f}%[/bold]   checkpoint: {path}")
+
+
+def plan_table(plan) -> Table:
+    table = Table(title=f"plan: {plan.avg_bits:.3f} average bits (budget {plan.budget})")
+    for col in ("layer", "scheme", "bits", "params", "sensitivity Ω"):
+        table.add_column(col, justify="left" if col in ("layer", "scheme") else "right")
+    for c in plan.layers:
+        table.add_row(c.name, c.scheme, str(c.bits), f"{c.params:,}", f"{c.sensitivity:.3g}")
+    return table
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or .toml path")],
+    budget: Annotated[float | None, typer.Option(help="Average weight bits (default: the recipe's)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/RECIPE)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table."""
+    from hq_ptq.pipeline import run_recipe
+    from hq_ptq.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    out = out or Path("runs") / r.name
+    result = run_recipe(r, budget, out)
+    console.print(plan_table(result.plan))
+    summary = Table(title=f"{r.name}: {r.model_name} on {r.data['name']}")
+    for col in ("model", "avg bits", "accuracy", "Δ vs float"):
+        summary.add_column(col, justify="right")
+    summary.add_row("float32", "32", f"{100 * result.fp_accuracy:.2f}%", "")
+    rows = [("PTQ (search only)", result.ptq_accuracy)]
+    if r.quant.qat.steps > 0:
+        rows.append((f"PTQ + QAT ({r.quant.qat.steps} steps)", result.q_accuracy))
+    for label, acc in rows:
+        summary.add_row(
+            label,
+            f"{result.plan.avg_bits:.3f}",
+            f"{100 * acc:.2f}%",
+            f"{100 * (acc - result.fp_accuracy):+.2f} pts",
+        )
+    console.print(summary)
+    secs = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
+    console.print(f"time: {secs}   files: {out}/")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or .toml path")],
+    budgets: Annotated[str, typer.Option(help="Comma-separated average-bit budgets")] = "4,3.5,3,2.5",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/RECIPE-sweep)")] = None,
+    baselines: Annotated[bool, typer.Option(help="Also run the homogeneous baselines")] = True,
+    set_: SetOption = None,
+) -> None:
+    """Search + QAT at several budgets and the homogeneous baselines; writes sweep.json and pareto.png."""
+    from hq_ptq.pipeline import BASELINES, sweep_recipe
+    from hq_ptq.recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    try:
+        values = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets must be numbers separated by commas, got {budgets!r}") from None
+    out = out or Path("runs") / f"{r.name}-sweep"
+    entries = sweep_recipe(r, values, out, baselines=BASELINES if baselines else ())
+    table = Table(title=f"{r.name}: accuracy against average bits (float {_pct(entries[0]['fp_accuracy'])})")
+    for col in ("point", "avg bits", "PTQ", "PTQ + QAT", "Δ vs float"):
+        table.add_column(col, justify="left" if col == "point" else "right")
+    for e in entries:
+        table.add_row(
+            e["label"],
+            f"{e['avg_bits']:.3f}",
+            _pct(e["ptq_accuracy"]),
+            _pct(e["accuracy"]),
+            f"{100 * (e['accuracy'] - e['fp_accuracy']):+.2f} pts",
+        )
+    console.print(table)
+    console.print(f"files: {out}/")
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint (.safetensors) made by hq-ptq train")],
+    budget: Annotated[float, typer.Option(help="Average weight bits")] = 3.5,
+    out: Annotated[Path | None, typer.Option(help="Packed checkpoint to write")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset (default: the one it was trained on)")] = None,
+    qat_steps: Annotated[int, typer.Option(help="QAT steps (0: post-training only)")] = 150,
+    metric: Annotated[str, typer.Option(help="hessian, fisher or weight")] = "hessian",
+) -> None:
+    """Quantize a float checkpoint under a bit budget and write a packed checkpoint."""
+    from hq_ptq.api import get_plan, quantize
+    from hq_ptq.checkpoint import load_float
+    from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+    from hq_ptq.data import make_loaders
+    from hq_ptq.pack import save
+    from hq_ptq.train import evaluate
+
+    model, meta = load_float(checkpoint)
+    dataset = dict(meta.get("dataset") or {})
+    if data is not None:
+        dataset = {"name": data}
+    if "name" not in dataset:
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --data NAME")
+    options = {k: v for k, v in dataset.items() if k not in ("name", "batch_size", "eval_batch_size")}
+    train, test = make_loaders(dataset["name"], batch_size=int(dataset.get("batch_size", 32)), **options)
+    fp_acc = evaluate(model, test, description="evaluate float")
+    config = QuantConfig(search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps))
+    quantize(model, budget, calib_data=train, train_data=train if qat_steps else None, config=config)
+    q_acc = evaluate(model, test, description="evaluate quantized")
+    out = out or checkpoint.with_name(
+        checkpoint.name.replace(".safetensors", "") + f"-w{budget:g}.hqpt.safetensors"
+    )
+    save(model, out)
+    plan = get_plan(model)
+    console.print(plan_table(plan))
+    console.print(f"float {_pct(fp_acc)} → quantized {_pct(q_acc)} at {plan.avg_bits:.3f} bits; wrote {out}")
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors)")]) -> None:
+    """Show the plan and sizes of a packed checkpoint."""
+    from hq_ptq.pack import inspect
+    from hq_ptq.plan import Plan
+
+    info = inspect(path)
+    console.print(plan_table(Plan.from_dict(info["plan"])))
+    b, comp = info["bytes"], info["compression"]
+    sizes = Table(title=f"{path.name}: {b['file']:,} bytes")
+    sizes.add_column("part")
+    sizes.add_column("bytes", justify="right")
+    for part in ("codes", "scales", "biases", "float", "metadata", "overhead"):
+        sizes.add_row(part, f"{b[part]:,}")
+    console.print(sizes)
+    console.print(
+        f"compression vs FP32: {comp['checkpoint']:.2f}x (checkpoint), {comp['weights']:.2f}x (weights); "
+        f"{comp['bits_per_weight']:.3f} bits per weight"
+    )
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors) of a zoo model")],
+    out: Annotated[
+        Path | None, typer.Option(help="ONNX file to write (default: next to the checkpoint)")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="unrolled (whole time loop) or step (one step, state as I/O)")
+    ] = "unrolled",
+    time_steps: Annotated[int, typer.Option("--T", help="Time steps of the example input")] = 8,
+    batch: Annotated[int, typer.Option(help="Batch size baked into the graph")] = 1,
+    runtime: Annotated[
+        str, typer.Option(help="qonnx (Quant/FloatQuant nodes) or onnxruntime (QCDQ)")
+    ] = "qonnx",
+) -> None:
+    """Export a packed checkpoint to QONNX or to an onnxruntime-runnable ONNX file, and verify it."""
+    import torch
+
+    from hq_ptq.export import export_onnxruntime, export_qonnx, verify_export
+    from hq_ptq.pack import load
+
+    if runtime not in ("qonnx", "onnxruntime"):
+        raise ValueError(f"--runtime must be qonnx or onnxruntime, got {runtime!r}")
+    model = load(path)
+    cfg = model.hq_config
+    shape = (time_steps, batch, cfg.get("in_channels", 2), cfg["img_size"], cfg["img_size"])
+    gen = torch.Generator().manual_seed(0)
+    example = (torch.rand(shape, generator=gen) < 0.2).float()
+    suffix = ".qonnx.onnx" if runtime == "qonnx" else ".ort.onnx"
+    out = out or path.with_name(path.name.split(".")[0] + suffix)
+    fn = export_qonnx if runtime == "qonnx" else export_onnxruntime
+    fn(model, example, out, mode=mode)
+    fresh = (torch.rand(shape, generator=gen) < 0.2).float()
+    check = verify_export(model, out, fresh, backend=runtime)
+    console.print(f"wrote {out} ({out.stat().st_size:,} bytes); check on fresh input: {check}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,244 @@
+"""End-to-end runs of a recipe: float model (trained or loaded) → quantize → fine-tune → evaluate → files.
+
+The CLI and benchmarks call these; they hold no algorithm of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from hq_ptq.api import analyze, apply_plan, get_plan, search_plan
+from hq_ptq.checkpoint import atomic_write, load_float, save_float
+from hq_ptq.config import QuantConfig
+from hq_ptq.data import make_loaders
+from hq_ptq.models import build_model
+from hq_ptq.plan import Plan
+from hq_ptq.qat import finetune
+from hq_ptq.recipe import Recipe
+from hq_ptq.train import TrainResult, evaluate, train_float
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    recipe: str
+    budget: float
+    fp_accuracy: float
+    q_accuracy: float
+    ptq_accuracy: float | None
+    plan: Plan
+    seconds: dict[str, float] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["plan"] = self.plan.to_dict()
+        d["out_dir"] = str(self.out_dir) if self.out_dir else None
+        d["avg_bits"] = self.plan.avg_bits
+        return d
+
+
+def recipe_loaders(recipe: Recipe, seed: int | None = None):
+    """(train, test) loaders of the recipe's dataset, batches time-first ``[T, B, ...]``."""
+    data = recipe.data
+    return make_loaders(
+        data["name"],
+        batch_size=int(data.get("batch_size", 32)),
+        seed=recipe.train.seed if seed is None else seed,
+        **recipe.data_options(),
+    )
+
+
+def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, TrainResult, Path]:
+    """Train the recipe's float model and save it to ``out`` (default: the recipe's fp_checkpoint)."""
+    out = out or recipe.fp_checkpoint or Path("runs") / recipe.name / "fp.safetensors"
+    train, test = recipe_loaders(recipe)
+    model = build_model(recipe.model_name, **recipe.model_overrides())
+    result = train_float(model, train, test, recipe.train)
+    save_float(
+        model,
+        out,
+        meta={
+            "recipe": recipe.name,
+            "dataset": recipe.data,
+            "train": asdict(recipe.train),
+            "test_accuracy": result.test_accuracy,
+            "seconds": round(result.seconds, 1),
+            "command": f"hq-ptq train {recipe.name}",
+        },
+    )
+    return model, result, Path(out)
+
+
+def float_model(recipe: Recipe) -> nn.Module:
+    """The recipe's float model: loaded from its checkpoint when present, else trained and saved there."""
+    if recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file():
+        model, meta = load_float(recipe.fp_checkpoint)
+        if model.hq_config["name"] != recipe.model_name:
+            raise ValueError(
+                f"{recipe.fp_checkpoint} holds {model.hq_config['name']}, recipe asks {recipe.model_name}"
+            )
+        log.info("loaded float checkpoint %s", recipe.fp_checkpoint)
+        return model
+    log.info("no float checkpoint at %s: training one", recipe.fp_checkpoint)
+    model, _, _ = train_recipe(recipe)
+    return model
+
+
+def _with_cache(recipe: Recipe, out_dir: Path | None) -> QuantConfig:
+    """The recipe's QuantConfig with the sensitivity cache under the output folder (unless set)."""
+    if recipe.quant.cache_dir is not None or out_dir is None:
+        return recipe.quant
+    return replace(recipe.quant, cache_dir=str(Path(out_dir) / "cache"))
+
+
+def quantize_and_finetune(
+    model: nn.Module, plan: Plan, recipe: Recipe, train, test, teacher: nn.Module
+) -> tuple[float, float, float]:
+    """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate -> (PTQ acc, QAT acc, QAT s)."""
+    apply_plan(model, plan)
+    ptq_acc = evaluate(model, test, description="evaluate PTQ")
+    if recipe.quant.qat.steps == 0:
+        return ptq_acc, ptq_acc, 0.0
+    result = finetune(model, train, recipe.quant.qat, teacher=teacher, seed=recipe.quant.seed)
+    return ptq_acc, evaluate(model, test, description="evaluate QAT"), result.seconds
+
+
+def run_recipe(recipe: Recipe, budget: float | None = None, out_dir: Path | None = None) -> RunResult:
+    """FP checkpoint → calibrate → search → QAT → evaluate; then pack, energy and report in ``out_dir``."""
+    budget = recipe.budget if budget is None else budget
+    config = _with_cache(recipe, out_dir)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = float_model(recipe)
+    seconds["float_model"] = time.perf_counter() - t0
+    train, test = recipe_loaders(recipe)
+    fp_acc = evaluate(model, test, description="evaluate float")
+    teacher = copy.deepcopy(model).eval()
+
+    t0 = time.perf_counter()
+    analysis = analyze(model, calib_data=train, config=config)
+    plan = search_plan(analysis, budget, config)
+    seconds["search"] = time.perf_counter() - t0
+    ptq_acc, q_acc, seconds["qat"] = quantize_and_finetune(model, plan, recipe, train, test, teacher)
+    plan = get_plan(model)
+    result = RunResult(
+        recipe=recipe.name,
+        budget=budget,
+        fp_accuracy=fp_acc,
+        q_accuracy=q_acc,
+        ptq_accuracy=ptq_acc,
+        plan=plan,
+        seconds=seconds,
+        out_dir=out_dir,
+    )
+    if out_dir is not None:
+        write_artifacts(model, teacher, result, recipe, test, Path(out_dir))
+    return result
+
+
+def write_artifacts(
+    model: nn.Module,
+    teacher: nn.Module,
+    result: RunResult,
+    recipe: Recipe,
+    test,
+    out_dir: Path,
+    sweep: list[dict[str, Any]] | None = None,
+) -> dict[str, Path]:
+    """plan.json, packed checkpoint, energy estimate and report files of a finished run."""
+    from hq_ptq.energy import estimate_energy, measure_activity
+    from hq_ptq.pack import inspect, save
+    from hq_ptq.report import write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"plan": result.plan.to_json(out_dir / "plan.json")}
+    files["packed"] = save(model, out_dir / "model.hqpt.safetensors")
+    info = inspect(files["packed"])
+    sizes = {
+        "packed checkpoint (bytes)": info["bytes"]["file"],
+        "FP32 checkpoint (bytes)": info["fp32_bytes"]["checkpoint"],
+        "compression, whole checkpoint": round(info["compression"]["checkpoint"], 2),
+        "compression, weights (codes + scales vs FP32 weights)": round(info["compression"]["weights"], 2),
+    }
+    activity = measure_activity(model, test, max_batches=4)
+    energy = estimate_energy(activity, result.plan)
+    results = {**result.to_dict(), "recipe_config": recipe.to_dict()}
+    text = json.dumps(results, indent=2, default=str)
+    files["result"] = atomic_write(out_dir / "result.json", lambda tmp: Path(tmp).write_text(text))
+    files.update(
+        write_report(out_dir, plan=result.plan, results=results, sweep=sweep, energy=energy, sizes=sizes)
+    )
+    return files
+
+
+# Homogeneous baselines of a sweep: every searched layer on one (scheme, bits); protected layers as in search.
+BASELINES = (("uniform", 8), ("uniform", 4), ("uniform", 3), ("pot", 4), ("pot", 3))
+
+
+def sweep_recipe(
+    recipe: Recipe,
+    budgets: list[float],
+    out_dir: Path | None = None,
+    *,
+    baselines: tuple[tuple[str, int], ...] = BASELINES,
+) -> list[dict[str, Any]]:
+    """One sensitivity analysis, then search + QAT at every budget and for each homogeneous baseline.
+
+    Every point starts from the same float weights and gets the same QAT steps and seed. Returns one entry
+    per point (``label``, ``kind``, ``avg_bits``, ``ptq_accuracy``, ``accuracy``), written with a report and
+    ``pareto.png`` to ``out_dir``.
+    """
+    from hq_ptq.search import homogeneous_plan
+
+    if not budgets:
+        raise ValueError("sweep needs at least one budget, e.g. --budgets 4,3.5,3")
+    config = _with_cache(recipe, out_dir)
+    float_net = float_model(recipe)
+    train, test = recipe_loaders(recipe)
+    fp_acc = evaluate(float_net, test, description="evaluate float")
+    analysis = analyze(copy.deepcopy(float_net), calib_data=train, config=config)
+    points: list[tuple[str, str, Plan]] = [
+        (f"search @ {b:g}", "hetero", search_plan(analysis, b, config)) for b in budgets
+    ]
+    for scheme, bits in baselines:
+        if scheme in config.search.schemes and all((scheme, bits) in c for c in analysis.table.values()):
+            plan = homogeneous_plan(analysis.table, analysis.sizes, scheme, bits, analysis.protected)
+            points.append((f"{scheme} {bits}-bit", scheme, plan))
+    entries: list[dict[str, Any]] = []
+    # the report shows the searched model at the recipe's budget (else the first budget swept)
+    shown = recipe.budget if recipe.budget in budgets else budgets[0]
+    shown_model: tuple[nn.Module, RunResult] | None = None
+    for label, kind, plan in points:
+        model = copy.deepcopy(float_net)
+        ptq_acc, q_acc, qat_s = quantize_and_finetune(model, plan, recipe, train, test, float_net)
+        entry = {
+            "label": label,
+            "kind": kind,
+            "avg_bits": plan.avg_bits,
+            "budget": plan.budget,
+            "ptq_accuracy": ptq_acc,
+            "accuracy": q_acc,
+            "fp_accuracy": fp_acc,
+            "qat_seconds": qat_s,
+        }
+        entries.append(entry)
+        log.info("%s: %.3f bits, PTQ %.4f, QAT %.4f", label, plan.avg_bits, ptq_acc, q_acc)
+        if kind == "hetero" and plan.budget == shown:
+            run = RunResult(recipe.name, shown, fp_acc, q_acc, ptq_acc, get_plan(model), out_dir=out_dir)
+            shown_model = (model, run)
+    if out_dir is not None and shown_model is not None:
+        out_dir = Path(out_dir)
+        text = json.dumps(entries, indent=2)
+        atomic_write(out_dir / "sweep.json", lambda tmp: Path(tmp).write_text(text))
+        write_artifacts(shown_model[0], float_net, shown_model[1], recipe, test, out_dir, sweep=entries)
+    return entries

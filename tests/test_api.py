@@ -1,0 +1,140 @@
+"""The public one-liner end to end: data-free and with data, on a plain CNN and on the spiking zoo."""
+
+from __future__ import annotations
+
+import pytest
+import snntorch as snn
+import torch
+from torch import nn
+
+import hq_ptq
+from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+from hq_ptq.models import build_model
+from hq_ptq.schemes import quantized_weight
+from hq_ptq.snn import reset_states
+from hq_ptq.swap import quant_layers
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4),
+    )
+
+
+def _batches(n=3, b=8, shape=(1, 8, 8), classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for _ in range(n)]
+
+
+def test_data_free_quantize_warns_and_respects_budget():
+    model = _cnn()
+    with pytest.warns(UserWarning, match="calib_data"):
+        out = hq_ptq.quantize(model, budget=4.0)
+    assert out is model
+    plan = hq_ptq.get_plan(model)
+    assert plan.avg_bits <= 4.0 + 1e-9
+    assert len(plan.layers) == 4
+    assert {c.name for c in plan.layers} == set(quant_layers(model))
+    # first and last are protected at uniform 8 bits by default
+    assert (plan.layers[0].scheme, plan.layers[0].bits) == ("uniform", 8)
+    assert (plan.layers[-1].scheme, plan.layers[-1].bits) == ("uniform", 8)
+    assert plan.meta["metric"] == "weight"
+    model(torch.randn(2, 1, 8, 8))
+
+
+def test_quantize_with_calibration_and_qat_changes_weights():
+    model = _cnn()
+    data = _batches()
+    cfg = QuantConfig(search=SearchConfig(max_samples=8, rel_tol=0.5), qat=QATConfig(steps=3))
+    hq_ptq.quantize(model, budget=3.0, calib_data=data, train_data=data, config=cfg)
+    plan = hq_ptq.get_plan(model)
+    assert plan.meta["metric"] == "hessian"
+    assert all(v > 0 for v in plan.meta["traces"].values())
+    assert plan.avg_bits <= 3.0 + 1e-9
+    assert "gap" in plan.meta and plan.meta["gap"] >= 0
+
+
+def test_plan_round_trip_reproduces_the_model():
+    model = _cnn()
+    data = _batches()
+    cfg = QuantConfig(search=SearchConfig(metric="fisher"), qat=QATConfig(steps=0))
+    hq_ptq.quantize(model, budget=3.5, calib_data=data, config=cfg)
+    plan = hq_ptq.Plan.from_dict(hq_ptq.get_plan(model).to_dict())
+    fresh = _cnn()
+    hq_ptq.apply_plan(fresh, plan)
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.equal(fresh(x), model(x))
+    assert [(c.scheme, c.bits) for c in hq_ptq.get_plan(fresh).layers] == [
+        (c.scheme, c.bits) for c in plan.layers
+    ]
+
+
+def test_unreachable_budget_names_range():
+    with pytest.raises(ValueError, match="unreachable"):
+        hq_ptq.quantize(_cnn(), budget=1.0, calib_data=_batches(), config=QuantConfig(
+            search=SearchConfig(metric="weight")))
+
+
+def test_model_without_layers_and_bad_weights_fail_loudly():
+    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Linear layer matches"):
+        hq_ptq.quantize(nn.Sequential(nn.ReLU()), budget=4, calib_data=_batches())
+    model = _cnn()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        hq_ptq.quantize(model, budget=4, calib_data=_batches())
+
+
+def test_snntorch_sequential_with_init_hidden():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Flatten(), nn.Linear(64, 32), snn.Leaky(beta=0.5, init_hidden=True),
+        nn.Linear(32, 32), snn.Leaky(beta=0.5, init_hidden=True), nn.Linear(32, 4),
+    )
+
+    class Over_time(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):  # x: [T, B, 1, 8, 8]
+            reset_states(self.body)
+            return torch.stack([self.body(x_t) for x_t in x]).mean(0)
+
+    model = Over_time(net)
+    data = [(torch.rand(4, 6, 1, 8, 8) * 3, torch.randint(0, 4, (6,))) for _ in range(2)]
+    cfg = QuantConfig(search=SearchConfig(max_samples=8, rel_tol=0.5, protect_first_last=False))
+    hq_ptq.quantize(model, budget=3.0, calib_data=data, config=cfg)
+    plan = hq_ptq.get_plan(model)
+    assert len(plan.layers) == 3 and plan.avg_bits <= 3.0 + 1e-9
+    assert model(data[0][0]).shape == (6, 4)
+
+
+def test_spikformer_tiny_end_to_end():
+    torch.manual_seed(0)
+    model = build_model("spikformer-tiny", num_classes=4, depth=1)
+    data = [(torch.rand(2, 4, 2, 32, 32).round(), torch.randint(0, 4, (4,))) for _ in range(2)]
+    # an untrained model is silent in eval mode (BN running stats at init): give BN real statistics
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: exact statistics after a few passes
+    model.train()
+    with torch.no_grad():
+        for x, _ in data:
+            model(x)
+    cfg = QuantConfig(
+        search=SearchConfig(max_samples=4, rel_tol=0.9, calib_batches=2),
+        qat=QATConfig(steps=2),
+    )
+    hq_ptq.quantize(model, budget=3.5, calib_data=data, train_data=data, config=cfg)
+    plan = hq_ptq.get_plan(model)
+    assert plan.avg_bits <= 3.5 + 1e-9
+    assert {c.scheme for c in plan.layers} <= {"uniform", "pot"}
+    layers = quant_layers(model)
+    for c in plan.layers:
+        w = quantized_weight(layers[c.name])
+        # each output channel holds at most 2^bits distinct levels
+        assert w.flatten(1).unique(dim=1).shape[1] > 0
+        assert max(len(row.unique()) for row in w.flatten(1)) <= 2 ** c.bits
