@@ -14,7 +14,13 @@ import numpy as np
 from scipy import ndimage
 
 from hq_ptq.data.emulator import _videos_to_count_frames
-from hq_ptq.data.registry import DatasetInfo, EventFrames, cached_arrays, register_dataset
+from hq_ptq.data.registry import (
+    DatasetInfo,
+    EventFrames,
+    cached_arrays,
+    register_dataset,
+    subset_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +172,8 @@ def build_digits(
     noise_rate_hz: float = 0.0,
     eps: float = 0.1,
     emulator_seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
     cache: bool = True,
 ) -> EventFrames:
     """The ``digits`` dataset (1437 train / 360 test, stratified, fixed split).
@@ -181,6 +189,8 @@ def build_digits(
         noise_rate_hz: emulator background events per pixel per second.
         eps: emulator log offset.
         emulator_seed: seed of the emulator noise (the split does not depend on it).
+        train_subset: use a fixed class-stratified subset of this many training samples (quick runs).
+        test_subset: same for the test split.
         cache: keep the converted array in ``cache_dir()`` (keyed by all options above).
 
     Returns:
@@ -202,5 +212,7 @@ def build_digits(
     arrays = cached_arrays("digits", options, build, enabled=cache)
     train_idx, test_idx = digits_split_indices(arrays["labels"])
     idx = train_idx if split == "train" else test_idx
+    n = train_subset if split == "train" else test_subset
+    idx = idx[subset_indices(arrays["labels"][idx], None if n is None else int(n))]
     return EventFrames(arrays["frames"][idx], arrays["labels"][idx],
                        classes=tuple(str(i) for i in range(10)))

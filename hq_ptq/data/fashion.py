@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from hq_ptq.data.digits import images_to_saccade_frames
-from hq_ptq.data.registry import DatasetInfo, EventFrames, cached_arrays, register_dataset
+from hq_ptq.data.registry import (
+    DatasetInfo,
+    EventFrames,
+    cached_arrays,
+    register_dataset,
+    subset_indices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +30,6 @@ FILES = {
 }
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot")
-_SUBSET_SEED = 0  # fixed: a subset must not follow the user seed
 
 
 def _find(data_dir: Path, name: str) -> Path | None:
@@ -80,19 +85,6 @@ def read_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels in {data_dir}")
     return images, labels.astype(np.int64)
-
-
-def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
-    """A fixed, class-stratified subset of ``n`` indices (all of them when ``n`` is None)."""
-    if n is None or n >= len(labels):
-        return np.arange(len(labels))
-    if n < len(np.unique(labels)):
-        raise ValueError(f"subset of {n} is smaller than the number of classes; use >= 10")
-    from sklearn.model_selection import train_test_split
-
-    idx, _ = train_test_split(np.arange(len(labels)), train_size=int(n), stratify=labels,
-                              random_state=_SUBSET_SEED)
-    return np.sort(idx)
 
 
 @register_dataset(

@@ -323,3 +323,19 @@ def cached_arrays(
         raise
     logger.info("wrote %s cache %s", kind, path)
     return arrays
+
+
+_SUBSET_SEED = 0  # fixed: a subset must not follow the user seed
+
+
+def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
+    """A fixed, class-stratified subset of ``n`` indices (all of them when ``n`` is None)."""
+    if n is None or n >= len(labels):
+        return np.arange(len(labels))
+    if n < len(np.unique(labels)):
+        raise ValueError(f"subset of {n} is smaller than the number of classes; use >= 10")
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(len(labels)), train_size=int(n), stratify=labels,
+                              random_state=_SUBSET_SEED)
+    return np.sort(idx)

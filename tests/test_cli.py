@@ -1,0 +1,146 @@
+"""Every CLI command through typer's CliRunner on a tiny recipe, bad input included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from hq_ptq.cli import app
+
+runner = CliRunner()
+
+TINY = """
+description = "tiny test recipe"
+fp_checkpoint = "{ckpt}"
+
+[model]
+name = "spikformer-tiny"
+embed_dim = 32
+num_heads = 2
+depth = 1
+
+[data]
+name = "digits"
+T = 2
+batch_size = 16
+train_subset = 128
+test_subset = 40
+
+[train]
+epochs = 4
+lr = 5e-3
+
+[quant]
+budget = 4.0
+
+[search]
+metric = "fisher"
+calib_batches = 1
+
+[qat]
+steps = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "tiny.toml"
+    recipe.write_text(TINY.format(ckpt=(root / "fp.safetensors").as_posix()))
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    return root, recipe
+
+
+def test_recipes_lists_shipped_recipe():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0
+    assert "digits-spikformer" in result.output
+
+
+def test_run_writes_report_and_artifacts(tiny):
+    root, recipe = tiny
+    out = root / "run"
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--set", "qat.steps=1"])
+    assert result.exit_code == 0, result.output
+    assert "average bits" in result.output
+    for name in (
+        "plan.json",
+        "result.json",
+        "report.json",
+        "report.md",
+        "allocation.png",
+        "model.hqpt.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert report["plan"]["avg_bits"] <= 4.0 + 1e-9
+    assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    inspected = runner.invoke(app, ["inspect", str(out / "model.hqpt.safetensors")])
+    assert inspected.exit_code == 0, inspected.output
+    assert "compression vs FP32" in inspected.output
+
+
+def test_quantize_checkpoint(tiny):
+    root, _ = tiny
+    out = root / "q.hqpt.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            str(root / "fp.safetensors"),
+            "--budget",
+            "3.5",
+            "--out",
+            str(out),
+            "--qat-steps",
+            "0",
+            "--metric",
+            "weight",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_sweep_writes_pareto(tiny):
+    root, recipe = tiny
+    out = root / "sweep"
+    result = runner.invoke(
+        app, ["sweep", str(recipe), "--budgets", "4,3", "--out", str(out), "--set", "qat.steps=1"]
+    )
+    assert result.exit_code == 0, result.output
+    entries = json.loads((out / "sweep.json").read_text())
+    kinds = {e["kind"] for e in entries}
+    assert {"hetero", "uniform", "pot"} <= kinds
+    assert all(e["avg_bits"] <= e["budget"] + 1e-9 for e in entries if e["kind"] == "hetero")
+    assert (out / "pareto.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["run", "no-such-recipe"], "no recipe named"),
+        (["run", "digits-spikformer", "--set", "trian.epochs=1"], "did you mean train"),
+        (["run", "digits-spikformer", "--set", "search.metric=magic"], "search.metric must be one of"),
+        (["inspect", "missing.safetensors"], "error:"),
+        (["quantize", "missing.safetensors"], "no checkpoint at"),
+        (["sweep", "digits-spikformer", "--budgets", "4,x"], "--budgets must be numbers"),
+    ],
+)
+def test_user_errors_are_one_line(args, fragment):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreachable_budget_is_a_user_error(tiny):
+    _, recipe = tiny
+    result = runner.invoke(app, ["run", str(recipe), "--budget", "1.5", "--out", str(tiny[0] / "bad")])
+    assert result.exit_code == 2, result.output
+    assert "unreachable" in result.output
