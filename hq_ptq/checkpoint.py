@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,26 +11,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hq_ptq.files import atomic_write
+
 FORMAT = "hq_ptq.float"
 FORMAT_VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> Path:
-    """Write a file through a temporary sibling and ``os.replace`` so a crash never leaves half a file.
-
-    ``write(tmp_path)`` produces the file's content at ``tmp_path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_float(model: nn.Module, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -94,4 +77,4 @@ def file_size(path: str | os.PathLike) -> int:
     return Path(path).stat().st_size
 
 
-__all__ = ["atomic_write", "save_float", "load_float", "read_metadata", "file_size"]
+__all__ = ["save_float", "load_float", "read_metadata", "file_size"]

@@ -45,7 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
-from hq_ptq.checkpoint import atomic_write
+from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
 from hq_ptq.schemes import SCHEMES, dequantize, weight_codes
 from hq_ptq.swap import layer_quant, quant_layers

@@ -16,9 +16,10 @@ from typing import Any
 from torch import nn
 
 from hq_ptq.api import analyze, apply_plan, get_plan, search_plan
-from hq_ptq.checkpoint import atomic_write, load_float, save_float
+from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
+from hq_ptq.files import atomic_write_text
 from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
@@ -174,7 +175,7 @@ def write_artifacts(
     energy = estimate_energy(activity, result.plan)
     results = {**result.to_dict(), "recipe_config": recipe.to_dict()}
     text = json.dumps(results, indent=2, default=str)
-    files["result"] = atomic_write(out_dir / "result.json", lambda tmp: Path(tmp).write_text(text))
+    files["result"] = atomic_write_text(out_dir / "result.json", text)
     files.update(
         write_report(out_dir, plan=result.plan, results=results, sweep=sweep, energy=energy, sizes=sizes)
     )
@@ -239,6 +240,6 @@ def sweep_recipe(
     if out_dir is not None and shown_model is not None:
         out_dir = Path(out_dir)
         text = json.dumps(entries, indent=2)
-        atomic_write(out_dir / "sweep.json", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(out_dir / "sweep.json", text)
         write_artifacts(shown_model[0], float_net, shown_model[1], recipe, test, out_dir, sweep=entries)
     return entries

@@ -11,13 +11,14 @@ import json
 import math
 import operator
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+from hq_ptq.files import atomic_write_text
 
 __all__ = ["PLAN_VERSION", "LayerChoice", "Plan"]
 
@@ -59,8 +60,7 @@ class LayerChoice:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"layer name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.scheme, str) or not self.scheme:
-            raise ValueError(f"layer {self.name!r}: scheme must be a non-empty string, "
-                             f"got {self.scheme!r}")
+            raise ValueError(f"layer {self.name!r}: scheme must be a non-empty string, got {self.scheme!r}")
         bits = _as_int(self.bits, f"layer {self.name!r}: bits")
         params = _as_int(self.params, f"layer {self.name!r}: params")
         if bits < 1:
@@ -70,8 +70,9 @@ class LayerChoice:
         try:
             sensitivity = float(self.sensitivity)
         except (TypeError, ValueError):
-            raise ValueError(f"layer {self.name!r}: sensitivity must be a number, "
-                             f"got {self.sensitivity!r}") from None
+            raise ValueError(
+                f"layer {self.name!r}: sensitivity must be a number, got {self.sensitivity!r}"
+            ) from None
         # Normalise numpy scalars to builtins so the plan is always JSON serialisable.
         object.__setattr__(self, "bits", bits)
         object.__setattr__(self, "params", params)
@@ -162,8 +163,7 @@ class Plan:
         try:
             return self.by_name[name]
         except KeyError:
-            raise KeyError(f"no layer {name!r} in plan; known layers: "
-                           f"{_preview(self.by_name)}") from None
+            raise KeyError(f"no layer {name!r} in plan; known layers: {_preview(self.by_name)}") from None
 
     def __getitem__(self, name: str) -> LayerChoice:
         return self.layer(name)
@@ -205,11 +205,11 @@ class Plan:
             raise ValueError(f"a plan must be a JSON object, got {type(d).__name__}")
         for key in ("version", "layers"):
             if key not in d:
-                raise ValueError(f"plan dict is missing key {key!r}; was it written by "
-                                 "Plan.to_dict()?")
+                raise ValueError(f"plan dict is missing key {key!r}; was it written by Plan.to_dict()?")
         if d["version"] != PLAN_VERSION:
-            raise ValueError(f"unsupported plan version {d['version']!r}; this hq_ptq reads "
-                             f"version {PLAN_VERSION}")
+            raise ValueError(
+                f"unsupported plan version {d['version']!r}; this hq_ptq reads version {PLAN_VERSION}"
+            )
         raw_layers = d["layers"]
         if not isinstance(raw_layers, (list, tuple)):
             raise ValueError(f"plan 'layers' must be a list, got {type(raw_layers).__name__}")
@@ -219,8 +219,7 @@ class Plan:
                 raise ValueError(f"plan layer {i} must be an object, got {type(entry).__name__}")
             missing = [k for k in _LAYER_KEYS if k not in entry]
             if missing:
-                raise ValueError(f"plan layer {i} ({entry.get('name', '?')!r}) is missing "
-                                 f"key {missing[0]!r}")
+                raise ValueError(f"plan layer {i} ({entry.get('name', '?')!r}) is missing key {missing[0]!r}")
             layers.append(LayerChoice(**{k: entry[k] for k in _LAYER_KEYS}))
         return cls(
             layers=tuple(layers),
@@ -235,22 +234,7 @@ class Plan:
         Returns:
             The path written.
         """
-        path = Path(path)
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            # Never leave half-written temp files next to the real plan.
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> Plan:

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hq_ptq.checkpoint import atomic_write
 from hq_ptq.energy import EnergyReport
+from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
 
 __all__ = ["BOTTLENECK_BITS", "REPORT_VERSION", "bottleneck_layers", "write_report"]

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from hq_ptq.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -500,21 +501,6 @@ def _parse_candidate_key(key: str) -> Candidate:
     return scheme, int(bits)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def table_to_json(
     table: Table | None,
     traces: Mapping[str, float],
@@ -530,7 +516,7 @@ def table_to_json(
             n: {_candidate_key(c): float(v) for c, v in row.items()} for n, row in (table or {}).items()
         },
     }
-    _atomic_write_text(Path(path), json.dumps(doc, indent=1, sort_keys=False))
+    atomic_write_text(Path(path), json.dumps(doc, indent=1, sort_keys=False))
 
 
 def table_from_json(path: str | os.PathLike[str]) -> tuple[Table, dict[str, float], dict[str, Any]]:

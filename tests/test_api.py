@@ -18,14 +18,23 @@ from hq_ptq.swap import quant_layers
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4),
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 4),
     )
 
 
 def _batches(n=3, b=8, shape=(1, 8, 8), classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(b, *shape, generator=g), torch.randint(0, classes, (b,), generator=g)) for _ in range(n)
+    ]
 
 
 def test_data_free_quantize_warns_and_respects_budget():
@@ -73,8 +82,12 @@ def test_plan_round_trip_reproduces_the_model():
 
 def test_unreachable_budget_names_range():
     with pytest.raises(ValueError, match="unreachable"):
-        hq_ptq.quantize(_cnn(), budget=1.0, calib_data=_batches(), config=QuantConfig(
-            search=SearchConfig(metric="weight")))
+        hq_ptq.quantize(
+            _cnn(),
+            budget=1.0,
+            calib_data=_batches(),
+            config=QuantConfig(search=SearchConfig(metric="weight")),
+        )
 
 
 def test_model_without_layers_and_bad_weights_fail_loudly():
@@ -90,8 +103,12 @@ def test_model_without_layers_and_bad_weights_fail_loudly():
 def test_snntorch_sequential_with_init_hidden():
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 32), snn.Leaky(beta=0.5, init_hidden=True),
-        nn.Linear(32, 32), snn.Leaky(beta=0.5, init_hidden=True), nn.Linear(32, 4),
+        nn.Flatten(),
+        nn.Linear(64, 32),
+        snn.Leaky(beta=0.5, init_hidden=True),
+        nn.Linear(32, 32),
+        snn.Leaky(beta=0.5, init_hidden=True),
+        nn.Linear(32, 4),
     )
 
     class Over_time(nn.Module):
@@ -137,4 +154,4 @@ def test_spikformer_tiny_end_to_end():
         w = quantized_weight(layers[c.name])
         # each output channel holds at most 2^bits distinct levels
         assert w.flatten(1).unique(dim=1).shape[1] > 0
-        assert max(len(row.unique()) for row in w.flatten(1)) <= 2 ** c.bits
+        assert max(len(row.unique()) for row in w.flatten(1)) <= 2**c.bits

@@ -13,7 +13,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from hq_ptq.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,7 @@ def register_dataset(
         if not isinstance(meta, DatasetInfo):
             raise ValueError(f"register_dataset({name!r}) needs info=DatasetInfo(...)")
         params = inspect.signature(builder).parameters
-        options = tuple(
-            p.name for p in params.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
-        )
+        options = tuple(p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
         _REGISTRY[name] = _Entry(builder, meta, options)
         return builder
 
@@ -251,11 +249,20 @@ def make_loaders(
     generator = torch.Generator()
     generator.manual_seed(int(seed))
     train_loader = DataLoader(
-        train, batch_size=batch_size, shuffle=True, generator=generator, num_workers=0,
-        collate_fn=collate_time_first, drop_last=drop_last,
+        train,
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        num_workers=0,
+        collate_fn=collate_time_first,
+        drop_last=drop_last,
     )
     test_loader = DataLoader(
-        test, batch_size=test_bs, shuffle=False, num_workers=0, collate_fn=collate_time_first,
+        test,
+        batch_size=test_bs,
+        shuffle=False,
+        num_workers=0,
+        collate_fn=collate_time_first,
     )
     return train_loader, test_loader
 
@@ -271,8 +278,7 @@ def cache_dir() -> Path:
 
 def cache_key(kind: str, options: dict[str, Any]) -> str:
     """Stable hash of every option that changes the cached array."""
-    blob = json.dumps({"kind": kind, "version": CACHE_VERSION, **options}, sort_keys=True,
-                      default=str)
+    blob = json.dumps({"kind": kind, "version": CACHE_VERSION, **options}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -310,17 +316,13 @@ def cached_arrays(
         except (OSError, ValueError, EOFError) as exc:  # a damaged file is rebuilt, not fatal
             logger.warning("cache file %s is unreadable (%s); rebuilding it", path, exc)
     arrays = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, _options=np.array(json.dumps(options, sort_keys=True,
-                                                                  default=str)), **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a cache is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    options_json = np.array(json.dumps(options, sort_keys=True, default=str))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a name, numpy would append ".npz" to it
+            np.savez_compressed(f, _options=options_json, **arrays)
+
+    atomic_write(path, write)
     logger.info("wrote %s cache %s", kind, path)
     return arrays
 
@@ -336,6 +338,7 @@ def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
         raise ValueError(f"subset of {n} is smaller than the number of classes; use >= 10")
     from sklearn.model_selection import train_test_split
 
-    idx, _ = train_test_split(np.arange(len(labels)), train_size=int(n), stratify=labels,
-                              random_state=_SUBSET_SEED)
+    idx, _ = train_test_split(
+        np.arange(len(labels)), train_size=int(n), stratify=labels, random_state=_SUBSET_SEED
+    )
     return np.sort(idx)
