@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from hq_ptq.api import analyze, apply_plan, get_plan, quantize, search_plan
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+from hq_ptq.export import export_onnxruntime, export_qonnx
 from hq_ptq.pack import load, save
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
@@ -22,6 +23,8 @@ __all__ = [
     "search_plan",
     "save",
     "load",
+    "export_qonnx",
+    "export_onnxruntime",
     "finetune",
     "Plan",
     "LayerChoice",

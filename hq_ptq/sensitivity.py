@@ -363,13 +363,13 @@ def hutchinson_traces(
     _check_traces(traces, "hessian")
     negative = [n for n, t in traces.items() if t < 0]
     if negative:
-        logger.warning(
+        logger.info(
             "negative pseudo-Hessian trace for %s (surrogate gradients); using its magnitude",
             negative,
         )
     noisy = [n for n, e in est.items() if e.rel_stderr > rel_tol]
     if noisy:
-        logger.warning(
+        logger.info(
             "hutchinson did not reach rel_tol=%.3g in %d probes for %s; raise max_samples for tighter traces",
             rel_tol,
             max_samples,

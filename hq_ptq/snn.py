@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "MultiStepLeaky",
+    "explicit_membranes",
     "is_spiking_neuron",
     "reset_states",
     "spiking_neurons",
@@ -39,6 +40,11 @@ class MultiStepLeaky(nn.Module):
     The snnTorch neuron stays reachable as ``.lif`` so converters (export, quantization) can find it,
     and its ``beta``, ``threshold``, ``graded_spikes_factor`` and ``spike_grad`` are read at call time,
     so ``surrogate_disabled`` and learnable beta/threshold act on this layer too.
+
+    Step-wise execution (export, streaming runtimes) uses two plain attributes, both off by default:
+    ``initial_mem`` (a ``[B, ...]`` tensor the next call starts from instead of zeros) and
+    ``record_final_mem`` (the call stores its last membrane in ``final_mem``). Set them only through
+    :func:`explicit_membranes`, which clears them again, so no state outlives the block.
 
     Args:
         beta: membrane decay per step; 0.5 is spikingjelly's ``tau=2``.
@@ -81,6 +87,9 @@ class MultiStepLeaky(nn.Module):
             learn_threshold=learn_threshold,
         )
         self.return_mem = return_mem
+        self.initial_mem: torch.Tensor | None = None
+        self.record_final_mem = False
+        self.final_mem: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
         def fmt(t: torch.Tensor) -> str:
@@ -103,6 +112,16 @@ class MultiStepLeaky(nn.Module):
             spk, mem = self._stepped(x)
         return (spk, mem) if self.return_mem else spk
 
+    def _start_mem(self, x: torch.Tensor) -> torch.Tensor:
+        if self.initial_mem is None:
+            return torch.zeros_like(x[0])
+        if self.initial_mem.shape != x.shape[1:]:
+            raise ValueError(
+                f"initial_mem has shape {tuple(self.initial_mem.shape)} but one time step of the input is "
+                f"{tuple(x.shape[1:])}; give a membrane of the input's per-step shape"
+            )
+        return self.initial_mem
+
     def _fast_path_ok(self) -> bool:
         lif = self.lif
         return type(lif) is snn.Leaky and not lif.state_quant and not lif.inhibition and lif.reset_delay
@@ -117,7 +136,8 @@ class MultiStepLeaky(nn.Module):
         thr = lif.threshold
         gain = lif.graded_spikes_factor
         mode = int(lif.reset_mechanism_val)
-        mem = torch.zeros_like(x[0])
+        mem = self._start_mem(x)
+        # the pending reset of a carried-in membrane is its own spike, so (mem) alone is the full state
         reset = spike_fn(mem - thr).detach()
         spikes, mems = [], []
         # unbind, not x[t]: each x[t] backward would write a zero-filled [T, ...] gradient (O(T^2) traffic)
@@ -134,21 +154,52 @@ class MultiStepLeaky(nn.Module):
             spikes.append(s * gain)
             if self.return_mem:
                 mems.append(mem)
+        if self.record_final_mem:
+            self.final_mem = mem
         spk = torch.stack(spikes)
         return spk, (torch.stack(mems) if self.return_mem else None)
 
     def _stepped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # General path (state_quant, inhibition, reset_delay=False, Leaky subclasses): call the neuron.
-        mem = torch.zeros_like(x[0])  # explicit zeros: with mem=None snnTorch would reuse lif.mem
+        mem = self._start_mem(x)  # explicit zeros: with mem=None snnTorch would reuse lif.mem
         spikes, mems = [], []
         for x_t in x.unbind(0):
             s, mem = self.lif(x_t, mem)
             spikes.append(s)
             mems.append(mem)
+        if self.record_final_mem:
+            self.final_mem = mem
         # Leaky.forward stores the last membrane (with its autograd graph) in the `mem` buffer; drop it
         # so nothing carries over and deepcopy/state handling never meet a non-leaf tensor.
         self.lif.mem = torch.zeros(0, device=x.device)
         return torch.stack(spikes), torch.stack(mems)
+
+
+@contextmanager
+def explicit_membranes(model: nn.Module) -> Iterator[list[tuple[str, MultiStepLeaky]]]:
+    """Within the block every ``MultiStepLeaky`` of ``model`` exposes its membrane state.
+
+    Yields the layers as ``(qualified name, layer)`` in ``named_modules`` order. Each call of a layer
+    starts from ``layer.initial_mem`` when it is set (zeros otherwise) and stores its last membrane
+    (pre-reset, as snnTorch returns it) in ``layer.final_mem``. Feeding ``final_mem`` back as
+    ``initial_mem`` continues the time loop exactly: for the same input currents, T calls of one step
+    give bit-identical spikes and membranes to one call over T (the pending reset is recomputed from
+    the membrane). On exit all three attributes are reset, even after an exception.
+
+    Example:
+        >>> with explicit_membranes(model) as layers:
+        ...     model(x[:1]); mems = [layer.final_mem for _, layer in layers]
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MultiStepLeaky)]
+    try:
+        for _, layer in layers:
+            layer.record_final_mem = True
+        yield layers
+    finally:
+        for _, layer in layers:
+            layer.initial_mem = None
+            layer.record_final_mem = False
+            layer.final_mem = None
 
 
 def is_spiking_neuron(module: nn.Module) -> bool:

@@ -1,0 +1,330 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import snntorch as snn
+import torch
+from torch import nn
+
+pytest.importorskip("qonnx")
+pytest.importorskip("onnxruntime")
+
+from hq_ptq.export import (  # noqa: E402
+    export_info,
+    export_onnxruntime,
+    export_qonnx,
+    run_export,
+    verify_export,
+)
+from hq_ptq.models import build_model  # noqa: E402
+from hq_ptq.models.layers import SeqMaxPool, conv2d_bn  # noqa: E402
+from hq_ptq.snn import MultiStepLeaky, explicit_membranes  # noqa: E402
+from hq_ptq.swap import quant_layers, set_layer_quant, swap_layers  # noqa: E402
+
+T, B = 2, 2
+TOL = 1e-5
+
+
+class TinySNN(nn.Module):
+    """Conv-BN-LIF-pool, Linear-LIF, Linear head averaged over time: the zoo's structure in miniature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv2d_bn(2, 8)
+        self.lif1 = MultiStepLeaky(0.5, 0.5)
+        self.pool = SeqMaxPool()
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.lif2 = MultiStepLeaky(0.5, 0.5)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.pool(self.lif1(self.stem(x)))
+        s = self.lif2(self.fc1(s.flatten(2)))
+        return self.head(s).mean(0)
+
+
+def _events(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)).round()
+
+
+def _calibrate_bn(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    # an untrained model's BN sits at init and the LIFs stay silent; real statistics make it spike
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(_events(shape, 100 + i))
+    return model.eval()
+
+
+def _quantize(model: nn.Module, plan: str) -> nn.Module:
+    if plan == "pot":
+        swap_layers(model, scheme="pot", bits=3)
+    else:
+        swap_layers(model, scheme="uniform", bits=4)
+    if plan == "mixed":
+        for i, layer in enumerate(quant_layers(model).values()):
+            if i % 2:
+                set_layer_quant(layer, "pot", 4)
+    return model
+
+
+def _tiny(plan: str = "mixed", seed: int = 0) -> TinySNN:
+    torch.manual_seed(seed)
+    return _quantize(_calibrate_bn(TinySNN(), (T, B, 2, 8, 8)), plan)
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _check_report(report: dict, mode: str) -> None:
+    assert report["mode"] == mode
+    assert report["max_abs_logit_error"] <= TOL
+    assert report["spike_compare"] == "elementwise"
+    assert report["spikes_compared"] > 0 and report["spike_count_torch"] > 0  # not zeros vs zeros
+    assert report["spike_mismatches"] == 0
+    assert report["spike_count_export"] == report["spike_count_torch"]
+    if mode == "step":
+        assert report["max_rel_state_error"] <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# MultiStepLeaky step mode
+
+
+@pytest.mark.parametrize("reset", ["zero", "subtract", "none"])
+@pytest.mark.parametrize("general", [False, True], ids=["fast", "general"])
+def test_multistep_leaky_continues_exactly_from_a_carried_membrane(reset: str, general: bool) -> None:
+    x = torch.randn(6, 3, 5, generator=torch.Generator().manual_seed(0)) * 1.5
+    layer = MultiStepLeaky(0.5, 1.0, reset_mechanism=reset, return_mem=True)
+    layer.lif.reset_delay = not general
+    full_spk, full_mem = layer(x)
+    with explicit_membranes(nn.Sequential(layer)) as layers:
+        assert layers == [("0", layer)]
+        spikes = []
+        for x_t in x:
+            spk, _ = layer(x_t[None])
+            spikes.append(spk[0])
+            layer.initial_mem = layer.final_mem
+        assert torch.equal(layer.final_mem, full_mem[-1])
+    assert torch.equal(torch.stack(spikes), full_spk)
+    assert 0 < full_spk.mean() < 1
+    assert layer.initial_mem is None and layer.final_mem is None and not layer.record_final_mem
+
+
+def test_multistep_leaky_defaults_untouched_and_initial_mem_checked() -> None:
+    layer = MultiStepLeaky()
+    x = torch.randn(4, 2, 3)
+    layer(x)
+    assert layer.final_mem is None  # nothing recorded outside explicit_membranes
+    layer.initial_mem = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match="initial_mem has shape"):
+        layer(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips on a tiny spiking net: every plan, both modes, both backends
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "step"])
+@pytest.mark.parametrize("plan", ["uniform", "pot", "mixed"])
+def test_round_trip_tiny(tmp_path, plan: str, mode: str) -> None:
+    model = _tiny(plan)
+    fresh = _events((T, B, 2, 8, 8), 1)
+
+    qpath = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "m.onnx", mode=mode)
+    ops = _ops(qpath)
+    assert ("Quant" in ops) == (plan != "pot")
+    assert ("FloatQuant" in ops) == (plan != "uniform")
+    assert {"Greater", "Conv", "Gemm"} <= ops or {"Greater", "Conv", "MatMul"} <= ops
+    _check_report(verify_export(model, qpath, fresh, backend="qonnx"), mode)
+
+    rpath = export_onnxruntime(model, _events((T, B, 2, 8, 8), 0), tmp_path / "m_ort.onnx", mode=mode)
+    proto = onnx.load(str(rpath))
+    onnx.checker.check_model(proto)
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    assert ("QuantizeLinear" in _ops(rpath)) == (plan != "pot")
+    _check_report(verify_export(model, rpath, fresh, backend="onnxruntime"), mode)
+
+
+def test_pot_weights_in_the_ort_file_are_exact_powers_of_two(tmp_path) -> None:
+    model = _tiny("pot")
+    path = export_onnxruntime(model, _events((T, B, 2, 8, 8), 0), tmp_path / "pot.onnx")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    layer = model.fc1
+    w = layer.quant_weight().value.detach().numpy()
+    # a Linear exports as MatMul with the weight transposed
+    match = [a for a in inits.values() if a.shape == w.T.shape and np.array_equal(a, w.T)]
+    assert match, "fc1's PoT weight is not stored bit-exactly"
+    scale = np.abs(w).max(axis=1, keepdims=True)
+    ratio = np.abs(w[w != 0]) / np.broadcast_to(scale, w.shape)[w != 0]
+    assert np.array_equal(np.exp2(np.round(np.log2(ratio))), ratio)
+
+
+def test_step_file_metadata_and_any_number_of_steps(tmp_path) -> None:
+    model = _tiny("mixed")
+    path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "step.onnx", mode="step")
+    info = export_info(path)
+    assert info["mode"] == "step" and info["input"] == "x_t" and info["input_shape"] == [B, 2, 8, 8]
+    assert [s["neuron"] for s in info["states"]] == ["lif1", "lif2"]
+    assert [s["shape"] for s in info["states"]] == [[B, 8, 8, 8], [B, 32]]
+    assert info["quant_layers"] == {"stem.conv": ["uniform", 4], "fc1": ["pot", 4], "head": ["uniform", 4]}
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["x_t", "mem_0", "mem_1"]
+    assert [o.name for o in graph.output] == ["logits_t", "mem_0_next", "mem_1_next"]
+    # T is not baked into a step file: run 5 steps from an export traced with 2
+    _check_report(verify_export(model, path, _events((5, B, 2, 8, 8), 3)), "step")
+    # a non-Python runtime finds the state list in the model metadata
+    import onnxruntime as ort
+
+    rpath = export_onnxruntime(model, _events((T, B, 2, 8, 8), 0), tmp_path / "step_ort.onnx", mode="step")
+    meta = ort.InferenceSession(str(rpath)).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["hq_ptq"])["states"] == info["states"]
+
+
+def test_unrolled_file_bakes_time_and_batch(tmp_path) -> None:
+    model = _tiny("uniform")
+    path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "u.onnx")
+    assert export_info(path)["input_shape"] == [T, B, 2, 8, 8]
+    with pytest.raises(ValueError, match="exported for"):
+        run_export(path, _events((T, B + 1, 2, 8, 8), 1))
+    step = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "s.onnx", mode="step")
+    with pytest.raises(ValueError, match="B is baked in"):
+        run_export(step, _events((T, B + 1, 2, 8, 8), 1))
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path) -> None:
+    model = _tiny("mixed")
+    model.train()
+    spike_grad = model.lif1.lif.spike_grad
+    x = _events((T, B, 2, 8, 8), 5)
+    with torch.no_grad():
+        before = model.eval()(x)
+    model.train()
+    export_qonnx(model, x, tmp_path / "a.onnx", mode="step")
+    export_onnxruntime(model, x, tmp_path / "b.onnx")
+    assert all(m.training for m in model.modules())
+    assert model.lif1.lif.spike_grad is spike_grad
+    assert model.lif1.initial_mem is None and model.lif1.final_mem is None
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), before)
+
+
+@pytest.mark.parametrize("export", [export_qonnx, export_onnxruntime], ids=["qonnx", "onnxruntime"])
+def test_re_export_is_byte_identical(tmp_path, export) -> None:
+    model = _tiny("mixed")
+    x = _events((T, B, 2, 8, 8), 0)
+    first = export(model, x, tmp_path / "a.onnx", mode="step").read_bytes()
+    assert export(model, x, tmp_path / "b.onnx", mode="step").read_bytes() == first
+
+
+def test_dynamo_exporter_gives_the_same_numbers(tmp_path) -> None:
+    model = _tiny("mixed")
+    path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "d.onnx", mode="step", dynamo=True)
+    assert {"Quant", "FloatQuant"} <= _ops(path)
+    report = verify_export(model, path, _events((T, B, 2, 8, 8), 1))
+    assert report["max_abs_logit_error"] <= TOL and report["max_rel_state_error"] <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# the zoo model
+
+
+@pytest.fixture(scope="module")
+def spikformer() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("spikformer-tiny", depth=1, num_classes=4)
+    return _quantize(_calibrate_bn(model, (T, B, 2, 32, 32)), "mixed")
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "step"])
+def test_round_trip_spikformer(tmp_path, spikformer: nn.Module, mode: str) -> None:
+    example, fresh = _events((T, B, 2, 32, 32), 0), _events((T, B, 2, 32, 32), 1)
+    qpath = export_qonnx(spikformer, example, tmp_path / "sf.onnx", mode=mode)
+    assert {"Quant", "FloatQuant", "Greater", "MatMul"} <= _ops(qpath)
+    report = verify_export(spikformer, qpath, fresh, backend="qonnx")
+    _check_report(report, mode)
+    assert report["spike_count_torch"] > 1000
+
+    rpath = export_onnxruntime(spikformer, example, tmp_path / "sf_ort.onnx", mode=mode)
+    _check_report(verify_export(spikformer, rpath, fresh, backend="onnxruntime"), mode)
+    # the folded zero membranes of step 0 are stored as ConstantOfShape, not as [B, ...] tensors
+    assert rpath.stat().st_size < 1.5 * sum(p.numel() * 4 for p in spikformer.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_float_model_needs_allow_float(tmp_path) -> None:
+    model = _calibrate_bn(TinySNN(), (T, B, 2, 8, 8))
+    x = _events((T, B, 2, 8, 8), 0)
+    with pytest.raises(ValueError, match="no hq_ptq-quantized layer"):
+        export_qonnx(model, x, tmp_path / "f.onnx")
+    path = export_onnxruntime(model, x, tmp_path / "f.onnx", allow_float=True)
+    assert not {"Quant", "FloatQuant", "QuantizeLinear"} & _ops(path)
+    assert verify_export(model, path, _events((T, B, 2, 8, 8), 1), backend="onnxruntime")[
+        "max_abs_logit_error"
+    ] <= TOL
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path) -> None:
+    model = _tiny("uniform")
+    x = _events((T, B, 2, 8, 8), 0)
+    cases = [
+        (x, "loop", "unknown export mode 'loop'"),
+        (x[0], "step", r"time-first \[T, B, C, H, W\]"),
+        (x.long(), "unrolled", "float torch.Tensor"),
+        (_events((T, B, 3, 8, 8), 0), "unrolled", "does not run through the model"),
+    ]
+    for example, mode, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            export_qonnx(model, example, tmp_path / "bad.onnx", mode=mode)
+        assert "\n" not in str(err.value)
+    zoo = build_model("spikformer-tiny", depth=1, num_classes=4)
+    swap_layers(zoo, scheme="uniform", bits=4)
+    with pytest.raises(ValueError, match="takes 2; pass"):
+        export_qonnx(zoo, _events((1, 1, 3, 32, 32), 0), tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_run_and_verify_errors(tmp_path) -> None:
+    model = _tiny("uniform")
+    x = _events((T, B, 2, 8, 8), 0)
+    qpath = export_qonnx(model, x, tmp_path / "q.onnx")
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        verify_export(model, qpath, x, backend="tvm")
+    with pytest.raises(ValueError, match="onnxruntime cannot load"):
+        run_export(qpath, x, backend="onnxruntime")
+    with pytest.raises(FileNotFoundError, match="no exported model"):
+        export_info(tmp_path / "missing.onnx")
+    plain = tmp_path / "plain.onnx"
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), str(plain))
+    with pytest.raises(ValueError, match="not written by hq_ptq"):
+        run_export(plain, x)
+
+
+def test_step_mode_rejects_state_it_cannot_expose(tmp_path) -> None:
+    class Bare(TinySNN):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = snn.Leaky(beta=0.5, init_hidden=True)
+
+    class Twice(TinySNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.pool(self.lif1(self.lif1(self.stem(x))))
+            return self.head(self.lif2(self.fc1(s.flatten(2)))).mean(0)
+
+    x = _events((T, B, 2, 8, 8), 0)
+    for cls, message in [(Bare, "'extra' is bare"), (Twice, "'lif1' runs 2 times")]:
+        torch.manual_seed(0)
+        model = _quantize(cls().eval(), "uniform")
+        with pytest.raises(ValueError, match=message):
+            export_qonnx(model, x, tmp_path / "s.onnx", mode="step")
+        export_qonnx(model, x, tmp_path / "u.onnx", mode="unrolled")  # the unrolled layout still works
