@@ -263,7 +263,11 @@ def export_cmd(
     fn(model, example, out, mode=mode)
     fresh = (torch.rand(shape, generator=gen) < 0.2).float()
     check = verify_export(model, out, fresh, backend=runtime)
-    console.print(f"wrote {out} ({out.stat().st_size:,} bytes); check on fresh input: {check}")
+    console.print(f"wrote {out} ({out.stat().st_size:,} bytes, {mode})")
+    console.print(
+        f"verified with {runtime} on a fresh input: max |Δ logit| {check['max_abs_logit_error']:.2g}, "
+        f"spike mismatches {check['spike_mismatches']:,} of {check['spikes_compared']:,}"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

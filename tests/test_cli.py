@@ -84,6 +84,28 @@ def test_run_writes_report_and_artifacts(tiny):
     assert inspected.exit_code == 0, inspected.output
     assert "compression vs FP32" in inspected.output
 
+    for runtime, mode in (("onnxruntime", "step"), ("qonnx", "unrolled")):
+        onnx_path = out / f"model-{mode}.onnx"
+        exported = runner.invoke(
+            app,
+            [
+                "export",
+                str(out / "model.hqpt.safetensors"),
+                "--out",
+                str(onnx_path),
+                "--runtime",
+                runtime,
+                "--mode",
+                mode,
+                "--T",
+                "2",
+            ],
+        )
+        assert exported.exit_code == 0, exported.output
+        assert onnx_path.is_file() and "spike mismatches 0 of" in " ".join(exported.output.split())
+    bad = runner.invoke(app, ["export", str(out / "model.hqpt.safetensors"), "--mode", "sideways"])
+    assert bad.exit_code == 2 and "mode" in bad.output
+
 
 def test_quantize_checkpoint(tiny):
     root, _ = tiny
