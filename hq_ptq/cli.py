@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hq_ptq import progress
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -260,9 +262,11 @@ def export_cmd(
     suffix = ".qonnx.onnx" if runtime == "qonnx" else ".ort.onnx"
     out = out or path.with_name(path.name.split(".")[0] + suffix)
     fn = export_qonnx if runtime == "qonnx" else export_onnxruntime
-    fn(model, example, out, mode=mode)
+    with progress.task(f"export {mode} ({runtime})", total=None):
+        fn(model, example, out, mode=mode)
     fresh = (torch.rand(shape, generator=gen) < 0.2).float()
-    check = verify_export(model, out, fresh, backend=runtime)
+    with progress.task(f"verify with {runtime}", total=None):
+        check = verify_export(model, out, fresh, backend=runtime)
     console.print(f"wrote {out} ({out.stat().st_size:,} bytes, {mode})")
     console.print(
         f"verified with {runtime} on a fresh input: max |Δ logit| {check['max_abs_logit_error']:.2g}, "
