@@ -101,8 +101,14 @@ def measure_traces(
         return metric, weight_traces(layers)
 
     def compute() -> dict[str, float]:
-        with progress.task(f"sensitivity ({metric})", total=None) as update:
-            tick = lambda done, total: update(advance=0, samples=f"{done}/{total}")  # noqa: E731
+        total = len(calib) if metric == "fisher" else config.search.max_samples
+        with progress.task(f"sensitivity ({metric})", total=total) as update:
+            seen = [0]
+
+            def tick(done: int, _total: int) -> None:
+                update(advance=done - seen[0])
+                seen[0] = done
+
             if metric == "fisher":
                 return fisher_traces(model, layers, calib, loss_fn, reset=reset_states, progress=tick)
             return hutchinson_traces(
@@ -120,14 +126,15 @@ def measure_traces(
 
     if config.cache_dir is None:
         return metric, compute()
-    digest = hashlib.sha256(b"".join(x.numpy().tobytes()[:65536] for x, _ in calib)).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(x.detach().cpu().numpy().tobytes()[:65536] for x, _ in calib))
+    digest_hex = digest.hexdigest()[:16]
     fp = fingerprint(
         model,
         layer_names,
         metric=metric,
         n_batches=len(calib),
         seed=config.seed,
-        extra=f"{digest}:{config.search.max_samples}:{config.search.rel_tol}",
+        extra=f"{digest_hex}:{config.search.max_samples}:{config.search.rel_tol}",
     )
     path = Path(config.cache_dir) / f"traces-{fp}.json"
     return metric, cached_traces(path, fp, compute)

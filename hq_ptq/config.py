@@ -70,7 +70,7 @@ class QATConfig:
     """Short quantization-aware fine-tuning: CE + distillation from the float teacher, cosine LR."""
 
     steps: int = 150
-    lr: float = 5e-4
+    lr: float = 2e-4
     weight_decay: float = 0.0
     distill_weight: float = 0.5
     temperature: float = 2.0

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from hq_ptq import progress
 from hq_ptq.api import analyze, apply_plan, get_plan, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig
@@ -24,7 +26,7 @@ from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
 from hq_ptq.recipe import Recipe
-from hq_ptq.train import TrainResult, evaluate, train_float
+from hq_ptq.train import TrainResult, evaluate, random_shift, train_float
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def recipe_loaders(recipe: Recipe, seed: int | None = None):
     return make_loaders(
         data["name"],
         batch_size=int(data.get("batch_size", 32)),
+        test_batch_size=data.get("eval_batch_size"),
         seed=recipe.train.seed if seed is None else seed,
         **recipe.data_options(),
     )
@@ -110,7 +113,12 @@ def quantize_and_finetune(
     ptq_acc = evaluate(model, test, description="evaluate PTQ")
     if recipe.quant.qat.steps == 0:
         return ptq_acc, ptq_acc, 0.0
-    result = finetune(model, train, recipe.quant.qat, teacher=teacher, seed=recipe.quant.seed)
+    gen = torch.Generator().manual_seed(recipe.quant.seed)
+    shift = recipe.train.shift_augment
+    augment = (lambda x: random_shift(x, shift, gen)) if shift else None
+    result = finetune(
+        model, train, recipe.quant.qat, teacher=teacher, augment=augment, seed=recipe.quant.seed
+    )
     return ptq_acc, evaluate(model, test, description="evaluate QAT"), result.seconds
 
 
@@ -143,20 +151,39 @@ def run_recipe(recipe: Recipe, budget: float | None = None, out_dir: Path | None
         out_dir=out_dir,
     )
     if out_dir is not None:
-        write_artifacts(model, teacher, result, recipe, test, Path(out_dir))
+        write_artifacts(model, result, recipe, test, Path(out_dir))
     return result
+
+
+def export_artifacts(model: nn.Module, test, out_dir: Path) -> dict[str, Path]:
+    """QONNX (Quant/FloatQuant nodes, unrolled over T, batch 1) and onnxruntime files of the quantized model,
+    each verified against PyTorch on a test sample it was not traced with."""
+    from hq_ptq.export import export_onnxruntime, export_qonnx, verify_export
+
+    inputs, _ = next(iter(test))
+    example, fresh = inputs[:, :1], inputs[:, 1:2]  # time-first [T, 1, ...]
+    files, checks = {}, {}
+    for kind, fn, backend in (("qonnx", export_qonnx, "qonnx"), ("ort", export_onnxruntime, "onnxruntime")):
+        with progress.task(f"export {kind}", total=None):
+            files[f"{kind}_onnx"] = fn(model, example, out_dir / f"model.{kind}.onnx")
+            checks[kind] = verify_export(model, files[f"{kind}_onnx"], fresh, backend=backend)
+        log.info("%s export: %s", kind, checks[kind])
+        if checks[kind]["max_abs_logit_error"] > 1e-5 or checks[kind]["spike_mismatches"]:
+            raise RuntimeError(f"{kind} export does not reproduce the model: {checks[kind]}")
+    text = json.dumps(checks, indent=2, default=str)
+    files["export_checks"] = atomic_write_text(out_dir / "export_checks.json", text)
+    return files
 
 
 def write_artifacts(
     model: nn.Module,
-    teacher: nn.Module,
     result: RunResult,
     recipe: Recipe,
     test,
     out_dir: Path,
     sweep: list[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
-    """plan.json, packed checkpoint, energy estimate and report files of a finished run."""
+    """plan.json, packed checkpoint, QONNX/ORT exports, energy estimate and report files of a finished run."""
     from hq_ptq.energy import estimate_energy, measure_activity
     from hq_ptq.pack import inspect, save
     from hq_ptq.report import write_report
@@ -164,6 +191,7 @@ def write_artifacts(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"plan": result.plan.to_json(out_dir / "plan.json")}
     files["packed"] = save(model, out_dir / "model.hqpt.safetensors")
+    files.update(export_artifacts(model, test, out_dir))
     info = inspect(files["packed"])
     sizes = {
         "packed checkpoint (bytes)": info["bytes"]["file"],
@@ -241,5 +269,5 @@ def sweep_recipe(
         out_dir = Path(out_dir)
         text = json.dumps(entries, indent=2)
         atomic_write_text(out_dir / "sweep.json", text)
-        write_artifacts(shown_model[0], float_net, shown_model[1], recipe, test, out_dir, sweep=entries)
+        write_artifacts(shown_model[0], shown_model[1], recipe, test, out_dir, sweep=entries)
     return entries

@@ -71,6 +71,7 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
 ) -> QATResult:
     """Fine-tune the quantized ``model`` in place for ``config.steps`` batches (cycling ``train_data``)."""
@@ -94,6 +95,9 @@ def finetune(
     with progress.task("qat", total=config.steps) as update:
         for step in range(config.steps):
             inputs, targets = next(batches)
+            if augment is not None:
+                # the data distribution the float model was trained on (e.g. its random shifts)
+                inputs = augment(inputs)
             outputs = model(inputs)
             loss = loss_fn(outputs, targets)
             if teacher is not None and config.distill_weight > 0:

@@ -74,8 +74,13 @@ def test_run_writes_report_and_artifacts(tiny):
         "report.md",
         "allocation.png",
         "model.hqpt.safetensors",
+        "model.qonnx.onnx",
+        "model.ort.onnx",
+        "export_checks.json",
     ):
         assert (out / name).is_file(), name
+    checks = json.loads((out / "export_checks.json").read_text())
+    assert checks["qonnx"]["spike_mismatches"] == 0 and checks["ort"]["max_abs_logit_error"] < 1e-5
     report = json.loads((out / "report.json").read_text())
     assert report["plan"]["avg_bits"] <= 4.0 + 1e-9
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
