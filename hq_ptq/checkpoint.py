@@ -73,8 +73,4 @@ def load_float(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     return model, json.loads(md.get("meta", "{}"))
 
 
-def file_size(path: str | os.PathLike) -> int:
-    return Path(path).stat().st_size
-
-
-__all__ = ["save_float", "load_float", "read_metadata", "file_size"]
+__all__ = ["save_float", "load_float", "read_metadata"]
