@@ -1,0 +1,43 @@
+"""QAT pieces: the learnable-scale check, fine-tuning moves the weights, distillation loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hq_ptq
+from hq_ptq.config import QATConfig
+from hq_ptq.qat import distillation_loss, finetune
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_finetune_trains_quantized_model_and_checks_scales():
+    net = _net()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    teacher = _net().eval()
+    hq_ptq.quantize(net, budget=4.0, calib_data=data)
+    for p in net[0].weight_quant.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="no trainable"):
+        finetune(net, data, QATConfig(steps=2))
+    before = net[3].weight.detach().clone()
+    for p in net[0].weight_quant.parameters():
+        p.requires_grad_(True)
+    result = finetune(net, data, QATConfig(steps=4, lr=1e-2), teacher=teacher)
+    assert result.steps == 4 and result.final_loss == result.final_loss  # finite
+    assert not torch.equal(net[3].weight, before)
+    assert not net.training
+
+
+def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    a = torch.randn(4, 5)
+    assert distillation_loss(a, a, 2.0).abs() < 1e-6
+    assert distillation_loss(a, a.flip(0), 2.0) > 0
+    with pytest.raises(ValueError, match="qat.steps"):
+        QATConfig(steps=-1)
