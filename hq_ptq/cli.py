@@ -180,30 +180,11 @@ def quantize_cmd(
     metric: Annotated[str, typer.Option(help="hessian, fisher or weight")] = "hessian",
 ) -> None:
     """Quantize a float checkpoint under a bit budget and write a packed checkpoint."""
-    from hq_ptq.api import get_plan, quantize
-    from hq_ptq.checkpoint import load_float
     from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
-    from hq_ptq.data import make_loaders
-    from hq_ptq.pack import save
-    from hq_ptq.train import evaluate
+    from hq_ptq.pipeline import quantize_checkpoint
 
-    model, meta = load_float(checkpoint)
-    dataset = dict(meta.get("dataset") or {})
-    if data is not None:
-        dataset = {"name": data}
-    if "name" not in dataset:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --data NAME")
-    options = {k: v for k, v in dataset.items() if k not in ("name", "batch_size", "eval_batch_size")}
-    train, test = make_loaders(dataset["name"], batch_size=int(dataset.get("batch_size", 32)), **options)
-    fp_acc = evaluate(model, test, description="evaluate float")
     config = QuantConfig(search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps))
-    quantize(model, budget, calib_data=train, train_data=train if qat_steps else None, config=config)
-    q_acc = evaluate(model, test, description="evaluate quantized")
-    out = out or checkpoint.with_name(
-        checkpoint.name.replace(".safetensors", "") + f"-w{budget:g}.hqpt.safetensors"
-    )
-    save(model, out)
-    plan = get_plan(model)
+    plan, fp_acc, q_acc, out = quantize_checkpoint(checkpoint, budget, out, data=data, config=config)
     console.print(plan_table(plan))
     console.print(f"float {_pct(fp_acc)} → quantized {_pct(q_acc)} at {plan.avg_bits:.3f} bits; wrote {out}")
 

@@ -25,7 +25,7 @@ from hq_ptq.files import atomic_write_text
 from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
-from hq_ptq.recipe import Recipe
+from hq_ptq.recipe import DATA_LOADER_KEYS, Recipe
 from hq_ptq.train import TrainResult, evaluate, random_shift, train_float
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,53 @@ class RunResult:
         return d
 
 
-def recipe_loaders(recipe: Recipe, seed: int | None = None):
-    """(train, test) loaders of the recipe's dataset, batches time-first ``[T, B, ...]``."""
-    data = recipe.data
+def dataset_loaders(data: dict[str, Any], seed: int = 0):
+    """(train, test) loaders of a recipe-style ``[data]`` section, batches time-first ``[T, B, ...]``."""
+    options = {k: v for k, v in data.items() if k not in DATA_LOADER_KEYS}
     return make_loaders(
         data["name"],
         batch_size=int(data.get("batch_size", 32)),
         test_batch_size=data.get("eval_batch_size"),
-        seed=recipe.train.seed if seed is None else seed,
-        **recipe.data_options(),
+        seed=seed,
+        **options,
     )
+
+
+def recipe_loaders(recipe: Recipe):
+    """(train, test) loaders of the recipe's dataset, shuffled by the recipe's training seed."""
+    return dataset_loaders(recipe.data, recipe.train.seed)
+
+
+def quantize_checkpoint(
+    checkpoint: Path,
+    budget: float,
+    out: Path | None = None,
+    *,
+    data: str | None = None,
+    config: QuantConfig | None = None,
+) -> tuple[Plan, float, float, Path]:
+    """Float checkpoint → quantize (+ QAT when config.qat.steps) → packed checkpoint.
+
+    The dataset is the one recorded in the checkpoint unless ``data`` names another.
+    Returns ``(plan, float accuracy, quantized accuracy, packed path)``.
+    """
+    from hq_ptq.api import quantize
+    from hq_ptq.pack import save
+
+    config = config or QuantConfig()
+    model, meta = load_float(checkpoint)
+    dataset = {"name": data} if data is not None else dict(meta.get("dataset") or {})
+    if "name" not in dataset:
+        raise ValueError(f"{checkpoint} does not record its dataset; pass --data NAME")
+    train, test = dataset_loaders(dataset)
+    fp_acc = evaluate(model, test, description="evaluate float")
+    quantize(model, budget, calib_data=train, train_data=train if config.qat.steps else None, config=config)
+    q_acc = evaluate(model, test, description="evaluate quantized")
+    out = out or checkpoint.with_name(
+        checkpoint.name.replace(".safetensors", "") + f"-w{budget:g}.hqpt.safetensors"
+    )
+    save(model, out)
+    return get_plan(model), fp_acc, q_acc, Path(out)
 
 
 def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, TrainResult, Path]:

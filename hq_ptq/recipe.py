@@ -45,9 +45,6 @@ class Recipe:
     def model_overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.items() if k != "name"}
 
-    def data_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.data.items() if k not in DATA_LOADER_KEYS}
-
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
