@@ -31,7 +31,7 @@ from hq_ptq.recipe import load_recipe
 from hq_ptq.train import evaluate
 
 
-def quality_bar(recipe, budgets: list[float], seeds: list[int]) -> list[dict]:
+def quality_bar(recipe, budgets: list[float], seeds: list[int], overrides: list[str]) -> list[dict]:
     float_net = float_model(recipe)
     train, test = recipe_loaders(recipe)
     fp_acc = evaluate(float_net, test)
@@ -41,7 +41,7 @@ def quality_bar(recipe, budgets: list[float], seeds: list[int]) -> list[dict]:
         plan = search_plan(analysis, budget, recipe.quant)
         runs = []
         for seed in seeds:
-            r = load_recipe(recipe.name, [f"train.seed={seed}", f"quant.seed={seed}"])
+            r = load_recipe(recipe.name, [*overrides, f"train.seed={seed}", f"quant.seed={seed}"])
             seeded_train, _ = recipe_loaders(r)
             t0 = time.perf_counter()
             ptq, qat, _ = quantize_and_finetune(
@@ -80,14 +80,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="QAT seeds of the quality bar")
     parser.add_argument("--budgets", default="3.5,3.0", help="budgets of the quality bar")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. qat.steps=100")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/digits.json"))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     progress.set_enabled(False)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.set)
     results: dict = {
         "recipe": recipe.name,
+        "overrides": args.set,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads",
     }
@@ -112,7 +114,7 @@ def main() -> None:
             }
             print(f"demo: {results['demo']}")
     results["quality_bar"] = quality_bar(
-        recipe, [float(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")]
+        recipe, [float(b) for b in args.budgets.split(",")], [int(s) for s in args.seeds.split(",")], args.set
     )
     atomic_write_text(args.out, json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -75,8 +75,15 @@ class QATConfig:
     distill_weight: float = 0.5
     temperature: float = 2.0
     calib_batches: int = 4
+    # Polyak average of weights and scales, loaded at the end; 0 turns it off. Averages out the last
+    # steps' noise, which on small data decides the outcome more than the loss does.
+    ema_decay: float = 0.0
+    # keep BatchNorm running statistics at the float model's values during QAT (BN in eval mode)
+    freeze_bn: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"qat.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.steps < 0:
             raise ValueError(f"qat.steps must be >= 0, got {self.steps}")
         if not self.lr > 0:

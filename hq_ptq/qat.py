@@ -89,6 +89,11 @@ def finetune(
     if teacher is not None:
         teacher.eval()
     model.train()
+    if config.freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and config.ema_decay}
     start = time.perf_counter()
     running = float("nan")
     batches = _cycle(train_data)
@@ -110,11 +115,19 @@ def finetune(
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(p, 1 - config.ema_decay)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"QAT diverged at step {step + 1} (loss {value}); lower qat.lr")
             running = value if math.isnan(running) else 0.9 * running + 0.1 * value
             update(loss=f"{running:.3f}")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in ema:
+                p.copy_(ema[n])
     model.eval()
     seconds = time.perf_counter() - start
     log.info("QAT %d steps in %.1fs, loss %.4f", config.steps, seconds, running)

@@ -41,3 +41,32 @@ def test_distillation_loss_is_zero_for_identical_logits_and_positive_otherwise()
     assert distillation_loss(a, a.flip(0), 2.0) > 0
     with pytest.raises(ValueError, match="qat.steps"):
         QATConfig(steps=-1)
+
+
+def _quantized_net_and_data():
+    net = _net()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(3)]
+    hq_ptq.quantize(net, budget=4.0, calib_data=data)
+    return net, data
+
+
+def test_freeze_bn_keeps_running_statistics_and_default_updates_them():
+    for freeze in (True, False):
+        net, data = _quantized_net_and_data()
+        mean = net[1].running_mean.clone()
+        finetune(net, data, QATConfig(steps=3, lr=1e-2, freeze_bn=freeze))
+        assert torch.equal(net[1].running_mean, mean) == freeze
+
+
+def test_ema_weights_are_the_polyak_average_of_the_trajectory():
+    # decay d: after one step the average is d * w0 + (1 - d) * w1; check it against a plain run
+    plain, data = _quantized_net_and_data()
+    w0 = plain[3].weight.detach().clone()
+    finetune(plain, data[:1], QATConfig(steps=1, lr=1e-2))
+    averaged, _ = _quantized_net_and_data()
+    finetune(averaged, data[:1], QATConfig(steps=1, lr=1e-2, ema_decay=0.75))
+    assert not torch.allclose(plain[3].weight, w0)  # the step moved the weights
+    torch.testing.assert_close(averaged[3].weight, 0.75 * w0 + 0.25 * plain[3].weight)
+    with pytest.raises(ValueError, match="ema_decay"):
+        QATConfig(ema_decay=1.0)
