@@ -15,12 +15,15 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
+from hq_ptq.distributed import cached_on_main, check_same, current_shard
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
 from hq_ptq.schemes import SCHEMES
@@ -60,6 +63,13 @@ def candidates(config: QuantConfig) -> list[tuple[str, int]]:
         for b in SCHEMES[name].bits:
             if not config.search.bits or b in config.search.bits:
                 out.append((name, b))
+    supported = sorted({b for name in config.search.schemes for b in SCHEMES[name].bits})
+    unknown = [b for b in config.search.bits if b not in supported]
+    if unknown:
+        raise ValueError(
+            f"search.bits {unknown} not supported by schemes {list(config.search.schemes)}; "
+            f"choose from {supported}"
+        )
     if not out:
         raise ValueError(
             f"no candidate left: schemes {config.search.schemes} allow none of bits {config.search.bits}"
@@ -76,6 +86,17 @@ def protected_layers(names: list[str], config: QuantConfig) -> dict[str, tuple[s
     return {n: (s.protect_scheme, s.protect_bits) for n in dict.fromkeys(chosen)}
 
 
+MAX_BUDGET = 32.0  # average bits of a float32 model: a larger budget is a typo, not a request
+
+
+def check_budget(budget: float) -> None:
+    """Raise ValueError unless ``budget`` is a number of average weight bits in (0, 32]."""
+    if not isinstance(budget, (int, float)) or not 0 < budget <= MAX_BUDGET:
+        raise ValueError(
+            f"budget must be a number of average weight bits in (0, {MAX_BUDGET:g}], got {budget!r}"
+        )
+
+
 def _take(batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     taken = list(itertools.islice(iter(batches), n))
     if not taken:
@@ -84,6 +105,49 @@ def _take(batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not torch.isfinite(inputs).all():
             raise ValueError("calib_data contains NaN or Inf inputs")
     return taken
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _shape(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: LossFn | None) -> None:
+    """One forward on the first calibration batch, so inputs the model cannot take fail naming their shape
+    instead of deep inside the Hessian pass."""
+    inputs, targets = batch
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            reset_states(model)
+            try:
+                outputs = model(inputs)
+            except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
+                raise ValueError(
+                    f"the model cannot take calibration inputs of shape {_shape(inputs)} "
+                    f"({_first_line(err)}); give it data in the layout it expects"
+                ) from None
+            try:
+                loss = (loss_fn or F.cross_entropy)(outputs, targets)
+            except (RuntimeError, ValueError, IndexError, TypeError) as err:
+                raise ValueError(
+                    f"the loss cannot compare model outputs of shape {_shape(outputs)} with targets of shape "
+                    f"{_shape(targets)} ({_first_line(err)}); check num_classes and the labels"
+                ) from None
+            if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
+                raise ValueError(
+                    f"the loss on the first calibration batch (inputs {_shape(inputs)}) is not finite; "
+                    "check the model and the data for NaN/Inf"
+                )
+    finally:
+        reset_states(model)
+        for m, flag in modes.items():
+            m.training = flag
 
 
 def measure_traces(
@@ -99,6 +163,8 @@ def measure_traces(
     layers = {n: modules[n] for n in layer_names}
     if metric == "weight":
         return metric, weight_traces(layers)
+    shard = current_shard()
+    local = calib if shard is None else shard.take(calib)
 
     def compute() -> dict[str, float]:
         total = len(calib) if metric == "fisher" else config.search.max_samples
@@ -110,11 +176,13 @@ def measure_traces(
                 seen[0] = done
 
             if metric == "fisher":
-                return fisher_traces(model, layers, calib, loss_fn, reset=reset_states, progress=tick)
+                return fisher_traces(
+                    model, layers, local, loss_fn, reset=reset_states, progress=tick, shard=shard
+                )
             return hutchinson_traces(
                 model,
                 layers,
-                calib,
+                local,
                 loss_fn,
                 rel_tol=config.search.rel_tol,
                 max_samples=config.search.max_samples,
@@ -122,12 +190,15 @@ def measure_traces(
                 seed=config.seed,
                 reset=reset_states,
                 progress=tick,
+                shard=shard,
             )
 
-    if config.cache_dir is None:
-        return metric, compute()
     digest = hashlib.sha256(b"".join(x.detach().cpu().numpy().tobytes()[:65536] for x, _ in calib))
     digest_hex = digest.hexdigest()[:16]
+    if shard is not None:
+        check_same(digest_hex, "the calibration data")
+    if config.cache_dir is None:
+        return metric, compute()
     fp = fingerprint(
         model,
         layer_names,
@@ -137,7 +208,8 @@ def measure_traces(
         extra=f"{digest_hex}:{config.search.max_samples}:{config.search.rel_tol}",
     )
     path = Path(config.cache_dir) / f"traces-{fp}.json"
-    return metric, cached_traces(path, fp, compute)
+    # rank 0 alone reads and writes the cache; the others follow its hit or miss
+    return metric, cached_on_main(lambda fn: cached_traces(path, fp, fn), compute)
 
 
 @dataclass(frozen=True)
@@ -167,6 +239,8 @@ def analyze(
     cands = candidates(config)
     names = find_layers(model, config.include, config.exclude)
     calib = _take(calib_data, config.search.calib_batches) if calib_data is not None else None
+    if calib is not None:
+        _check_forward(model, calib[0], loss_fn)
     metric, traces = measure_traces(model, names, calib, loss_fn, config)
     swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
     layers = quant_layers(model)
@@ -178,8 +252,7 @@ def analyze(
 def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = None) -> Plan:
     """Allocate (scheme, bits) per layer under ``budget`` from an :class:`Analysis`."""
     config = config or QuantConfig()
-    if not budget > 0:
-        raise ValueError(f"budget must be a positive number of bits, got {budget}")
+    check_budget(budget)
     plan = allocate(
         analysis.table, analysis.sizes, budget, method=config.search.method, protected=analysis.protected
     )
@@ -220,12 +293,15 @@ def quantize(
     Returns:
         The same model, quantized; ``hq_ptq.get_plan(model)`` gives the plan.
 
+    Under torch.distributed (e.g. torchrun), give every rank the same ``calib_data`` and ``train_data`` in the
+    same order: rank ``r`` of ``N`` computes on batches ``r, r+N, ...``, the sensitivity samples are summed
+    over ranks (every rank gets the single-process plan) and QAT runs with DistributedDataParallel.
+
     Example:
         >>> qmodel = hq_ptq.quantize(model, budget=3.5, calib_data=loader, train_data=loader)
     """
     config = config or QuantConfig()
-    if not budget > 0:
-        raise ValueError(f"budget must be a positive number of bits, got {budget}")
+    check_budget(budget)
     if calib_data is None:
         warnings.warn(
             "hq_ptq.quantize without calib_data uses the data-free weight metric; pass calib_data for "

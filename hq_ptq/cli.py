@@ -102,14 +102,19 @@ def run_cmd(
     budget: Annotated[float | None, typer.Option(help="Average weight bits (default: the recipe's)")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: runs/RECIPE)")] = None,
     set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue a killed run from OUT's QAT checkpoint and sensitivity cache")
+    ] = False,
+    nproc: Annotated[
+        int, typer.Option(help="Data-parallel processes (gloo on CPU, NCCL on CUDA); or launch with torchrun")
+    ] = 1,
+    export: Annotated[bool, typer.Option(help="Write and verify the QONNX and onnxruntime files")] = True,
 ) -> None:
     """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table."""
-    from hq_ptq.pipeline import run_recipe
-    from hq_ptq.recipe import load_recipe
-
-    r = load_recipe(recipe, set_ or [])
-    out = out or Path("runs") / r.name
-    result = run_recipe(r, budget, out)
+    result = _run(recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export)
+    if result is None:
+        return  # a rank other than 0 under torchrun: rank 0 reports
+    r, result, out = result
     console.print(plan_table(result.plan))
     summary = Table(title=f"{r.name}: {r.model_name} on {r.data['name']}")
     for col in ("model", "avg bits", "accuracy", "Δ vs float"):
@@ -128,6 +133,42 @@ def run_cmd(
     console.print(summary)
     secs = ", ".join(f"{k} {v:.0f}s" for k, v in result.seconds.items())
     console.print(f"time: {secs}   files: {out}/")
+    if result.qat_resumed_from:
+        console.print(f"resumed: QAT continued from step {result.qat_resumed_from} of its checkpoint")
+
+
+def _run(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool):
+    """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
+
+    Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
+    """
+    import os
+
+    from hq_ptq import distributed
+    from hq_ptq.pipeline import ensure_float_checkpoint, launched_run, run_recipe
+    from hq_ptq.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides)
+    out = out or Path("runs") / r.name
+    torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    if torchrun_world > 1 and nproc not in (1, torchrun_world):
+        raise ValueError(f"--nproc {nproc} contradicts torchrun's WORLD_SIZE={torchrun_world}; drop --nproc")
+    if nproc > 1 and torchrun_world == 1:
+        r = ensure_float_checkpoint(r)  # once, before the workers all load it
+        result = distributed.launch(launched_run, nproc, r, budget, out, resume, export)
+        return r, result, out
+    joined = distributed.init_from_env()
+    main = distributed.is_main()
+    if not main:
+        progress.set_enabled(False)
+    try:
+        result = run_recipe(r, budget, out, resume=resume, export=export)
+    finally:
+        if joined:
+            distributed.shutdown()
+    return (r, result, out) if main else None
 
 
 def _pct(x: float | None) -> str:
@@ -253,6 +294,64 @@ def export_cmd(
         f"verified with {runtime} on a fresh input: max |Δ logit| {check['max_abs_logit_error']:.2g}, "
         f"spike mismatches {check['spike_mismatches']:,} of {check['spikes_compared']:,}"
     )
+
+
+def _pareto_module():
+    """benchmarks/pareto.py of the source checkout, imported by path (benchmarks/ is not installed)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"hq-ptq bench runs {path}, which is missing; run it from a source checkout")
+    name = "hq_ptq_bench_pareto"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe name or .toml path")],
+    quick: Annotated[bool, typer.Option(help="1 seed, 10 QAT steps, 20 DNAS steps (a smoke run)")] = False,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated QAT seeds (default 0,1,2)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for JSON, Markdown, PNG (default: benchmarks/results, docs/BENCHMARKS.md)"),
+    ] = None,
+    qat_steps: Annotated[int | None, typer.Option(help="Common QAT steps of every row (default 40)")] = None,
+    dnas_steps: Annotated[int | None, typer.Option(help="Differentiable-search steps (default 150)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Pareto benchmark: our search vs homogeneous, uniform-only MP, torchao and DNAS; same QAT and seeds."""
+    bench = _pareto_module()
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
+    except ValueError:
+        raise ValueError(f"--seeds must be integers separated by commas, got {seeds!r}") from None
+    results, paths = bench.bench(
+        recipe, quick=quick, seeds=seed_list, out=out, qat_steps=qat_steps, dnas_steps=dnas_steps,
+        overrides=set_ or [],
+    )
+    fp = results["fp_accuracy"]
+    table = Table(title=f"{results['recipe']}: accuracy against average bits (float {_pct(fp)})")
+    for col in ("row", "avg bits", "PTQ", "QAT mean ± std", "size", "energy ×", "search s"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in results["rows"]:
+        qat = f"{_pct(r['qat_mean'])} ± {100 * r['qat_std']:.2f}" if "qat_mean" in r else "—"
+        table.add_row(
+            r["label"], f"{r['avg_bits']:.3f}", _pct(r["ptq_accuracy"]), qat, f"{r['size_bytes']:,}",
+            f"{r['energy_ratio']:.2f}", f"{r['search_seconds']:.1f}",
+        )
+    console.print(table)
+    for c in results["claims"]:
+        mark = {True: "[green]holds[/green]", False: "[red]fails[/red]", None: "measured"}[c["holds"]]
+        console.print(f"{c['claim']}: {mark}. {c['detail']}", highlight=False)
+    console.print("files: " + ", ".join(str(p) for p in paths.values()))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.api import analyze, apply_plan, get_plan, search_plan
+from hq_ptq.api import analyze, apply_plan, check_budget, get_plan, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
+from hq_ptq.distributed import is_active, is_main, rank
 from hq_ptq.files import atomic_write_text
 from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
@@ -41,6 +42,8 @@ class RunResult:
     plan: Plan
     seconds: dict[str, float] = field(default_factory=dict)
     out_dir: Path | None = None
+    # the QAT step a resumed run continued from (0: QAT ran from the start)
+    qat_resumed_from: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,6 +125,11 @@ def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, Tr
 
 def float_model(recipe: Recipe) -> nn.Module:
     """The recipe's float model: loaded from its checkpoint when present, else trained and saved there."""
+    if is_active() and not (recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file()):
+        raise ValueError(
+            f"a distributed run needs the recipe's float checkpoint ({recipe.fp_checkpoint}); make it first "
+            f"with `hq-ptq train {recipe.name}` (hq-ptq run --nproc does so itself)"
+        )
     if recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file():
         model, meta = load_float(recipe.fp_checkpoint)
         if model.hq_config["name"] != recipe.model_name:
@@ -135,6 +143,15 @@ def float_model(recipe: Recipe) -> nn.Module:
     return model
 
 
+def ensure_float_checkpoint(recipe: Recipe) -> Recipe:
+    """The recipe with a float checkpoint on disk: trained and saved now when missing (before processes that
+    must all load the same one are started)."""
+    if recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file():
+        return recipe
+    _, _, path = train_recipe(recipe)
+    return replace(recipe, fp_checkpoint=Path(path))
+
+
 def _with_cache(recipe: Recipe, out_dir: Path | None) -> QuantConfig:
     """The recipe's QuantConfig with the sensitivity cache under the output folder (unless set)."""
     if recipe.quant.cache_dir is not None or out_dir is None:
@@ -142,40 +159,106 @@ def _with_cache(recipe: Recipe, out_dir: Path | None) -> QuantConfig:
     return replace(recipe.quant, cache_dir=str(Path(out_dir) / "cache"))
 
 
+def _evaluate(model: nn.Module, test, description: str) -> float:
+    # rank 0 alone measures (and reports); the other ranks would only repeat it
+    return evaluate(model, test, description=description) if is_main() else float("nan")
+
+
 def quantize_and_finetune(
-    model: nn.Module, plan: Plan, recipe: Recipe, train, test, teacher: nn.Module
+    model: nn.Module,
+    plan: Plan,
+    recipe: Recipe,
+    train,
+    test,
+    teacher: nn.Module,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> tuple[float, float, float]:
-    """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate -> (PTQ acc, QAT acc, QAT s)."""
+    """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate -> (PTQ acc, QAT acc, QAT s).
+
+    With ``checkpoint`` QAT writes resumable checkpoints there; ``resume`` continues from it when present.
+    Under torch.distributed every rank fine-tunes (DDP) and rank 0 alone evaluates (the others get NaN).
+    """
+    return _quantize_and_finetune(model, plan, recipe, train, test, teacher, checkpoint, resume)[:3]
+
+
+def _quantize_and_finetune(
+    model: nn.Module,
+    plan: Plan,
+    recipe: Recipe,
+    train,
+    test,
+    teacher: nn.Module,
+    checkpoint: Path | None,
+    resume: bool,
+) -> tuple[float, float, float, int]:
     apply_plan(model, plan)
-    ptq_acc = evaluate(model, test, description="evaluate PTQ")
+    ptq_acc = _evaluate(model, test, "evaluate PTQ")
     if recipe.quant.qat.steps == 0:
-        return ptq_acc, ptq_acc, 0.0
-    gen = torch.Generator().manual_seed(recipe.quant.seed)
+        return ptq_acc, ptq_acc, 0.0, 0
+    # each rank shifts its own batches with its own stream; rank 0 (and one process) uses the seed itself
+    gen = torch.Generator().manual_seed(recipe.quant.seed + rank())
     shift = recipe.train.shift_augment
     augment = (lambda x: random_shift(x, shift, gen)) if shift else None
+    if checkpoint is not None and not resume and is_main():
+        checkpoint.unlink(missing_ok=True)  # a fresh run must not leave an older run's state to resume
     result = finetune(
-        model, train, recipe.quant.qat, teacher=teacher, augment=augment, seed=recipe.quant.seed
+        model,
+        train,
+        recipe.quant.qat,
+        teacher=teacher,
+        augment=augment,
+        seed=recipe.quant.seed,
+        generators=[gen],
+        checkpoint=checkpoint,
+        resume=resume,
+        meta={"plan": [[c.name, c.scheme, c.bits] for c in plan.layers], "budget": plan.budget},
     )
-    return ptq_acc, evaluate(model, test, description="evaluate QAT"), result.seconds
+    q_acc = _evaluate(model, test, "evaluate QAT")
+    return ptq_acc, q_acc, result.seconds, result.start_step
 
 
-def run_recipe(recipe: Recipe, budget: float | None = None, out_dir: Path | None = None) -> RunResult:
-    """FP checkpoint → calibrate → search → QAT → evaluate; then pack, energy and report in ``out_dir``."""
+QAT_CHECKPOINT = "qat-checkpoint.pt"
+
+
+def run_recipe(
+    recipe: Recipe,
+    budget: float | None = None,
+    out_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    export: bool = True,
+) -> RunResult:
+    """FP checkpoint → calibrate → search → QAT → evaluate; then pack, energy and report in ``out_dir``.
+
+    With ``out_dir``, sensitivity traces are cached in ``out_dir/cache`` and QAT writes resumable checkpoints
+    to ``out_dir/qat-checkpoint.pt``; ``resume`` continues a killed run from them (same plan, metrics and
+    weights as an uninterrupted run). ``export=False`` skips the QONNX/onnxruntime files.
+
+    Under torch.distributed (torchrun, or ``hq-ptq run --nproc``) the calibration batches are shared out
+    between ranks, QAT runs with DistributedDataParallel, and rank 0 alone evaluates and writes files; the
+    plan is the one a single process finds with the same seed.
+    """
     budget = recipe.budget if budget is None else budget
+    check_budget(budget)  # before minutes of loading and calibration
     config = _with_cache(recipe, out_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model = float_model(recipe)
     seconds["float_model"] = time.perf_counter() - t0
     train, test = recipe_loaders(recipe)
-    fp_acc = evaluate(model, test, description="evaluate float")
+    fp_acc = _evaluate(model, test, "evaluate float")
     teacher = copy.deepcopy(model).eval()
 
     t0 = time.perf_counter()
     analysis = analyze(model, calib_data=train, config=config)
     plan = search_plan(analysis, budget, config)
     seconds["search"] = time.perf_counter() - t0
-    ptq_acc, q_acc, seconds["qat"] = quantize_and_finetune(model, plan, recipe, train, test, teacher)
+    checkpoint = Path(out_dir) / QAT_CHECKPOINT if out_dir is not None else None
+    ptq_acc, q_acc, seconds["qat"], resumed = _quantize_and_finetune(
+        model, plan, recipe, train, test, teacher, checkpoint, resume
+    )
     plan = get_plan(model)
     result = RunResult(
         recipe=recipe.name,
@@ -186,10 +269,18 @@ def run_recipe(recipe: Recipe, budget: float | None = None, out_dir: Path | None
         plan=plan,
         seconds=seconds,
         out_dir=out_dir,
+        qat_resumed_from=resumed,
     )
-    if out_dir is not None:
-        write_artifacts(model, result, recipe, test, Path(out_dir))
+    if out_dir is not None and is_main():
+        write_artifacts(model, result, recipe, test, Path(out_dir), export=export)
     return result
+
+
+def launched_run(
+    recipe: Recipe, budget: float | None, out_dir: Path | None, resume: bool, export: bool
+) -> RunResult:
+    """:func:`run_recipe` as a :func:`hq_ptq.distributed.launch` target (positional, picklable arguments)."""
+    return run_recipe(recipe, budget, out_dir, resume=resume, export=export)
 
 
 def export_artifacts(model: nn.Module, test, out_dir: Path) -> dict[str, Path]:
@@ -219,8 +310,11 @@ def write_artifacts(
     test,
     out_dir: Path,
     sweep: list[dict[str, Any]] | None = None,
+    *,
+    export: bool = True,
 ) -> dict[str, Path]:
-    """plan.json, packed checkpoint, QONNX/ORT exports, energy estimate and report files of a finished run."""
+    """plan.json, packed checkpoint, QONNX/ORT exports (unless ``export=False``), energy estimate and report
+    files of a finished run; every file is written atomically."""
     from hq_ptq.energy import estimate_energy, measure_activity
     from hq_ptq.pack import inspect, save
     from hq_ptq.report import write_report
@@ -228,7 +322,8 @@ def write_artifacts(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"plan": result.plan.to_json(out_dir / "plan.json")}
     files["packed"] = save(model, out_dir / "model.hqpt.safetensors")
-    files.update(export_artifacts(model, test, out_dir))
+    if export:
+        files.update(export_artifacts(model, test, out_dir))
     info = inspect(files["packed"])
     sizes = {
         "packed checkpoint (bytes)": info["bytes"]["file"],
@@ -302,7 +397,7 @@ def sweep_recipe(
         if kind == "hetero" and plan.budget == shown:
             run = RunResult(recipe.name, shown, fp_acc, q_acc, ptq_acc, get_plan(model), out_dir=out_dir)
             shown_model = (model, run)
-    if out_dir is not None and shown_model is not None:
+    if out_dir is not None and shown_model is not None and is_main():
         out_dir = Path(out_dir)
         text = json.dumps(entries, indent=2)
         atomic_write_text(out_dir / "sweep.json", text)

@@ -154,6 +154,12 @@ class Plan:
         """Read-only mapping layer name → :class:`LayerChoice`, in plan order."""
         return MappingProxyType({layer.name: layer for layer in self.layers})
 
+    def __getstate__(self) -> dict:
+        # the cached read-only view does not pickle (multiprocessing, torch.distributed); it is rebuilt on use
+        state = dict(self.__dict__)
+        state.pop("by_name", None)
+        return state
+
     def layer(self, name: str) -> LayerChoice:
         """Return the choice for ``name``.
 

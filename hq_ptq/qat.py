@@ -2,15 +2,26 @@
 
 Brevitas layers give straight-through gradients to both the weights and the learnable per-channel scales, so
 one optimizer over ``model.parameters()`` trains both.
+
+Runs can be stopped and continued: every ``QATConfig.checkpoint_every`` steps a checkpoint with the model,
+optimizer, LR schedule, EMA, every random state and the step is written atomically; resuming restores it and
+skips the batches already consumed, so the continued run is bit-identical to one that was never stopped.
+Inside a torch.distributed process group the model is wrapped in DistributedDataParallel and rank ``r`` of
+``N`` trains on batches ``r, r+N, ...`` of the (identical) stream every rank is given.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +29,16 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QATConfig
+from hq_ptq.distributed import Shard, all_gather_object, broadcast_object, check_same, current_shard
+from hq_ptq.files import atomic_write
 from hq_ptq.train import cosine_lr
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+CHECKPOINT_FORMAT = "hq_ptq.qat"
+CHECKPOINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,8 @@ class QATResult:
     steps: int
     final_loss: float
     seconds: float
+    # the step a resumed run continued from (0: started from scratch)
+    start_step: int = 0
 
 
 def _check_learnable_scales(model: nn.Module) -> None:
@@ -56,12 +74,145 @@ def _cycle(data: Iterable) -> Iterator:
             raise ValueError("QAT train_data yielded no batches")
 
 
+def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[str]) -> Iterator:
+    """This rank's batches of the cycled stream from global batch ``start`` on; the skipped batches are drawn
+    and dropped, so a loader's shuffle and position are exactly those of an uninterrupted run.
+
+    ``first_seen`` receives a digest of global batch ``start`` (every rank sees it) to compare across ranks.
+    """
+    rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
+    for index, item in enumerate(_cycle(data)):
+        if index < start:
+            continue
+        if index == start:
+            first_seen.append(_digest(item))
+        if (index - start) % world == rank:
+            yield item
+
+
+def _digest(batch: Any) -> str:
+    inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+    raw = inputs.detach().cpu().numpy().tobytes()[:65536] if isinstance(inputs, torch.Tensor) else b""
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """Hinton KD: KL(teacher || student) on softened logits, scaled by T² to keep gradient size."""
     t = temperature
     return F.kl_div(
         F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
     ) * (t * t)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _settings(config: QATConfig, seed: int) -> str:
+    """The QAT settings a checkpoint must share with the run that resumes it (how often to save is free)."""
+    settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
+    return json.dumps({**settings, "seed": seed}, sort_keys=True)
+
+
+def _shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _content_digest(obj: Any) -> str:
+    """sha256 over every tensor's bytes and every value of a nested state, keys in sorted order."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for item in x:
+                feed(item)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a QAT checkpoint (a dict of tensors and plain data) atomically with ``torch.save``, with a
+    sha256 of its content so a damaged file is refused rather than resumed from."""
+    doc = {**state, "sha256": _content_digest(state)}
+    return atomic_write(path, lambda tmp: torch.save(doc, tmp))
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    config: QATConfig,
+    *,
+    seed: int = 0,
+    meta: dict[str, Any] | None = None,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """Read and validate a QAT checkpoint for ``model`` (nothing is executed: ``weights_only`` loading).
+
+    Raises:
+        ValueError: unreadable, truncated or altered file (content checksum), not a QAT checkpoint, another
+            format version, another model (state keys or shapes differ), another plan (``meta``), other QAT
+            settings or seed, or another number of processes.
+    """
+    path = Path(path)
+    fix = "delete it or run without --resume"
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and EOF errors all mean the same to the user
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"QAT checkpoint {path} is unreadable ({detail[:200]}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an hq_ptq QAT checkpoint; {fix}")
+    if doc.get("format_version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"QAT checkpoint {path} has format version {doc.get('format_version')!r}, this hq_ptq reads "
+            f"{CHECKPOINT_VERSION}; {fix}"
+        )
+    try:
+        digest = doc.pop("sha256")
+        if not isinstance(digest, str) or digest != _content_digest(doc):
+            raise ValueError(f"QAT checkpoint {path}: checksum mismatch, the file is altered; {fix}")
+        want = _shapes(model)
+        if doc["shapes"] != want:
+            have = doc["shapes"]
+            diff = sorted(set(have) ^ set(want)) or [k for k in want if have.get(k) != want[k]]
+            raise ValueError(f"QAT checkpoint {path} holds another model (differs at {diff[:3]}); {fix}")
+        if doc["meta"] != json.dumps(meta or {}, sort_keys=True):
+            raise ValueError(f"QAT checkpoint {path} was written for another plan; {fix}")
+        if doc["settings"] != _settings(config, seed):
+            raise ValueError(
+                f"QAT checkpoint {path} was written with other QAT settings ({doc['settings']}); "
+                f"resume with the same ones or {fix}"
+            )
+        if doc["world_size"] != world_size:
+            raise ValueError(
+                f"QAT checkpoint {path} was written by {doc['world_size']} process(es); resume with "
+                f"--nproc {doc['world_size']} or {fix}"
+            )
+        step = doc["step"]
+        if not isinstance(step, int) or not 0 < step <= config.steps or len(doc["rng"]) != world_size:
+            raise ValueError(f"QAT checkpoint {path} is malformed (step {step!r}); {fix}")
+        return doc
+    except (KeyError, TypeError, AttributeError) as err:
+        what = f"no field {err}" if isinstance(err, KeyError) else str(err).splitlines()[0]
+        raise ValueError(f"QAT checkpoint {path} is malformed ({what}); {fix}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# fine-tuning
 
 
 def finetune(
@@ -73,11 +224,43 @@ def finetune(
     loss_fn: LossFn | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
+    generators: Sequence[torch.Generator] = (),
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
 ) -> QATResult:
-    """Fine-tune the quantized ``model`` in place for ``config.steps`` batches (cycling ``train_data``)."""
+    """Fine-tune the quantized ``model`` in place for ``config.steps`` batches (cycling ``train_data``).
+
+    Args:
+        model: a model with hq_ptq quant layers.
+        train_data: ``(inputs, targets)`` batches, re-iterated as often as needed.
+        config: QAT settings.
+        teacher: float model to distil from.
+        loss_fn: task loss, cross-entropy by default.
+        augment: ``augment(inputs)`` applied to every training batch.
+        seed: seeds torch's global RNG at the start.
+        generators: random generators ``augment`` (or anything else per step) draws from; checkpoints save
+            and restore their states.
+        checkpoint: file to write every ``config.checkpoint_every`` steps and after the last (rank 0 only).
+        resume: continue from ``checkpoint`` when it exists (from scratch when it does not).
+        meta: plain data identifying the run (e.g. the plan); a checkpoint with other meta is refused.
+
+    Returns:
+        steps, smoothed final loss (averaged over ranks), seconds of this call, and the start step.
+    """
     if config.steps == 0:
         return QATResult(steps=0, final_loss=float("nan"), seconds=0.0)
     loss_fn = loss_fn or F.cross_entropy
+    shard = current_shard()
+    world = 1 if shard is None else shard.world
+    doc = None
+    # rank 0 decides, so no rank trains from scratch while the others resume
+    if resume and checkpoint is not None and broadcast_object(Path(checkpoint).is_file()):
+        doc = load_checkpoint(checkpoint, model, config, seed=seed, meta=meta, world_size=world)
+        # before the optimizer exists: loading a Brevitas quantizer's state re-creates its scale Parameters
+        model.load_state_dict(doc["model"])
+    elif resume:
+        log.info("no QAT checkpoint at %s: fine-tuning from the start", checkpoint)
     _check_learnable_scales(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -86,6 +269,49 @@ def finetune(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, config.steps, warmup))
+    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and config.ema_decay}
+    running = float("nan")
+    start = 0
+    meta_json = json.dumps(meta or {}, sort_keys=True)
+    if doc is not None:
+        opt.load_state_dict(doc["optimizer"])
+        sched.load_state_dict(doc["scheduler"])
+        ema = {n: t.clone() for n, t in doc["ema"].items()}
+        running, start = float(doc["running"]), int(doc["step"])
+        rng = doc["rng"][0 if shard is None else shard.rank]
+        if len(rng["generators"]) != len(generators):
+            raise ValueError(
+                f"QAT checkpoint {checkpoint} holds {len(rng['generators'])} generator states, this run has "
+                f"{len(generators)}; delete it or run without --resume"
+            )
+        torch.set_rng_state(rng["torch"])
+        for g, state in zip(generators, rng["generators"], strict=True):
+            g.set_state(state)
+        log.info("QAT resumed from %s at step %d of %d", checkpoint, start, config.steps)
+
+    def save(step: int) -> None:
+        states = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+        rngs = all_gather_object(states)  # every rank's random state, so each rank resumes its own stream
+        if shard is not None and shard.rank != 0:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "step": step,
+            "settings": _settings(config, seed),
+            "meta": meta_json,
+            "world_size": world,
+            "shapes": _shapes(model),
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "ema": ema,
+            "running": running,
+            "rng": rngs,
+        }
+        save_checkpoint(checkpoint, state)
+        log.info("QAT checkpoint at step %d: %s", step, checkpoint)
+
     if teacher is not None:
         teacher.eval()
     model.train()
@@ -93,17 +319,26 @@ def finetune(
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    ema = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and config.ema_decay}
-    start = time.perf_counter()
-    running = float("nan")
-    batches = _cycle(train_data)
+    net: nn.Module = model
+    if shard is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # every parameter, Brevitas scales included, is used in each forward: no unused-parameter search.
+        # Buffers (BN statistics) follow rank 0 at every forward.
+        net = DistributedDataParallel(model)
+    first_seen: list[str] = []
+    batches = _batches(train_data, start * world, shard, first_seen)
+    began = time.perf_counter()
     with progress.task("qat", total=config.steps) as update:
-        for step in range(config.steps):
+        update(advance=start)
+        for step in range(start, config.steps):
             inputs, targets = next(batches)
+            if step == start and shard is not None:
+                check_same(first_seen[0], "the QAT training data")
             if augment is not None:
                 # the data distribution the float model was trained on (e.g. its random shifts)
                 inputs = augment(inputs)
-            outputs = model(inputs)
+            outputs = net(inputs)
             loss = loss_fn(outputs, targets)
             if teacher is not None and config.distill_weight > 0:
                 with torch.no_grad():
@@ -119,16 +354,22 @@ def finetune(
                 for n, p in model.named_parameters():
                     if n in ema:
                         ema[n].lerp_(p, 1 - config.ema_decay)
-            value = loss.item()
+            value = loss.detach().double()
+            value = float(value if shard is None else shard.reduce(value) / world)
             if not math.isfinite(value):
                 raise FloatingPointError(f"QAT diverged at step {step + 1} (loss {value}); lower qat.lr")
             running = value if math.isnan(running) else 0.9 * running + 0.1 * value
             update(loss=f"{running:.3f}")
+            done = step + 1
+            every = config.checkpoint_every
+            if checkpoint is not None and every and (done % every == 0 or done == config.steps):
+                save(done)
+    del net  # drops DDP's gradient hooks
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in ema:
                 p.copy_(ema[n])
     model.eval()
-    seconds = time.perf_counter() - start
-    log.info("QAT %d steps in %.1fs, loss %.4f", config.steps, seconds, running)
-    return QATResult(steps=config.steps, final_loss=running, seconds=seconds)
+    seconds = time.perf_counter() - began
+    log.info("QAT steps %d..%d in %.1fs, loss %.4f", start, config.steps, seconds, running)
+    return QATResult(steps=config.steps, final_loss=running, seconds=seconds, start_step=start)

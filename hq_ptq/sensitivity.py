@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_ptq.distributed import Shard
 from hq_ptq.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,29 @@ def _batches_list(batches: Iterable[Batch]) -> list[Batch]:
     return out
 
 
+def _sharded_batches(
+    batches: Iterable[Batch], shard: Shard | None
+) -> tuple[list[Batch], int, Callable[[int], bool]]:
+    """``(this rank's batches, global batch count, owns(global index))``; one process owns every batch."""
+    if shard is None:
+        data = _batches_list(batches)
+        return data, len(data), lambda index: True
+    data = list(batches)
+    counts = torch.zeros(shard.world, dtype=torch.float64)
+    counts[shard.rank] = len(data)
+    counts = shard.reduce(counts)  # every rank sees every count, so all raise together or none does
+    total = int(counts.sum())
+    if total == 0:
+        raise ValueError("batches is empty on every rank; pass at least one (inputs, targets) batch")
+    expected = [len(range(r, total, shard.world)) for r in range(shard.world)]
+    if [int(c) for c in counts] != expected:
+        raise ValueError(
+            f"ranks hold {[int(c) for c in counts]} batches; rank r must hold global batches r, r+world, ... "
+            f"(batches[rank::world]), i.e. {expected}"
+        )
+    return data, total, shard.owns
+
+
 # ------------------------------------------------------------------------------------------------
 # trace metrics
 
@@ -193,6 +217,7 @@ def hutchinson_estimates(
     seed: int = 0,
     reset: ResetFn | None = None,
     progress: ProgressFn | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, TraceEstimate]:
     """Signed Hutchinson estimates of Tr(H_l)/n_l with their standard errors.
 
@@ -202,6 +227,13 @@ def hutchinson_estimates(
     was visited once. The standard error treats probes as independent; probes that share a
     batch are correlated through it, so with few batches it underestimates the error with
     respect to the data distribution.
+
+    With ``shard`` (data-parallel ranks), ``batches`` are this rank's global batches ``rank, rank+world,
+    ...``. Probe ``n`` is still the HVP of the same Rademacher vector on the same global batch as in one
+    process: every rank draws every vector from the same generator, the batch's owner computes the sample,
+    the samples are summed over ranks after each round of ``world`` batch visits, and the stopping rule is
+    replayed visit by visit, so every rank returns what one process would (at most ``world - 1`` visits
+    are computed past the stopping point).
     """
     if not 0.0 < rel_tol:
         raise ValueError(f"rel_tol={rel_tol} must be > 0")
@@ -213,10 +245,12 @@ def hutchinson_estimates(
     weights = _layer_weights(layers)
     names = list(weights)
     params = [weights[n] for n in names]
-    data = _batches_list(batches)
+    data, n_batches, owner = _sharded_batches(batches, shard)
     if hvps_per_batch is not None and hvps_per_batch < 1:
         raise ValueError(f"hvps_per_batch={hvps_per_batch} must be >= 1 (or None for the default)")
-    per_visit = hvps_per_batch or max(1, math.ceil(min_samples / len(data)))
+    per_visit = hvps_per_batch or max(1, math.ceil(min_samples / n_batches))
+    # one process checks convergence after every visit; ranks do a round of `world` visits between sums
+    world = 1 if shard is None else shard.world
     device = params[0].device
     gens: dict[torch.device, torch.Generator] = {}
 
@@ -235,37 +269,51 @@ def hutchinson_estimates(
         try:
             graph_index = -1
             grads: list[torch.Tensor | None] = []
-            while n < max_samples:
-                index = visit % len(data)
-                visit += 1
-                if index != graph_index:
-                    grads = []  # free the previous graph before building the next one
-                    loss = _batch_loss(model, data[index], loss_fn, reset, device, names)
-                    grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
-                    del loss  # the graph stays alive through grads only
-                    graph_index = index
-                # Layers whose gradient is constant in every weight contribute exact zeros.
-                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-                for _ in range(min(per_visit, max_samples - n)):
-                    vs = [rademacher(p) for p in params]
-                    if live:
-                        hvs = torch.autograd.grad(
-                            [grads[i] for i in live],
-                            params,
-                            grad_outputs=[vs[i] for i in live],
-                            retain_graph=True,
-                            allow_unused=True,
-                        )
-                        vhv = [
-                            (v * hv).sum() if hv is not None else v.new_zeros(())
-                            for v, hv in zip(vs, hvs, strict=True)
-                        ]
-                        samples[n] = torch.stack(vhv).detach().double().cpu() / sizes
-                    n += 1
-                    if progress is not None:
-                        progress(n, max_samples)
-                if n >= min_samples and _converged(samples[:n], rel_tol):
-                    break
+            done = False
+            while not done:
+                first, ends = n, []
+                for _ in range(world):
+                    if n >= max_samples:
+                        break
+                    index = visit % n_batches
+                    visit += 1
+                    mine = owner(index)
+                    if mine and index != graph_index:
+                        grads = []  # free the previous graph before building the next one
+                        batch = data[index // world]  # this rank holds global batches rank, rank+world, ...
+                        loss = _batch_loss(model, batch, loss_fn, reset, device, names)
+                        grads = list(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True))
+                        del loss  # the graph stays alive through grads only
+                        graph_index = index
+                    # Layers whose gradient is constant in every weight contribute exact zeros.
+                    live = [i for i, g in enumerate(grads) if mine and g is not None and g.requires_grad]
+                    for _ in range(min(per_visit, max_samples - n)):
+                        vs = [rademacher(p) for p in params]  # drawn on every rank: same stream
+                        if live:
+                            hvs = torch.autograd.grad(
+                                [grads[i] for i in live],
+                                params,
+                                grad_outputs=[vs[i] for i in live],
+                                retain_graph=True,
+                                allow_unused=True,
+                            )
+                            vhv = [
+                                (v * hv).sum() if hv is not None else v.new_zeros(())
+                                for v, hv in zip(vs, hvs, strict=True)
+                            ]
+                            samples[n] = torch.stack(vhv).detach().double().cpu() / sizes
+                        n += 1
+                        if progress is not None:
+                            progress(n, max_samples)
+                    ends.append(n)
+                if shard is not None:
+                    # rows of other ranks' visits are zero here: the sum gives every rank every sample
+                    samples[first:n] = shard.reduce(samples[first:n])
+                for end in ends:
+                    if end >= min_samples and _converged(samples[:end], rel_tol):
+                        n, done = end, True
+                        break
+                done = done or n >= max_samples
         finally:
             grads = []
             if reset is not None:
@@ -309,6 +357,7 @@ def hutchinson_traces(
     seed: int = 0,
     reset: ResetFn | None = None,
     progress: ProgressFn | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """Per-layer mean Hessian trace Tr(H_l)/n_l of the loss w.r.t. each layer's ``.weight``.
 
@@ -338,6 +387,7 @@ def hutchinson_traces(
         seed: seed of the local generator for the probes.
         reset: ``reset(model)`` before every forward (spiking neuron state).
         progress: ``progress(done, total)`` after each probe.
+        shard: data-parallel rank; ``batches`` are then this rank's share (see :func:`hutchinson_estimates`).
 
     Returns:
         ``{name: trace}``, all finite and > 0.
@@ -357,6 +407,7 @@ def hutchinson_traces(
         seed=seed,
         reset=reset,
         progress=progress,
+        shard=shard,
     )
     zero = [n for n, e in est.items() if e.n_zero == e.n_samples]
     traces = {n: (0.0 if n in zero else e.mean) for n, e in est.items()}
@@ -386,12 +437,15 @@ def fisher_traces(
     *,
     reset: ResetFn | None = None,
     progress: ProgressFn | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, float]:
     """Empirical-Fisher proxy of Tr(H_l)/n_l: mean over batches of sum(g_l^2)/n_l.
 
     ``g_l`` is the batch-mean gradient of the loss (one backward per batch, no per-sample
     gradients), so the values shrink with batch size; only their ratios across layers matter for
-    allocation. Same model handling as :func:`hutchinson_traces`.
+    allocation. Same model handling as :func:`hutchinson_traces`. With ``shard``, ``batches`` are this
+    rank's global batches ``rank, rank+world, ...``; the per-batch values are summed over ranks and
+    added in batch order, so every rank returns the single-process result.
 
     Raises:
         ValueError: a layer's value is non-finite or zero (no gradient reached it).
@@ -400,24 +454,30 @@ def fisher_traces(
     weights = _layer_weights(layers)
     names = list(weights)
     params = [weights[n] for n in names]
-    data = _batches_list(batches)
+    data, n_batches, _ = _sharded_batches(batches, shard)
     device = params[0].device
-    total = torch.zeros(len(names), dtype=torch.float64)
+    rows = torch.zeros(n_batches, len(names), dtype=torch.float64)
     sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
     zero = torch.zeros((), dtype=torch.float64)
+    rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
     with _analysis_mode(model, params):
         try:
             for k, batch in enumerate(data):
                 loss = _batch_loss(model, batch, loss_fn, reset, device, names)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 sq = [g.detach().double().pow(2).sum().cpu() if g is not None else zero for g in grads]
-                total += torch.stack(sq) / sizes
+                rows[rank + k * world] = torch.stack(sq) / sizes
                 if progress is not None:
                     progress(k + 1, len(data))
         finally:
             if reset is not None:
                 reset(model)
-    traces = {n: float(total[i]) / len(data) for i, n in enumerate(names)}
+    if shard is not None:
+        rows = shard.reduce(rows)  # each row is computed on one rank, zero on the others
+    total = torch.zeros(len(names), dtype=torch.float64)
+    for row in rows:  # in batch order, so the sum is the same for any number of ranks
+        total += row
+    traces = {n: float(total[i]) / n_batches for i, n in enumerate(names)}
     _check_traces(traces, "fisher")
     return traces
 

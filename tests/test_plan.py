@@ -186,3 +186,12 @@ def test_interrupted_replace_cleans_up_temp(tmp_path, monkeypatch) -> None:
         dataclasses.replace(_plan(), budget=2.0).to_json(path)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]
+
+
+def test_plan_pickles_after_its_name_index_was_used():
+    import pickle
+
+    plan = Plan(layers=(LayerChoice("a", "uniform", 4, 10, 0.5), LayerChoice("b", "pot", 3, 20, 0.1)))
+    assert plan["b"].bits == 3  # builds the cached read-only index
+    copy = pickle.loads(pickle.dumps(plan))
+    assert copy == plan and copy["a"].scheme == "uniform"
