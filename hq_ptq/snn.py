@@ -1,4 +1,5 @@
-"""snnTorch adapters: a multi-step LIF layer, per-instance state reset, neuron discovery, surrogate switch.
+"""snnTorch adapters: a multi-step LIF layer, per-instance state reset, neuron discovery, surrogate switch,
+and a converter between per-step snnTorch models and multi-step ones.
 
 State rule of the whole project: neuron state lives per call (``MultiStepLeaky``) or per instance
 (``reset_states``). Nothing here reads or writes snnTorch's class-level ``SpikingNeuron.instances``
@@ -7,7 +8,9 @@ list, which spans every network ever built in the process (snnTorch issues #438/
 
 from __future__ import annotations
 
+import difflib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -16,18 +19,90 @@ import torch
 from snntorch._neurons.neurons import SpikingNeuron
 from torch import nn
 
+from hq_ptq.lif import FusedLIF, heaviside_surrogate
+
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
     "MultiStepLeaky",
+    "TimeFolded",
     "explicit_membranes",
+    "get_lif_backend",
     "is_spiking_neuron",
+    "lif_backend",
     "reset_states",
+    "set_lif_backend",
     "spiking_neurons",
     "surrogate_disabled",
+    "to_multistep",
+    "to_stepwise",
 ]
 
 _RESET_SUBTRACT, _RESET_ZERO, _RESET_NONE = 0, 1, 2  # snnTorch's SpikingNeuron.reset_dict codes
+
+# How MultiStepLeaky runs its time loop. All three give the same spikes and (within float rounding)
+# the same membranes and gradients; they differ in speed and memory:
+#   "fused":    hq_ptq.lif.FusedLIF, one autograd node for all T steps, saves only the membrane trace;
+#   "unrolled": a plain Python loop of the same arithmetic, ~10 autograd nodes per step;
+#   "snntorch": snn.Leaky called once per step (the reference; also the general path).
+BACKENDS = ("fused", "unrolled", "snntorch")
+BACKEND_ENV = "HQ_PTQ_LIF"
+_default_backend: str | None = None  # set_lif_backend(); None defers to $HQ_PTQ_LIF, then "fused"
+
+
+def _check_backend(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        close = difflib.get_close_matches(str(name), BACKENDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{where}{name!r} is not a LIF backend.{hint} Choose from: {', '.join(BACKENDS)}")
+    return name
+
+
+def get_lif_backend() -> str:
+    """The backend a ``MultiStepLeaky(backend=None)`` uses now.
+
+    :func:`set_lif_backend` wins, then the environment variable ``HQ_PTQ_LIF``
+    (``snntorch``, ``unrolled`` or ``fused``), then ``"fused"``. The variable is read at every call, so
+    ``HQ_PTQ_LIF=snntorch hq-ptq run ...`` times a whole recipe with snnTorch's own loop.
+
+    Raises:
+        ValueError: ``HQ_PTQ_LIF`` names no backend.
+    """
+    if _default_backend is not None:
+        return _default_backend
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    return _check_backend(env, f"{BACKEND_ENV}=") if env else "fused"
+
+
+def set_lif_backend(name: str | None) -> None:
+    """Make ``name`` the process-wide default backend (``None`` goes back to ``$HQ_PTQ_LIF``/"fused")."""
+    global _default_backend
+    _default_backend = None if name is None else _check_backend(name, "backend=")
+
+
+@contextmanager
+def lif_backend(name: str | None) -> Iterator[str]:
+    """Within the block, layers without their own ``backend`` run ``name``; restored on exit.
+
+    Example:
+        >>> with lif_backend("snntorch"):
+        ...     reference = model(x)
+    """
+    global _default_backend
+    saved = _default_backend
+    set_lif_backend(name)
+    try:
+        yield get_lif_backend()
+    finally:
+        _default_backend = saved
+
+
+def _tracing() -> bool:
+    # exporters and compilers must see the plain loop: an autograd.Function with a Python loop and a
+    # nested autograd.grad in backward neither traces to ONNX nor compiles
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class MultiStepLeaky(nn.Module):
@@ -40,6 +115,14 @@ class MultiStepLeaky(nn.Module):
     The snnTorch neuron stays reachable as ``.lif`` so converters (export, quantization) can find it,
     and its ``beta``, ``threshold``, ``graded_spikes_factor`` and ``spike_grad`` are read at call time,
     so ``surrogate_disabled`` and learnable beta/threshold act on this layer too.
+
+    The time loop runs on one of :data:`BACKENDS` (see :func:`get_lif_backend`): ``"fused"`` (default)
+    is one autograd node for the whole loop (:class:`hq_ptq.lif.FusedLIF`), ``"unrolled"`` the same
+    arithmetic as a Python loop, ``"snntorch"`` calls the neuron per step. Spikes are identical on all
+    three. ``"fused"`` quietly runs ``"unrolled"`` while tracing, exporting to ONNX or compiling, and
+    for surrogates it does not know (custom or stochastic ones); gradients reach learnable beta and
+    threshold on every backend. Neurons the unrolled arithmetic does not cover (``state_quant``,
+    ``inhibition``, ``reset_delay=False``, Leaky subclasses) always run ``"snntorch"``.
 
     Step-wise execution (export, streaming runtimes) uses two plain attributes, both off by default:
     ``initial_mem`` (a ``[B, ...]`` tensor the next call starts from instead of zeros) and
@@ -54,6 +137,7 @@ class MultiStepLeaky(nn.Module):
         return_mem: also return the membrane trace (pre-reset, as ``snntorch.Leaky`` returns it).
         learn_beta: make ``beta`` a parameter.
         learn_threshold: make ``threshold`` a parameter.
+        backend: ``"fused"``, ``"unrolled"`` or ``"snntorch"``; ``None`` follows :func:`get_lif_backend`.
     """
 
     def __init__(
@@ -73,11 +157,12 @@ class MultiStepLeaky(nn.Module):
         return_mem: bool = False,
         learn_beta: bool = False,
         learn_threshold: bool = False,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if reset_mechanism not in ("zero", "subtract", "none"):
             raise ValueError(f"reset_mechanism={reset_mechanism!r} is not one of 'zero', 'subtract', 'none'")
-        self.lif = snn.Leaky(
+        neuron = snn.Leaky(
             beta=beta,
             threshold=threshold,
             spike_grad=spike_grad,
@@ -86,10 +171,29 @@ class MultiStepLeaky(nn.Module):
             learn_beta=learn_beta,
             learn_threshold=learn_threshold,
         )
+        self._setup(neuron, return_mem, backend)
+
+    def _setup(self, neuron: snn.Leaky, return_mem: bool, backend: str | None) -> None:
+        self.backend = None if backend is None else _check_backend(backend, "backend=")
+        self.lif = neuron
         self.return_mem = return_mem
         self.initial_mem: torch.Tensor | None = None
         self.record_final_mem = False
         self.final_mem: torch.Tensor | None = None
+
+    @classmethod
+    def from_leaky(cls, leaky: snn.Leaky, *, backend: str | None = None) -> MultiStepLeaky:
+        """Wrap an existing ``snn.Leaky`` (the same object, so its parameters are shared, not copied).
+
+        ``return_mem`` follows the neuron's ``output`` flag, so a Leaky that returned ``(spk, mem)``
+        per step returns ``(spikes, membranes)`` over T. Used by :func:`to_multistep`.
+        """
+        if not isinstance(leaky, snn.Leaky):
+            raise ValueError(f"from_leaky wraps an snn.Leaky, got {type(leaky).__name__}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._setup(leaky, bool(getattr(leaky, "output", False)), backend)
+        return layer
 
     def extra_repr(self) -> str:
         def fmt(t: torch.Tensor) -> str:
@@ -98,6 +202,7 @@ class MultiStepLeaky(nn.Module):
         return (
             f"beta={fmt(self.lif.beta)}, threshold={fmt(self.lif.threshold)}, "
             f"reset={self.lif.reset_mechanism}, return_mem={self.return_mem}"
+            + (f", backend={self.backend}" if self.backend else "")
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +211,23 @@ class MultiStepLeaky(nn.Module):
             raise ValueError(
                 f"MultiStepLeaky expects a time-first tensor [T, ...] with >= 2 dims, got {tuple(x.shape)}"
             )
-        if self._fast_path_ok():
+        backend = self.resolved_backend()
+        if backend == "fused":
+            spk, mem = self._fused(x)
+        elif backend == "unrolled":
             spk, mem = self._unrolled(x)
         else:
             spk, mem = self._stepped(x)
         return (spk, mem) if self.return_mem else spk
+
+    def resolved_backend(self) -> str:
+        """The backend the next call runs, after the fallbacks described in the class docstring."""
+        backend = self.backend or get_lif_backend()
+        if backend == "snntorch" or not self._fast_path_ok():
+            return "snntorch"
+        if backend == "fused" and (_tracing() or not heaviside_surrogate(self.lif.spike_grad)):
+            return "unrolled"
+        return backend
 
     def _start_mem(self, x: torch.Tensor) -> torch.Tensor:
         if self.initial_mem is None:
@@ -125,6 +242,22 @@ class MultiStepLeaky(nn.Module):
     def _fast_path_ok(self) -> bool:
         lif = self.lif
         return type(lif) is snn.Leaky and not lif.state_quant and not lif.inhibition and lif.reset_delay
+
+    def _fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lif = self.lif
+        spk, mem = FusedLIF.apply(
+            x,
+            self._start_mem(x),
+            lif.beta.clamp(0, 1),
+            lif.threshold,
+            lif.graded_spikes_factor,
+            int(lif.reset_mechanism_val),
+            lif.spike_grad,
+            True,
+        )
+        if self.record_final_mem:
+            self.final_mem = mem[-1]
+        return spk, (mem if self.return_mem else None)
 
     def _unrolled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # Same arithmetic, in the same order, as snntorch.Leaky.forward (bit-identical, tested), minus
@@ -163,8 +296,14 @@ class MultiStepLeaky(nn.Module):
         # General path (state_quant, inhibition, reset_delay=False, Leaky subclasses): call the neuron.
         mem = self._start_mem(x)  # explicit zeros: with mem=None snnTorch would reuse lif.mem
         spikes, mems = [], []
+        if self.lif.init_hidden:  # a converted per-step neuron (to_multistep) keeps its state inside
+            self.lif.mem = mem
         for x_t in x.unbind(0):
-            s, mem = self.lif(x_t, mem)
+            if self.lif.init_hidden:
+                out = self.lif(x_t)
+                s, mem = out if isinstance(out, tuple) else (out, self.lif.mem)
+            else:
+                s, mem = self.lif(x_t, mem)
             spikes.append(s)
             mems.append(mem)
         if self.record_final_mem:
@@ -269,3 +408,142 @@ def _set_spike_grad(neuron: nn.Module, fn: object) -> None:
         del neuron._modules["spike_grad"]
     neuron.__dict__.pop("spike_grad", None)
     neuron.spike_grad = fn
+
+
+class TimeFolded(nn.Module):
+    """Run a stateless ``module`` once on ``[T*B, ...]`` for a time-first input ``[T, B, ...]``.
+
+    The output is unfolded back to ``[T, B, ...]``. :func:`to_multistep` wraps the stateless children
+    of an ``nn.Sequential`` in it; :func:`to_stepwise` unwraps them.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``module(x.flatten(0, 1))`` reshaped to ``[T, B, ...]``."""
+        if x.dim() < 2:
+            raise ValueError(f"TimeFolded expects a time-first tensor [T, B, ...], got {tuple(x.shape)}")
+        t, b = x.shape[:2]
+        y = self.module(x.flatten(0, 1))
+        return y.reshape(t, b, *y.shape[1:])
+
+
+def _has_neuron(module: nn.Module) -> bool:
+    return any(is_spiking_neuron(m) for m in module.modules())
+
+
+def _check_convertible(module: nn.Module, name: str) -> None:
+    # Everything is checked before anything is swapped, so a refused model is left as it was.
+    if isinstance(module, MultiStepLeaky):
+        return
+    label = name or "the model"
+    if isinstance(module, snn.Leaky) and not module.init_hidden:
+        raise ValueError(
+            f"{label} is an snn.Leaky with init_hidden=False, driven by the model's own time loop; "
+            "to_multistep converts init_hidden=True neurons only; use MultiStepLeaky there by hand"
+        )
+    if is_spiking_neuron(module) and not isinstance(module, snn.Leaky):
+        raise ValueError(
+            f"{label} is an snn.{type(module).__name__}; to_multistep converts snn.Leaky only, "
+            "keep this model step-wise or replace the neuron by snn.Leaky"
+        )
+    for child_name, child in module.named_children():
+        _check_convertible(child, f"{name}.{child_name}" if name else child_name)
+
+
+def _multistep_child(child: nn.Module, in_sequential: bool, backend: str | None) -> nn.Module:
+    if isinstance(child, (MultiStepLeaky, TimeFolded)):
+        return child
+    if isinstance(child, snn.Leaky):
+        return MultiStepLeaky.from_leaky(child, backend=backend)
+    if _has_neuron(child):
+        _convert_children(child, backend)
+        return child
+    return TimeFolded(child) if in_sequential else child
+
+
+def _convert_children(module: nn.Module, backend: str | None) -> None:
+    in_sequential = isinstance(module, nn.Sequential)
+    for name, child in list(module.named_children()):
+        new = _multistep_child(child, in_sequential, backend)
+        if new is not child:
+            setattr(module, name, new)
+
+
+def to_multistep(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Swap every ``snn.Leaky`` of a per-step snnTorch model for a :class:`MultiStepLeaky`, in place.
+
+    The calling convention changes from one call per time step to one call per sequence::
+
+        out_t = net(x[t])   for t in range(T)    # before: x[t] is [B, ...], state in each Leaky
+        out   = net(x)                           # after:  x is [T, B, ...], out is [T, B, ...]
+
+    What changes inside:
+
+    * each ``snn.Leaky`` (``init_hidden=True``) is wrapped, not copied, by ``MultiStepLeaky.from_leaky``:
+      same parameters, surrogate and reset; a Leaky with ``output=True`` returns ``(spikes,
+      membranes)`` stacked over T. Every call starts from a zero membrane, so ``utils.reset(net)``
+      between batches is no longer needed;
+    * the stateless children of every ``nn.Sequential`` (Conv, Linear, pooling, Flatten, BatchNorm,
+      nested blocks without neurons) are wrapped in :class:`TimeFolded` and run once on the folded
+      ``[T*B, ...]`` tensor. BatchNorm in train mode then normalises over T*B samples at once
+      instead of per step (eval mode gives the same outputs); Dropout draws one mask per step
+      either way;
+    * state_dict keys gain ``.lif`` (neurons) and ``.module`` (folded layers);
+    * modules with their own ``forward`` get their ``snn.Leaky`` swapped but nothing folded: such a
+      forward must itself accept ``[T, B, ...]`` (Linear does; wrap convs in ``TimeFolded``).
+
+    Args:
+        model: an snnTorch model built from ``nn.Sequential`` and ``snn.Leaky(init_hidden=True)``,
+            or a bare ``snn.Leaky``.
+        backend: the LIF backend of the new layers (``None``: :func:`get_lif_backend`).
+
+    Returns:
+        ``model``, converted (a bare Leaky comes back as a new ``MultiStepLeaky``).
+
+    Raises:
+        ValueError: the model has no ``snn.Leaky``, or holds another snnTorch neuron, or a Leaky with
+            ``init_hidden=False`` (its time loop is the model's own code).
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(2, 8, 3), snn.Leaky(0.9, init_hidden=True), nn.Flatten(),
+        ...                     nn.LazyLinear(10), snn.Leaky(0.9, init_hidden=True, output=True))
+        >>> spk, mem = to_multistep(net)(x)            # x: [T, B, 2, H, W]
+        >>> to_stepwise(net)                            # back to net(x[t]) per step
+    """
+    if backend is not None:
+        _check_backend(backend, "backend=")
+    if not any(isinstance(m, snn.Leaky) for m in model.modules()):
+        raise ValueError(f"to_multistep found no snn.Leaky in {type(model).__name__}; nothing to convert")
+    _check_convertible(model, "")
+    return _multistep_child(model, False, backend)
+
+
+def to_stepwise(model: nn.Module) -> nn.Module:
+    """Undo :func:`to_multistep`: unwrap converted neurons and ``TimeFolded`` layers, in place.
+
+    Only layers made by ``to_multistep`` are unwrapped (``MultiStepLeaky`` around an
+    ``init_hidden=True`` Leaky); the zoo's own ``MultiStepLeaky`` layers have no per-step form and
+    stay. The original neuron objects come back with their parameters, so the state_dict keys are the
+    original ones again; each neuron's hidden state starts empty (as after ``utils.reset``).
+
+    Returns:
+        ``model`` (a converted bare Leaky comes back as that Leaky).
+    """
+    if isinstance(model, MultiStepLeaky) and model.lif.init_hidden:
+        return _unwrap_neuron(model)
+    if isinstance(model, TimeFolded):
+        return to_stepwise(model.module)
+    for name, child in list(model.named_children()):
+        new = to_stepwise(child)
+        if new is not child:
+            setattr(model, name, new)
+    return model
+
+
+def _unwrap_neuron(layer: MultiStepLeaky) -> snn.Leaky:
+    neuron = layer.lif
+    neuron.mem = torch.zeros(0, device=neuron.mem.device)
+    return neuron
