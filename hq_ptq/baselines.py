@@ -1,0 +1,100 @@
+"""Baselines from other libraries, measured on hq_ptq's models for the Pareto benchmark.
+
+torchao's weight-only integer quantization (``IntxWeightOnlyConfig`` through
+``torchao.quantization.quantize_``) is the off-the-shelf reference: symmetric per-output-channel int8 or int4
+weights, no calibration data, no fine-tuning. torchao 0.18 takes 2-d (Linear) and 4-d (Conv2d) weights; it
+refuses the 3-d weights of the Conv1d token projections that make up most of a spiking transformer's blocks,
+and those stay float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hq_ptq.swap import find_layers
+
+__all__ = ["TORCHAO_BITS", "TorchaoResult", "torchao_weight_only"]
+
+log = logging.getLogger(__name__)
+
+TORCHAO_BITS = (8, 4)
+FP_BITS = 32
+
+
+@dataclass(frozen=True)
+class TorchaoResult:
+    """What torchao did to a model.
+
+    Attributes:
+        bits: layer name → weight bits for every layer torchao quantized.
+        refused: layer name → torchao's reason, for every layer it would not take (left float32).
+        sizes: layer name → weight parameters, over all the layers offered.
+        seconds: wall time of the ``quantize_`` calls.
+    """
+
+    bits: dict[str, int]
+    refused: dict[str, str]
+    sizes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def avg_bits(self) -> float:
+        """Parameter-weighted average weight bits over the offered layers; refused layers count 32."""
+        total = sum(self.sizes.values())
+        return sum(n * self.bits.get(name, FP_BITS) for name, n in self.sizes.items()) / total
+
+
+def torchao_weight_only(
+    model: nn.Module,
+    bits: int,
+    *,
+    fixed: Mapping[str, int] | None = None,
+    include: str | Iterable[str] = ("*",),
+    exclude: str | Iterable[str] = (),
+) -> TorchaoResult:
+    """Quantize ``model``'s weights in place with torchao ``IntxWeightOnlyConfig`` (per-channel, symmetric).
+
+    Each Conv/Linear matching the globs is offered to torchao on its own, so one layer it refuses does not
+    stop the rest; the refusals are returned with torchao's message.
+
+    Args:
+        model: a float model (not hq_ptq-quantized).
+        bits: 8 or 4.
+        fixed: layer name → bits overriding ``bits`` (e.g. first/last layer kept at 8).
+        include: globs of layers to offer, as for :func:`hq_ptq.swap.find_layers`.
+        exclude: globs of layers not to offer.
+
+    Raises:
+        ValueError: bits other than 8 or 4.
+    """
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    dtypes = {8: torch.int8, 4: torch.int4}
+    fixed = dict(fixed or {})
+    for b in (bits, *fixed.values()):
+        if b not in dtypes:
+            raise ValueError(f"torchao weight-only bits must be 8 or 4, got {b}")
+    names = find_layers(model, include, exclude)
+    sizes = {n: model.get_submodule(n).weight.numel() for n in names}
+    done: dict[str, int] = {}
+    refused: dict[str, str] = {}
+    start = time.perf_counter()
+    for name in names:
+        b = fixed.get(name, bits)
+        config = IntxWeightOnlyConfig(weight_dtype=dtypes[b], granularity=PerAxis(0))
+        try:
+            quantize_(model, config, filter_fn=lambda _m, fqn, name=name: fqn == name)
+        except (ValueError, NotImplementedError, RuntimeError, AssertionError) as err:
+            refused[name] = (str(err).splitlines() or [type(err).__name__])[0]
+            continue
+        done[name] = b
+    seconds = time.perf_counter() - start
+    log.info("torchao int%d: quantized %d layers, refused %d", bits, len(done), len(refused))
+    return TorchaoResult(bits=done, refused=refused, sizes=sizes, seconds=seconds)
