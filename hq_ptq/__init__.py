@@ -12,6 +12,7 @@ from hq_ptq.export import export_onnxruntime, export_qonnx
 from hq_ptq.pack import load, save
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
+from hq_ptq.snn import set_lif_backend, to_multistep, to_stepwise
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,9 @@ __all__ = [
     "export_qonnx",
     "export_onnxruntime",
     "finetune",
+    "to_multistep",
+    "to_stepwise",
+    "set_lif_backend",
     "Plan",
     "LayerChoice",
     "QuantConfig",

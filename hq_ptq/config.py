@@ -82,7 +82,7 @@ class QATConfig:
     ema_decay: float = 0.0
     # Keep BatchNorm running statistics at the float model's values during QAT (BN in eval mode), the usual
     # QAT practice: re-estimating them from a few small batches of a half-trained quantized model adds noise.
-    # On digits at 3.5 bits: mean drop over 3 seeds 0.28 -> 0.19 points, 0.00 over 5 seeds (docs/BENCHMARKS.md).
+    # On digits at 3.5 bits: mean drop over 3 seeds 0.28 -> 0.19 points; 0.00 over 5 (docs/BENCHMARKS.md).
     freeze_bn: bool = True
     # write a resumable checkpoint every this many steps (and after the last) when a run has an output
     # folder; 0 turns it off

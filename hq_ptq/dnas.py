@@ -26,7 +26,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,6 +38,7 @@ from hq_ptq.api import candidates as allowed_candidates
 from hq_ptq.api import protected_layers
 from hq_ptq.config import QuantConfig
 from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.qat import cycle_batches
 from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import reset_states
 from hq_ptq.swap import LAYER_MAP, find_layers, swap_layers
@@ -261,17 +262,6 @@ def decode_plan(
     return Plan(layers, budget=budget, method="dnas", meta=info)
 
 
-def _cycle(data: Iterable) -> Iterator:
-    # re-iterate (a DataLoader reshuffles each pass) rather than caching batches like itertools.cycle
-    while True:
-        empty = True
-        for item in data:
-            empty = False
-            yield item
-        if empty:
-            raise ValueError("dnas train_data yielded no batches")
-
-
 def dnas_search(
     model: nn.Module,
     train_data: Iterable[tuple[Tensor, Tensor]],
@@ -331,7 +321,7 @@ def dnas_search(
             p.requires_grad_(False)
 
     net.train()
-    batches = _cycle(train_data)
+    batches = cycle_batches(train_data, "dnas train_data")
     task = penalty = expected = float("nan")
     with progress.task("dnas search", total=dnas.steps) as update:
         for step in range(dnas.steps):

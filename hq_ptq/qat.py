@@ -63,7 +63,7 @@ def _check_learnable_scales(model: nn.Module) -> None:
             )
 
 
-def _cycle(data: Iterable) -> Iterator:
+def cycle_batches(data: Iterable, what: str = "QAT train_data") -> Iterator:
     """Re-iterate ``data`` (a DataLoader reshuffles each pass) instead of caching it like itertools.cycle."""
     while True:
         empty = True
@@ -71,7 +71,7 @@ def _cycle(data: Iterable) -> Iterator:
             empty = False
             yield item
         if empty:
-            raise ValueError("QAT train_data yielded no batches")
+            raise ValueError(f"{what} yielded no batches")
 
 
 def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[str]) -> Iterator:
@@ -81,7 +81,7 @@ def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[s
     ``first_seen`` receives a digest of global batch ``start`` (every rank sees it) to compare across ranks.
     """
     rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
-    for index, item in enumerate(_cycle(data)):
+    for index, item in enumerate(cycle_batches(data)):
         if index < start:
             continue
         if index == start:

@@ -11,44 +11,10 @@ from hq_ptq.cli import app
 
 runner = CliRunner()
 
-TINY = """
-description = "tiny test recipe"
-fp_checkpoint = "{ckpt}"
-
-[model]
-name = "spikformer-tiny"
-embed_dim = 32
-num_heads = 2
-depth = 1
-
-[data]
-name = "digits"
-T = 2
-batch_size = 16
-train_subset = 128
-test_subset = 40
-
-[train]
-epochs = 4
-lr = 5e-3
-
-[quant]
-budget = 4.0
-
-[search]
-metric = "fisher"
-calib_batches = 1
-
-[qat]
-steps = 2
-"""
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_recipe):
     root = tmp_path_factory.mktemp("cli")
-    recipe = root / "tiny.toml"
-    recipe.write_text(TINY.format(ckpt=(root / "fp.safetensors").as_posix()))
+    recipe = tiny_recipe(root / "tiny.toml", train={"epochs": 4})
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output

@@ -18,49 +18,19 @@ from hq_ptq.recipe import load_recipe
 
 runner = CliRunner()
 
-RECIPE = """
-fp_checkpoint = "{ckpt}"
-
-[model]
-name = "spikformer-tiny"
-embed_dim = 32
-num_heads = 2
-depth = 1
-
-[data]
-name = "digits"
-T = 2
-batch_size = 16
-train_subset = 128
-test_subset = 40
-
-[train]
-epochs = 3
-lr = 5e-3
-shift_augment = 1
-
-[quant]
-budget = 3.5
-seed = 11
-
-[search]
-metric = "hessian"
-calib_batches = 2
-max_samples = 10
-
-[qat]
-steps = 6
-lr = 1e-3
-"""
-
 TIMINGS = ("greedy_seconds", "milp_seconds")
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory) -> Path:
+def recipe(tmp_path_factory, tiny_recipe) -> Path:
     root = tmp_path_factory.mktemp("determinism")
-    path = root / "tiny.toml"
-    path.write_text(RECIPE.format(ckpt=(root / "fp.safetensors").as_posix()))
+    path = tiny_recipe(
+        root / "tiny.toml",
+        train={"shift_augment": 1},
+        quant={"budget": 3.5, "seed": 11},
+        search={"metric": "hessian", "calib_batches": 2, "max_samples": 10},
+        qat={"steps": 6, "lr": 1e-3},
+    )
     train_recipe(load_recipe(str(path)))
     return path
 

@@ -171,45 +171,14 @@ def test_ddp_qat_equals_full_batch_training_and_errors_reach_the_caller(tmp_path
         torch.testing.assert_close(got["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-TINY = """
-fp_checkpoint = "{ckpt}"
-
-[model]
-name = "spikformer-tiny"
-embed_dim = 32
-num_heads = 2
-depth = 1
-
-[data]
-name = "digits"
-T = 2
-batch_size = 16
-train_subset = 128
-test_subset = 40
-
-[train]
-epochs = 3
-lr = 5e-3
-
-[quant]
-budget = 4.0
-seed = 7
-
-[search]
-metric = "hessian"
-calib_batches = 3
-max_samples = 12
-
-[qat]
-steps = 2
-checkpoint_every = 1
-"""
-
-
-def test_run_nproc_2_finds_the_single_process_plan(tmp_path, monkeypatch):
+def test_run_nproc_2_finds_the_single_process_plan(tmp_path, monkeypatch, tiny_recipe):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(TINY.format(ckpt=(tmp_path / "fp.safetensors").as_posix()))
+    recipe = tiny_recipe(
+        tmp_path / "tiny.toml",
+        quant={"seed": 7},
+        search={"metric": "hessian", "calib_batches": 3, "max_samples": 12},
+        qat={"checkpoint_every": 1},
+    )
     one, two = tmp_path / "one", tmp_path / "two"
     # the float checkpoint does not exist yet: --nproc trains it once before starting the workers
     result = runner.invoke(app, ["run", str(recipe), "--out", str(two), "--nproc", "2", "--no-export"])

@@ -12,47 +12,14 @@ from hq_ptq.cli import _pareto_module, app
 pareto = _pareto_module()
 runner = CliRunner()
 
-TINY = """
-description = "tiny pareto test recipe"
-fp_checkpoint = "{ckpt}"
-
-[model]
-name = "spikformer-tiny"
-embed_dim = 32
-num_heads = 2
-depth = 1
-
-[data]
-name = "digits"
-T = 2
-batch_size = 16
-train_subset = 128
-test_subset = 40
-
-[train]
-epochs = 4
-lr = 5e-3
-
-[quant]
-budget = 3.5
-
-[search]
-metric = "fisher"
-calib_batches = 1
-
-[qat]
-steps = 150
-"""
-
 COLUMNS = ("avg_bits", "ptq_accuracy", "accuracy", "size_bytes", "compression", "energy_uj", "energy_ratio",
            "search_seconds", "qat_seconds")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_recipe):
     root = tmp_path_factory.mktemp("pareto")
-    recipe = root / "tiny.toml"
-    recipe.write_text(TINY.format(ckpt=(root / "fp.safetensors").as_posix()))
+    recipe = tiny_recipe(root / "tiny.toml", train={"epochs": 4}, quant={"budget": 3.5}, qat={"steps": 150})
     # no float checkpoint yet: the benchmark trains one (pipeline.float_model)
     # fewer homogeneous rows and budgets than a real run (time); every family and column is there
     settings = pareto.BenchSettings(seeds=(0, 1), qat_steps=2, dnas_steps=2, budgets=(3.5, 3.0),
