@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import hashlib
 import itertools
 import logging
 import warnings
@@ -23,7 +22,7 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
-from hq_ptq.distributed import cached_on_main, check_same, current_shard
+from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
 from hq_ptq.schemes import SCHEMES
@@ -193,8 +192,7 @@ def measure_traces(
                 shard=shard,
             )
 
-    digest = hashlib.sha256(b"".join(x.detach().cpu().numpy().tobytes()[:65536] for x, _ in calib))
-    digest_hex = digest.hexdigest()[:16]
+    digest_hex = data_digest(x for x, _ in calib)
     if shard is not None:
         check_same(digest_hex, "the calibration data")
     if config.cache_dir is None:

@@ -13,6 +13,7 @@ Command lines: ``torchrun --nproc-per-node 2 -m hq_ptq run RECIPE`` or ``hq-ptq 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -146,6 +147,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def data_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """Short hex digest of the first 64 KiB of each tensor: tells data sets apart (ranks given different
+    batches, a cache computed on other calibration data) without hashing all of it."""
+    raw = b"".join(t.detach().cpu().numpy().tobytes()[:65536] for t in tensors)
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def check_same(value: Any, what: str) -> None:

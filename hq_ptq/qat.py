@@ -29,7 +29,14 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QATConfig
-from hq_ptq.distributed import Shard, all_gather_object, broadcast_object, check_same, current_shard
+from hq_ptq.distributed import (
+    Shard,
+    all_gather_object,
+    broadcast_object,
+    check_same,
+    current_shard,
+    data_digest,
+)
 from hq_ptq.files import atomic_write
 from hq_ptq.train import cosine_lr
 
@@ -92,8 +99,7 @@ def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[s
 
 def _digest(batch: Any) -> str:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    raw = inputs.detach().cpu().numpy().tobytes()[:65536] if isinstance(inputs, torch.Tensor) else b""
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return data_digest([inputs] if isinstance(inputs, torch.Tensor) else [])
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -350,10 +356,11 @@ def finetune(
             nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in ema:
-                        ema[n].lerp_(p, 1 - config.ema_decay)
+            if ema:  # off by default: no per-step walk over the parameters then
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in ema:
+                            ema[n].lerp_(p, 1 - config.ema_decay)
             value = loss.detach().double()
             value = float(value if shard is None else shard.reduce(value) / world)
             if not math.isfinite(value):
