@@ -11,6 +11,9 @@ Micro part (unless --skip-micro): spikformer-tiny, batch 32, T=8, 2x32x32 inputs
   conv/linear weights), as hq_ptq.sensitivity does per probe.
 Backends run interleaved, round after round, and the minimum over rounds is reported (the median too):
 the machine is shared, and the minimum is the least disturbed figure. The load average is recorded too.
+The model-level parts also run a ``lif-free`` row: every LIF replaced by ``x * (x > 0.5)`` (two elementwise
+ops, no time loop; not a neuron). It is the time of everything else in the step, so snntorch / lif-free is
+the ceiling of any speed-up a LIF implementation can bring to that part.
 
 End to end (--e2e): ``HQ_PTQ_LIF=<backend> hq-ptq run digits-spikformer --out /tmp/hq/lif/run-<backend>``
 once per backend, in sequence, with the stage seconds from result.json and the whole command's wall time.
@@ -32,7 +35,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,15 +63,38 @@ def calibrated_model(seed: int = 0, batch: int = 32, steps: int = 8) -> torch.nn
     return model
 
 
+LIF_FREE = "lif-free"
+
+
+@contextmanager
+def lif_free() -> Iterator[None]:
+    """Every MultiStepLeaky computes ``x * (x > 0.5)`` instead of its time loop (a floor, not a neuron)."""
+
+    def forward(self: MultiStepLeaky, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        spk = x * (x > 0.5).float()
+        return (spk, x) if self.return_mem else spk
+
+    saved = MultiStepLeaky.forward
+    MultiStepLeaky.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        MultiStepLeaky.forward = saved  # type: ignore[method-assign]
+
+
+def _running(name: str):  # noqa: ANN202 - a context manager
+    return lif_free() if name == LIF_FREE else lif_backend(name)
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict[str, float]]:
     """Run each backend's ``fn`` once per round (after one warm-up), min and median seconds per backend."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for name, fn in fns.items():
-        with lif_backend(name):
+        with _running(name):
             fn()
     for _ in range(rounds):
         for name, fn in fns.items():
-            with lif_backend(name):
+            with _running(name):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
@@ -95,7 +122,7 @@ def bench_train_step(model: torch.nn.Module, rounds: int) -> dict[str, dict[str,
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
 
-    return interleaved(dict.fromkeys(BACKENDS, step), rounds)
+    return interleaved(dict.fromkeys((*BACKENDS, LIF_FREE), step), rounds)
 
 
 def bench_hvp(model: torch.nn.Module, rounds: int) -> dict[str, dict[str, float]]:
@@ -110,7 +137,7 @@ def bench_hvp(model: torch.nn.Module, rounds: int) -> dict[str, dict[str, float]
         vs = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         torch.autograd.grad(grads, params, vs)
 
-    return interleaved(dict.fromkeys(BACKENDS, hvp), rounds)
+    return interleaved(dict.fromkeys((*BACKENDS, LIF_FREE), hvp), rounds)
 
 
 def quantized_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -19,9 +19,11 @@ Surrogate derivatives are snnTorch's own: for atan and fast_sigmoid the expressi
 other known surrogates their backward is called under autograd on the pre-activation ``mem - thr``.
 
 Double backward (Hutchinson Hessian-vector products): inside a ``create_graph=True`` backward the
-recursion is written out of place in differentiable ops, and the membrane trace it reads is this node's
-own output, so the second derivative goes through the surrogate's derivative and back into
-``FusedLIF.backward``, as it goes through the per-step graph of ``snn.Leaky``.
+gradient is written with whole-``[T, ...]`` differentiable ops plus one linear recurrence over time
+(``_DecayScan``, whose backward is the transposed recurrence, so it is differentiable to any order);
+autograd records about a dozen nodes per layer instead of a dozen per time step. The membrane trace it
+reads is this node's own output, so the second derivative goes through the surrogate's derivative and
+back into ``FusedLIF.backward``, as it goes through the per-step graph of ``snn.Leaky``.
 """
 
 from __future__ import annotations
@@ -226,50 +228,86 @@ def _backward_differentiable(
     grad_spk: torch.Tensor | None,
     grad_mem: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, ...]:
-    # Out of place, so autograd records it: mems is this node's own output, so the surrogate's
-    # second derivative flows back through FusedLIF.backward once more. Resets are constants.
+    # Whole-[T, ...] differentiable ops plus one linear scan (_DecayScan, itself twice differentiable),
+    # so autograd records a dozen nodes, not a dozen per time step. mems is this node's own output, so
+    # the surrogate's second derivative flows back through FusedLIF.backward once more. Resets are
+    # constants, as in snn.Leaky.
     mode, spike_fn = ctx.mode, ctx.spike_fn
     need_x, need_mem0, need_beta, need_thr, need_gain = ctx.needs_input_grad[:5]
-    steps = mems.shape[0]
-    # unbind, not [t]: in the next backward each select would scatter into a zero-filled [T, ...] tensor
-    mem_t = mems.unbind(0)
-    spk_t = grad_spk.unbind(0) if grad_spk is not None else None
-    gmem_t = grad_mem.unbind(0) if grad_mem is not None else None
-    surr: list[torch.Tensor] = []
-    gs: list[torch.Tensor] = []  # reverse time
-    for t in range(steps - 1, -1, -1):
-        terms = []
-        if spk_t is not None:
-            surr.append(_surrogate_vjp(spike_fn, mem_t[t] - thr, spk_t[t] * gain, True))
-            terms.append(surr[-1])
-        if gmem_t is not None:
-            terms.append(gmem_t[t])
-        if gs:
-            terms.append(gs[-1] * _decay(beta, resets[t + 1], mode))
-        g = terms[0] if terms else torch.zeros_like(mem_t[t])
-        for term in terms[1:]:
-            g = g + term
-        gs.append(g)
-    gs.reverse()
-    grad_x = torch.stack(gs).to(ctx.x_dtype) if need_x else None
-    grad_mem0 = _sum_to(gs[0] * _decay(beta, resets[0], mode), mem0) if need_mem0 else None
+    surr = _surrogate_vjp(spike_fn, mems - thr, grad_spk * gain, True) if grad_spk is not None else None
+    if surr is None and grad_mem is None:
+        return None, None, None, None, None
+    direct = surr if grad_mem is None else grad_mem if surr is None else surr + grad_mem
+    # applied[t]: the reset applied at step t; the link from step t + 1 back to t decays by
+    # d mem_{t+1} / d mem_t, which depends on the reset applied at t + 1
+    spikes = resets.spikes
+    applied = torch.cat([resets.first.expand_as(spikes[0]).unsqueeze(0), spikes[:-1]])
+    full_beta = beta.reshape((1,) * (mems.dim() - 1 - beta.dim()) + tuple(beta.shape)).unsqueeze(0)
+    links = _decay(full_beta, applied[1:], mode)
+    g = _DecayScan.apply(direct, links, True)
+    grad_x = g.to(ctx.x_dtype) if need_x else None
+    grad_mem0 = _sum_to(g[0] * _decay(beta, resets[0], mode), mem0) if need_mem0 else None
     grad_beta = grad_thr = grad_gain = None
     if need_beta:
-        prevs = [mem0.expand_as(mem_t[0]), *mem_t[:-1]]
+        prevs = torch.cat([mem0.expand_as(mems[0]).unsqueeze(0), mems[:-1]])
         if mode == RESET_ZERO:
-            prevs = [prev * (1 - resets[t]) for t, prev in enumerate(prevs)]
-        grad_beta = _sum_to(torch.stack([gs[t] * prevs[t] for t in range(steps)]), beta)
+            prevs = prevs * (1 - applied)
+        grad_beta = _sum_to(g * prevs, beta)
     if need_thr:
-        terms = [-s for s in surr]
+        terms = [] if surr is None else [-surr]
         if mode == RESET_SUBTRACT:
-            terms += [-gs[t] * resets[t] for t in range(steps)]
-        grad_thr = _sum_to(torch.stack(terms), thr) if terms else None
+            terms.append(-g * applied)
+        grad_thr = _sum_to(sum(terms[1:], terms[0]), thr) if terms else None
     if need_gain and grad_spk is not None:
         # recomputed from the trace so that a smooth spike_fn's gain gradient stays differentiable
         # (Heaviside spikes are piecewise constant)
-        values = resets.spikes if ctx.heaviside else spike_fn(mems - thr)
+        values = spikes if ctx.heaviside else spike_fn(mems - thr)
         grad_gain = _sum_to(grad_spk * values, gain)
     return grad_x, grad_mem0, grad_beta, grad_thr, grad_gain
+
+
+class _DecayScan(torch.autograd.Function):
+    """``y = _DecayScan.apply(a, links, reverse)``: a first-order linear recurrence over time.
+
+    Forward in time ``y_t = a_t + links[t-1] * y_{t-1}``; reversed ``y_t = a_t + links[t] * y_{t+1}``.
+    ``links`` is ``[T-1, ...]`` or ``[1, ...]`` (the same link at every step), broadcastable to ``a[t]``.
+    Each direction's backward is the other direction (the transposed recurrence) run through this same
+    Function, so derivatives of every order stay one loop of in-place steps.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, links: torch.Tensor, reverse: bool
+    ) -> torch.Tensor:
+        y = torch.empty_like(a, dtype=torch.result_type(a, links))
+        steps = a.shape[0]
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        prev: int | None = None
+        for t in order:
+            if prev is None:
+                y[t] = a[t]
+            else:
+                link = links[0] if links.shape[0] == 1 else links[min(t, prev)]
+                torch.addcmul(a[t], link, y[prev], out=y[t])
+            prev = t
+        ctx.reverse = reverse
+        ctx.save_for_backward(links, y if ctx.needs_input_grad[1] else None)
+        return y
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_y: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        links, y = ctx.saved_tensors
+        # the transpose of a forward scan is the reverse scan with the same links, and vice versa
+        h = _DecayScan.apply(grad_y, links, not ctx.reverse)
+        grad_links = None
+        if ctx.needs_input_grad[1]:
+            # links[t] joins steps t and t + 1: reversed y_t gets links[t] * y_{t+1}; forward y_{t+1}
+            # gets links[t] * y_t; either way its gradient pairs the joined steps' h and y
+            prod = h[:-1] * y[1:] if ctx.reverse else h[1:] * y[:-1]
+            grad_links = _sum_to(prod, links)
+        return (h if ctx.needs_input_grad[0] else None), grad_links, None
 
 
 def _backward_in_place(

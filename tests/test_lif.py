@@ -13,7 +13,15 @@ from snntorch import surrogate, utils
 from torch import nn
 
 import hq_ptq
-from hq_ptq.lif import RESET_NONE, RESET_SUBTRACT, RESET_ZERO, FusedLIF, fused_lif, heaviside_surrogate
+from hq_ptq.lif import (
+    RESET_NONE,
+    RESET_SUBTRACT,
+    RESET_ZERO,
+    FusedLIF,
+    _DecayScan,
+    fused_lif,
+    heaviside_surrogate,
+)
 from hq_ptq.models import build_model
 from hq_ptq.snn import (
     BACKEND_ENV,
@@ -165,6 +173,26 @@ def test_gradcheck_membrane_trace_with_resets(reset: str) -> None:
 
     assert torch.autograd.gradcheck(membranes, inputs)
     assert torch.autograd.gradgradcheck(membranes, inputs)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-step-links", "shared-link"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_decay_scan_is_the_recurrence_and_twice_differentiable(reverse: bool, shared: bool) -> None:
+    # the linear recurrence the create_graph backward is built on (Hutchinson differentiates it again)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(5, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    links = torch.rand(1 if shared else 4, 1, 3, generator=g, dtype=torch.float64).requires_grad_()
+    y = _DecayScan.apply(a, links, reverse)
+    want, carry = [None] * 5, None
+    for t in (range(4, -1, -1) if reverse else range(5)):
+        if carry is None:
+            carry = a[t]
+        else:  # links[t] joins steps t and t + 1
+            carry = a[t] + (links[0] if shared else links[t if reverse else t - 1]) * carry
+        want[t] = carry
+    torch.testing.assert_close(y, torch.stack(want), rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, c: _DecayScan.apply(a, c, reverse), (a, links))
+    assert torch.autograd.gradgradcheck(lambda a, c: _DecayScan.apply(a, c, reverse), (a, links))
 
 
 def test_surrogates_with_a_heaviside_forward_are_recognised() -> None:
