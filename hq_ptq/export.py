@@ -21,7 +21,10 @@ Two graph layouts (``mode``):
 Every file carries ``metadata_props["hq_ptq"]``, a JSON object (read it with :func:`export_info`):
 mode, input/output names and shapes, the state list (``name``, ``output``, ``shape``, ``neuron``)
 and the readout rule. :func:`run_export` drives either layout with qonnx or onnxruntime, and
-:func:`verify_export` compares a file against the PyTorch model on fresh inputs.
+:func:`verify_export` compares a file against the PyTorch model on fresh inputs. The qonnx backend keeps
+qonnx's semantics (its custom ops computed by qonnx, standard ops by onnxruntime, op by op) but, for
+weight-only quantizer nodes like these files hold, computes the quantized weights once and runs the rest
+as one onnxruntime session; other graphs go through qonnx's node-by-node ``execute_onnx``.
 """
 
 from __future__ import annotations
@@ -213,23 +216,29 @@ def _step_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, MultiStep
 # graph building
 
 
-def _fold_constants(model: Any, keep: frozenset[str]) -> int:
+def _fold_constants(model: Any, keep: frozenset[str], *, custom_only: bool = False) -> int:
     """Replace every node whose inputs are all constant by initializers, in one topological pass.
 
     qonnx's FoldConstants re-infers shapes after each single node (about 40 s on spikformer-tiny);
-    this pass evaluates standard ops with onnx's reference evaluator and qonnx custom ops with qonnx,
-    and never touches op types in ``keep`` or nodes that produce graph outputs. Returns the number of
-    folded nodes (``Shape`` nodes fold once shape inference knows their input).
+    this pass evaluates standard ops with onnx's reference evaluator and qonnx custom ops with qonnx
+    (at the opset version the model imports for their domain, as qonnx's executor does), and never
+    touches op types in ``keep`` or nodes that produce graph outputs. ``custom_only`` folds only the
+    nodes qonnx's executor would run itself (``is_custom_op``) and leaves every standard node. Returns
+    the number of folded nodes (``Shape`` nodes fold once shape inference knows their input).
     """
     from onnx.reference import ReferenceEvaluator
-    from qonnx.custom_op.registry import getCustomOp
+    from qonnx.custom_op.registry import getCustomOp, is_custom_op
+    from qonnx.util.basic import get_preferred_qonnx_opset
 
     graph = model.graph
+    opsets = {o.domain: o.version for o in model.model.opset_import}
     values: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     graph_outputs = {o.name for o in graph.output}
     folded = []
     for node in graph.node:
         if node.op_type in keep or any(o in graph_outputs for o in node.output):
+            continue
+        if custom_only and not is_custom_op(node.domain, node.op_type):
             continue
         if node.op_type == "Shape" and node.domain in _STANDARD_DOMAINS:
             shape = model.get_tensor_shape(node.input[0])
@@ -245,7 +254,8 @@ def _fold_constants(model: Any, keep: frozenset[str]) -> int:
                     values[name] = np.asarray(arr)
             else:
                 ctx = {i: values[i] for i in node.input if i}
-                getCustomOp(node).execute_node(ctx, graph)
+                version = opsets.get(node.domain, get_preferred_qonnx_opset())
+                getCustomOp(node, onnx_opset_version=version).execute_node(ctx, graph)
                 for name in node.output:
                     values[name] = np.asarray(ctx[name])
         else:
@@ -366,7 +376,8 @@ def _trace(
             module, args, export_path=str(raw), dynamo=dynamo, input_names=inputs, output_names=outputs
         )
         log.info("traced %s graph in %.2fs (dynamo=%s)", meta["mode"], time.perf_counter() - start, dynamo)
-        qmodel = ModelWrapper(str(raw))
+        # no initializer ValueInfo fix-up (quadratic, ~3 s per trace): _clean re-infers every ValueInfo
+        qmodel = ModelWrapper(str(raw), fix_missing_initializer_valueinfo=False)
     names = [i.name for i in qmodel.graph.input][: len(inputs)]
     if names != inputs:  # the exporter may drop an input it proves unused
         raise RuntimeError(f"exported graph inputs {names} differ from the expected {inputs}")
@@ -578,35 +589,98 @@ def _with_spike_outputs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return proto, names
 
 
+def _ort_session(proto: onnx.ModelProto, optimize: bool) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if optimize:
+        # ORT's QDQ fusions would re-quantize float tensors into integer kernels and move outputs by
+        # ~1e-2 on graphs with activation QDQ; the other (default) optimizations stay on
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    else:
+        # the kernels qonnx's executor gets from its one-node sessions: no fusion or layout rewrite, and
+        # no weight prepacking (there every weight is a fed input, never a constant)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _fold_custom_nodes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
+    """``proto`` with every qonnx custom node evaluated by qonnx into an initializer, or None and why not.
+
+    Possible when each custom node has constant inputs (weight-only quantization, as hq_ptq exports)
+    and no tensor carries an integer quantization annotation (qonnx's executor would round those).
+    """
+    from qonnx.core.datatype import DataType
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.custom_op.registry import is_custom_op
+
+    for annotation in proto.graph.quantization_annotation:
+        for entry in annotation.quant_parameter_tensor_names:
+            if entry.key == "finn_datatype" and DataType[entry.value].is_integer():
+                return None, f"tensor {annotation.tensor_name!r} has an integer datatype annotation"
+    # no initializer ValueInfo fix-up: it is quadratic in the graph size and onnxruntime needs none
+    model = ModelWrapper(onnx.ModelProto.FromString(proto.SerializeToString()),
+                         fix_missing_initializer_valueinfo=False)
+    count = _fold_constants(model, frozenset(), custom_only=True)
+    graph = model.graph
+    left = [n for n in graph.node if is_custom_op(n.domain, n.op_type)]
+    if left:
+        return None, f"{left[0].op_type} node {left[0].name!r} has a non-constant input"
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name not in used]  # the float weights behind the folds
+    for init in unused:
+        graph.initializer.remove(init)
+    domains = {n.domain for n in graph.node}
+    opsets = [o for o in model.model.opset_import if o.domain in _STANDARD_DOMAINS or o.domain in domains]
+    del model.model.opset_import[:]
+    model.model.opset_import.extend(opsets)
+    return model.model, f"{count} qonnx nodes folded"
+
+
 class _Runner:
-    """One loaded graph, executed with qonnx (node by node) or an onnxruntime session."""
+    """One loaded graph and how it runs; ``executor`` names the path taken.
 
-    def __init__(self, proto: onnx.ModelProto, backend: str) -> None:
-        self.backend = backend
-        if backend == "qonnx":
-            from qonnx.core.modelwrapper import ModelWrapper
+    ``backend="onnxruntime"``: one optimized onnxruntime session (``executor="onnxruntime"``).
 
-            self.model = ModelWrapper(proto)
-        else:
-            import onnxruntime as ort
+    ``backend="qonnx"`` gives qonnx's semantics (custom ops by qonnx's ``execute_node``, standard ops by
+    onnxruntime) without its executor's per-call cost, which is quadratic in the graph size (about a
+    minute for spikformer-tiny unrolled over T=8): when every qonnx custom node has constant inputs,
+    they are evaluated once by qonnx into initializers and the rest, all standard ops, runs in one
+    onnxruntime session with optimizations and prepacking off, the kernels qonnx's one-node sessions
+    use (``executor="qonnx-folded+onnxruntime"``). Otherwise qonnx's ``execute_onnx`` runs the graph
+    node by node (``executor="qonnx"``).
+    """
 
-            opts = ort.SessionOptions()
-            # ORT's QDQ fusions would re-quantize float tensors into integer kernels and move outputs by
-            # ~1e-2 on graphs with activation QDQ; the other (default) optimizations stay on
-            opts.add_session_config_entry("session.disable_quant_qdq", "1")
-            opts.log_severity_level = 3
+    def __init__(self, proto: onnx.ModelProto, backend: str, fold: bool = True) -> None:
+        self.executor = backend
+        self.model: Any = None
+        self.session: Any = None
+        if backend == "onnxruntime":
             try:
-                self.session = ort.InferenceSession(
-                    proto.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-                )
+                self.session = _ort_session(proto, optimize=True)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise ValueError(
                     f"onnxruntime cannot load this graph ({_one_line(err)}); a QONNX file needs "
                     "backend='qonnx' or a file from export_onnxruntime"
                 ) from None
+            return
+        folded, why = _fold_custom_nodes(proto) if fold else (None, "folding switched off")
+        if folded is not None:
+            try:
+                self.session = _ort_session(folded, optimize=False)
+                self.executor = "qonnx-folded+onnxruntime"
+            except Exception as err:  # qonnx's one-node sessions may still run what one session rejects
+                why = f"onnxruntime rejects the folded graph: {_one_line(err)}"
+        if self.session is None:
+            from qonnx.core.modelwrapper import ModelWrapper
+
+            self.model = ModelWrapper(proto)
+        log.info("qonnx backend runs with executor %r (%s)", self.executor, why)
 
     def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.backend == "qonnx":
+        if self.model is not None:
             from qonnx.core.onnx_exec import execute_onnx
 
             return execute_onnx(self.model, dict(feeds))
@@ -631,8 +705,11 @@ def run_export(
     Args:
         path: a file from :func:`export_qonnx` or :func:`export_onnxruntime`.
         inputs: time-first input of the exported shape (step files: any T, the exported B).
-        backend: ``"qonnx"`` (qonnx's ``execute_onnx``, runs QONNX and plain files) or
-            ``"onnxruntime"`` (plain files only).
+        backend: ``"qonnx"`` (runs QONNX and plain files with qonnx's semantics: qonnx custom ops by
+            qonnx, standard ops by onnxruntime without graph optimizations; weight-only quantizer nodes
+            are evaluated once and the rest runs as one onnxruntime session, any other graph goes
+            through qonnx's ``execute_onnx`` node by node) or ``"onnxruntime"`` (plain files only,
+            one optimized session).
         spikes: also return every spike tensor (the output of each ``Greater`` node).
 
     Returns:
@@ -644,31 +721,42 @@ def run_export(
         FileNotFoundError / ValueError: no file, not an hq_ptq export, unknown backend, wrong input
         shape, or a QONNX file given to onnxruntime.
     """
+    return _run(path, inputs, backend, spikes)[0]
+
+
+def _run(
+    path: str | os.PathLike[str],
+    inputs: torch.Tensor | np.ndarray,
+    backend: str,
+    spikes: bool,
+    fold: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """:func:`run_export` plus the executor that ran; ``fold=False`` forces qonnx's ``execute_onnx``."""
     _check_backend(backend)
     info = export_info(path)
-    proto = onnx.load(str(path))
     x = _as_numpy(inputs)
-    spike_names: list[str] = []
-    if spikes:
-        proto, spike_names = _with_spike_outputs(proto)
-    runner = _Runner(proto, backend)
     want = list(info["input_shape"])
-    if info["mode"] == "unrolled":
-        if list(x.shape) != want:
-            raise ValueError(
-                f"inputs have shape {list(x.shape)} but {path} was exported for {want}; "
-                "re-export with an example of the shape you run (T and B are baked in)"
-            )
-        out = runner({info["input"]: x})
-        result: dict[str, Any] = {"logits": out[info["logits"]]}
-        if spikes:
-            result["spikes"] = {n: out[n][None] for n in spike_names}
-        return result
-    if x.ndim != len(want) + 1 or list(x.shape[1:]) != want:
+    if info["mode"] == "unrolled" and list(x.shape) != want:
+        raise ValueError(
+            f"inputs have shape {list(x.shape)} but {path} was exported for {want}; "
+            "re-export with an example of the shape you run (T and B are baked in)"
+        )
+    if info["mode"] == "step" and (x.ndim != len(want) + 1 or list(x.shape[1:]) != want):
         raise ValueError(
             f"inputs have shape {list(x.shape)} but {path} takes [T, {', '.join(map(str, want))}] "
             "(B is baked in: re-export with the batch size you run)"
         )
+    proto = onnx.load(str(path))
+    spike_names: list[str] = []
+    if spikes:
+        proto, spike_names = _with_spike_outputs(proto)
+    runner = _Runner(proto, backend, fold)
+    if info["mode"] == "unrolled":
+        out = runner({info["input"]: x})
+        result: dict[str, Any] = {"logits": out[info["logits"]]}
+        if spikes:
+            result["spikes"] = {n: out[n][None] for n in spike_names}
+        return result, runner.executor
     states = {s["name"]: np.zeros(s["shape"], dtype=np.float32) for s in info["states"]}
     logits_sum: np.ndarray | None = None
     per_step: dict[str, list[np.ndarray]] = {n: [] for n in spike_names}
@@ -682,7 +770,7 @@ def run_export(
     result = {"logits": (logits_sum / len(x)).astype(np.float32), "states": states}
     if spikes:
         result["spikes"] = {n: np.stack(v) for n, v in per_step.items()}
-    return result
+    return result, runner.executor
 
 
 def _torch_reference(
@@ -784,10 +872,13 @@ def verify_export(
         backend: ``"qonnx"`` or ``"onnxruntime"``.
 
     Returns:
-        ``{"backend", "mode", "max_abs_logit_error", "spike_mismatches", "spikes_compared",
+        ``{"backend", "executor", "mode", "max_abs_logit_error", "spike_mismatches", "spikes_compared",
         "spike_compare" ("elementwise", "total" or "unavailable", where the mismatch count is None),
-        "spike_count_torch", "spike_count_export", "seconds"}``. Logits are compared with
-        ``model(inputs)`` over all T. Step files add ``"max_abs_state_error"`` and
+        "spike_count_torch", "spike_count_export", "seconds"}``. ``executor`` says what ran the file:
+        ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx backend, quantizer nodes evaluated once
+        by qonnx, the rest one onnxruntime session without optimizations) or ``"qonnx"`` (qonnx's
+        ``execute_onnx``, for graphs that cannot be folded, e.g. activation quantizers). Logits are
+        compared with ``model(inputs)`` over all T. Step files add ``"max_abs_state_error"`` and
         ``"max_rel_state_error"``: final membranes against the model driven step by step in PyTorch.
 
     Raises:
@@ -797,7 +888,7 @@ def verify_export(
     info = export_info(path)
     x = _check_example(model, inputs, "inputs")
     start = time.perf_counter()
-    got = run_export(path, x, backend=backend, spikes=True)
+    got, executor = _run(path, x, backend, spikes=True)
     seconds = time.perf_counter() - start
     ref_logits, calls, ref_mems = _torch_reference(model, x, info.get("states"))
     count_torch = int(sum(spk.sum() for _, spk in calls))
@@ -817,6 +908,7 @@ def verify_export(
         mismatches, compared, how, count_export = None, 0, "unavailable", None
     report: dict[str, Any] = {
         "backend": backend,
+        "executor": executor,
         "mode": info["mode"],
         "max_abs_logit_error": float(np.abs(got["logits"] - ref_logits).max()),
         "spike_mismatches": mismatches,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -13,6 +14,7 @@ pytest.importorskip("qonnx")
 pytest.importorskip("onnxruntime")
 
 from hq_ptq.export import (  # noqa: E402
+    _run,
     export_info,
     export_onnxruntime,
     export_qonnx,
@@ -230,6 +232,71 @@ def test_dynamo_exporter_gives_the_same_numbers(tmp_path) -> None:
     assert {"Quant", "FloatQuant"} <= _ops(path)
     report = verify_export(model, path, _events((T, B, 2, 8, 8), 1))
     assert report["max_abs_logit_error"] <= TOL and report["max_rel_state_error"] <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# how the qonnx backend runs a file
+
+
+@pytest.mark.parametrize(("net", "mode"), [("tiny", "unrolled"), ("tiny", "step"), ("spikformer", "step")])
+def test_qonnx_fast_path_equals_qonnx_execute_onnx(tmp_path, request, net: str, mode: str) -> None:
+    # uniform (Quant) and PoT (FloatQuant) layers
+    model = _tiny("mixed") if net == "tiny" else request.getfixturevalue("spikformer")
+    size = 8 if net == "tiny" else 32
+    path = export_qonnx(model, _events((T, B, 2, size, size), 0), tmp_path / "m.onnx", mode=mode)
+    x = _events((T if mode == "unrolled" else 3, B, 2, size, size), 1)
+    fast, fast_executor = _run(path, x, "qonnx", spikes=True)
+    slow, slow_executor = _run(path, x, "qonnx", spikes=True, fold=False)
+    assert (fast_executor, slow_executor) == ("qonnx-folded+onnxruntime", "qonnx")
+    assert np.array_equal(fast["logits"], slow["logits"])
+    assert fast["spikes"].keys() == slow["spikes"].keys()
+    assert sum(int(s.sum()) for s in slow["spikes"].values()) > 0
+    for name, spikes in slow["spikes"].items():
+        assert np.array_equal(fast["spikes"][name], spikes), name
+    for name, state in slow.get("states", {}).items():
+        assert np.array_equal(fast["states"][name], state), name
+    assert verify_export(model, path, x)["executor"] == "qonnx-folded+onnxruntime"
+
+
+def _quantize_graph_input(path, out, scale: float) -> None:
+    """A copy of an unrolled file whose input ``x`` passes through an 8-bit Quant node (activation
+    quantization: the node's input is not constant, so it cannot be folded)."""
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == "x":
+                node.input[i] = "x_quant"
+    graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
+        for name, value in [("xq_scale", scale), ("xq_zeropt", 0.0), ("xq_bits", 8.0)]
+    )
+    graph.node.insert(0, onnx.helper.make_node(
+        "Quant", ["x", "xq_scale", "xq_zeropt", "xq_bits"], ["x_quant"], domain="qonnx.custom_op.general",
+        signed=1, narrow=0, rounding_mode="ROUND",
+    ))
+    info = onnx.ValueInfoProto()
+    info.CopyFrom(graph.input[0])
+    info.name = "x_quant"
+    graph.value_info.append(info)
+    onnx.save(proto, str(out))
+
+
+def test_qonnx_backend_falls_back_to_execute_onnx_for_activation_quantizers(tmp_path, caplog) -> None:
+    model = _tiny("mixed")
+    path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "m.onnx")
+    edited = tmp_path / "act.onnx"
+    _quantize_graph_input(path, edited, scale=0.75)  # events {0, 1} -> {0, 0.75}
+    x = _events((T, B, 2, 8, 8), 1)
+    with caplog.at_level(logging.INFO, logger="hq_ptq.export"):
+        got, executor = _run(edited, x, "qonnx", spikes=True)
+    assert executor == "qonnx"
+    assert "non-constant input" in caplog.text
+    # the Quant node ran on the live input: the same as the original file fed the quantized events
+    ref = run_export(path, 0.75 * x, spikes=True)
+    assert np.array_equal(got["logits"], ref["logits"])
+    assert all(np.array_equal(got["spikes"][n], s) for n, s in ref["spikes"].items())
+    assert not np.allclose(got["logits"], run_export(path, x)["logits"])
 
 
 # ---------------------------------------------------------------------------------------------
