@@ -106,6 +106,74 @@ def _surrogate_grad_into(
         out.copy_(_surrogate_vjp(spike_fn, mem - thr, w, False))
 
 
+def _closed_form(spike_fn: SpikeFn) -> bool:
+    """True for the surrogates whose first and second derivatives are written out here."""
+    return getattr(spike_fn, "__code__", None) in (_ATAN_CODE, _FAST_SIGMOID_CODE)
+
+
+def _surrogate_derivatives_into(
+    d1: torch.Tensor, d2: torch.Tensor, spike_fn: SpikeFn, mem: torch.Tensor, thr: torch.Tensor
+) -> None:
+    """``d1 = S'(u)``, ``d2 = S''(u)`` at ``u = mem - thr``, in place (atan and fast_sigmoid only)."""
+    torch.sub(mem, thr, out=d2)  # u, until overwritten
+    if getattr(spike_fn, "__code__", None) is _ATAN_CODE:
+        # S' = (a/2) q with q = 1 / (1 + (k u)^2), k = pi/2 a;  S'' = -a k^2 u q^2
+        alpha = _closure_value(spike_fn, "alpha")
+        k = torch.pi / 2 * alpha
+        torch.mul(d2, k, out=d1).pow_(2).add_(1).reciprocal_()
+        d2.mul_(d1).mul_(d1).mul_(-alpha * k * k)
+        d1.mul_(alpha / 2)
+    else:
+        # S' = p^2 with p = 1 / (s |u| + 1);  S'' = -2 s sign(u) p^3
+        slope = _closure_value(spike_fn, "slope")
+        torch.abs(d2, out=d1).mul_(slope).add_(1).reciprocal_()
+        d2.sign_().mul_(d1).mul_(d1).mul_(d1).mul_(-2 * slope)
+        d1.mul_(d1)
+
+
+class _SurrogateVJP(torch.autograd.Function):
+    """``w * S'(mem - thr)`` over ``[T, ...]`` for atan / fast_sigmoid, with ``S''`` written out.
+
+    The create_graph backward of :class:`FusedLIF` records this one node instead of the surrogate's six
+    elementwise ops and their saved intermediates; forward and backward go one time step at a time.
+    Its own backward is not differentiable again (Hutchinson needs second derivatives, not third).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        mems: torch.Tensor,
+        thr: torch.Tensor,
+        w: torch.Tensor,
+        spike_fn: SpikeFn,
+    ) -> torch.Tensor:
+        out = torch.empty_like(mems, dtype=torch.result_type(mems, w))
+        for t in range(mems.shape[0]):
+            _surrogate_grad_into(out[t], spike_fn, mems[t], thr, w[t])
+        ctx.save_for_backward(mems, thr, w)
+        ctx.spike_fn = spike_fn
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        mems, thr, w = ctx.saved_tensors
+        need_mem, need_thr, need_w = ctx.needs_input_grad[:3]
+        grad_mem = torch.empty_like(mems) if need_mem or need_thr else None
+        grad_w = torch.empty_like(w) if need_w else None
+        d1, d2 = torch.empty_like(mems[0]), torch.empty_like(mems[0])
+        for t in range(mems.shape[0]):
+            _surrogate_derivatives_into(d1, d2, ctx.spike_fn, mems[t], thr)
+            if grad_w is not None:
+                torch.mul(grad_out[t], d1, out=grad_w[t])
+            if grad_mem is not None:
+                torch.mul(grad_out[t], w[t], out=grad_mem[t]).mul_(d2)
+        grad_thr = _sum_to(-grad_mem, thr) if need_thr else None
+        return (grad_mem if need_mem else None), grad_thr, grad_w, None
+
+
 def _closure_value(fn: SpikeFn, name: str) -> float:
     cells = dict(zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True))
     return cells[name].cell_contents
@@ -234,7 +302,13 @@ def _backward_differentiable(
     # constants, as in snn.Leaky.
     mode, spike_fn = ctx.mode, ctx.spike_fn
     need_x, need_mem0, need_beta, need_thr, need_gain = ctx.needs_input_grad[:5]
-    surr = _surrogate_vjp(spike_fn, mems - thr, grad_spk * gain, True) if grad_spk is not None else None
+    surr = None
+    if grad_spk is not None:
+        w = grad_spk if _trivial(gain) else grad_spk * gain
+        if _closed_form(spike_fn):
+            surr = _SurrogateVJP.apply(mems, thr, w, spike_fn)
+        else:
+            surr = _surrogate_vjp(spike_fn, mems - thr, w, True)
     if surr is None and grad_mem is None:
         return None, None, None, None, None
     direct = surr if grad_mem is None else grad_mem if surr is None else surr + grad_mem

@@ -19,6 +19,7 @@ from hq_ptq.lif import (
     RESET_ZERO,
     FusedLIF,
     _DecayScan,
+    _SurrogateVJP,
     fused_lif,
     heaviside_surrogate,
 )
@@ -193,6 +194,20 @@ def test_decay_scan_is_the_recurrence_and_twice_differentiable(reverse: bool, sh
     torch.testing.assert_close(y, torch.stack(want), rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, c: _DecayScan.apply(a, c, reverse), (a, links))
     assert torch.autograd.gradgradcheck(lambda a, c: _DecayScan.apply(a, c, reverse), (a, links))
+
+
+@pytest.mark.parametrize("name", list(SURROGATES))
+def test_surrogate_vjp_second_derivative_is_the_surrogates_own(name: str) -> None:
+    # the written-out S'' of the create_graph backward, against finite differences and autograd
+    spike_fn = SURROGATES[name](**({"alpha": 3.0} if name == "atan" else {"slope": 10.0}))
+    g = torch.Generator().manual_seed(4)
+    mems = (torch.randn(4, 2, 3, generator=g, dtype=torch.float64) + 0.05).requires_grad_()
+    thr = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m, t, v: _SurrogateVJP.apply(m, t, v, spike_fn), (mems, thr, w))
+    u = (mems - thr).detach().requires_grad_()
+    (want,) = torch.autograd.grad(spike_fn(u), u, w, create_graph=True)  # snnTorch's S'(u) * w
+    torch.testing.assert_close(_SurrogateVJP.apply(mems, thr, w, spike_fn), want)
 
 
 def test_surrogates_with_a_heaviside_forward_are_recognised() -> None:
