@@ -6,7 +6,7 @@ plan = hq_ptq.get_plan(qmodel)
 
 from __future__ import annotations
 
-from hq_ptq.api import analyze, apply_plan, get_plan, quantize, search_plan
+from hq_ptq.api import analyze, apply_plan, get_plan, quantize, recalibrate_bn, search_plan
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.export import export_onnxruntime, export_qonnx
 from hq_ptq.pack import load, save
@@ -22,6 +22,7 @@ __all__ = [
     "apply_plan",
     "analyze",
     "search_plan",
+    "recalibrate_bn",
     "save",
     "load",
     "export_qonnx",

@@ -313,6 +313,8 @@ def quantize(
     analysis = analyze(model, calib_data=calib_data, loss_fn=loss_fn, config=config)
     plan = search_plan(analysis, budget, config)
     apply_plan(model, plan)
+    if calib_data is not None and config.recalibrate_bn:
+        recalibrate_bn(model, calib_data, config.recalibrate_bn)
 
     if train_data is not None and config.qat.steps > 0:
         finetune(model, train_data, config.qat, teacher=teacher, loss_fn=loss_fn, seed=config.seed)
@@ -340,6 +342,52 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         set_layer_quant(layers[choice.name], choice.scheme, choice.bits)
     setattr(model, PLAN_ATTR, plan)
     return model
+
+
+def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``model`` as it is now (e.g. quantized).
+
+    The statistics become the plain average over the first ``batches`` batches of ``data`` (momentum
+    None), computed without gradients; only the BatchNorm layers run in training mode, so dropout and
+    the like stay off. Momentum and training flags are restored. Returns the number of batches used.
+
+    Raises:
+        ValueError: ``batches < 1`` or ``data`` yields no batch (the statistics are left untouched).
+    """
+    if batches < 1:
+        raise ValueError(f"recalibrate_bn needs at least one batch, got batches={batches}")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in norms if m.track_running_stats]
+    if not norms:
+        return 0
+    it = iter(data)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("recalibrate_bn got no batches; pass the calibration data")
+    flags = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in norms]
+    used = 0
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the batches seen
+            m.train()
+        with torch.no_grad(), progress.task("recalibrate BN", total=batches) as update:
+            for inputs, _ in itertools.chain([first], it):
+                reset_states(model)
+                model(inputs)
+                used += 1
+                update()
+                if used == batches:
+                    break
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in flags.items():
+            m.train(training)
+    log.info("re-estimated %d BatchNorm layers' statistics on %d batches", len(norms), used)
+    return used
 
 
 def get_plan(model: nn.Module) -> Plan:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.api import analyze, apply_plan, check_budget, get_plan, search_plan
+from hq_ptq.api import analyze, apply_plan, check_budget, get_plan, recalibrate_bn, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
@@ -194,6 +194,8 @@ def _quantize_and_finetune(
     resume: bool,
 ) -> tuple[float, float, float, int]:
     apply_plan(model, plan)
+    if recipe.quant.recalibrate_bn:
+        recalibrate_bn(model, train, recipe.quant.recalibrate_bn)
     ptq_acc = _evaluate(model, test, "evaluate PTQ")
     if recipe.quant.qat.steps == 0:
         return ptq_acc, ptq_acc, 0.0, 0

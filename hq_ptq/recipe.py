@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_KEYS = ("description", "fp_checkpoint", "model", "data", "train", "quant", "search", "qat")
-QUANT_KEYS = ("budget", "include", "exclude", "seed", "cache_dir")
+# [quant]: the budget plus QuantConfig's own fields ([search] and [qat] are sections of their own)
+QUANT_KEYS = ("budget", *(f.name for f in fields(QuantConfig) if f.name not in ("search", "qat")))
 DATA_LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
 
 

@@ -155,3 +155,64 @@ def test_spikformer_tiny_end_to_end():
         # each output channel holds at most 2^bits distinct levels
         assert w.flatten(1).unique(dim=1).shape[1] > 0
         assert max(len(row.unique()) for row in w.flatten(1)) <= 2**c.bits
+
+
+def _bn_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Dropout(0.5),  # must stay off while the statistics are measured
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8, momentum=0.3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(512, 4),
+    )
+
+
+def test_recalibrate_bn_averages_the_quantized_models_batch_statistics():
+    model = _bn_cnn()
+    data = _batches(n=4)
+    with pytest.warns(UserWarning, match="calib_data"):  # the data-free plan is enough here
+        hq_ptq.quantize(model, budget=3.0, config=QuantConfig(search=SearchConfig(protect_first_last=False)))
+    bn = model[5]
+    seen: list[torch.Tensor] = []
+    hook = bn.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].detach().clone()))
+    model.train()
+    model[1].eval()  # a flag that must come back as it was
+    assert hq_ptq.recalibrate_bn(model, data, 3) == 3
+    hook.remove()
+    assert len(seen) == 3  # the first 3 batches only
+    per_batch = [x.transpose(0, 1).flatten(1) for x in seen]
+    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean(1) for x in per_batch]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack([x.var(1) for x in per_batch]).mean(0))
+    assert bn.momentum == 0.3 and model[1].momentum == 0.1
+    assert model.training and model[3].training and not model[1].training
+    # dropout was off: the same batches give the same statistics again
+    mean = bn.running_mean.clone()
+    hq_ptq.recalibrate_bn(model, data, 3)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=0, atol=0)
+
+    before = bn.running_mean.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        hq_ptq.recalibrate_bn(model, [], 2)
+    with pytest.raises(ValueError, match="at least one batch"):
+        hq_ptq.recalibrate_bn(model, data, 0)
+    assert torch.equal(bn.running_mean, before)  # left untouched
+    with pytest.raises(ValueError, match="recalibrate_bn"):
+        QuantConfig(recalibrate_bn=-1)
+
+
+def test_quantize_recalibrates_bn_when_asked():
+    data = _batches(n=3)
+    runs = {}
+    for batches in (0, 2):
+        model = _bn_cnn()
+        search = SearchConfig(max_samples=8, protect_first_last=False)
+        cfg = QuantConfig(search=search, recalibrate_bn=batches)
+        hq_ptq.quantize(model, budget=3.0, calib_data=data, config=cfg)
+        runs[batches] = model[1].running_mean.clone()
+    assert torch.equal(runs[0], torch.zeros(8))  # never trained: the float model's initial statistics
+    assert not torch.equal(runs[2], runs[0])
