@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from hq_ptq import progress
-from hq_ptq.api import analyze, apply_plan, get_plan, search_plan
+from hq_ptq.api import analyze, get_plan, search_plan
 from hq_ptq.baselines import torchao_weight_only
 from hq_ptq.checkpoint import save_float
 from hq_ptq.dnas import DNASConfig, dnas_search
@@ -159,12 +159,9 @@ def _measure_plan(
     size = None
     for i, (seed, r) in enumerate(seeded if qat else seeded[:1]):
         model = copy.deepcopy(float_net)
-        if qat:
-            ptq, acc, secs = quantize_and_finetune(model, plan, r, _train_loader(r), test, float_net)
-        else:
-            apply_plan(model, plan)
-            ptq = acc = evaluate(model, test, description="evaluate PTQ")
-            secs = 0.0
+        # a row without QAT is the same call with 0 steps (plan applied, BN re-estimated, evaluated)
+        run = r if qat else replace(r, quant=replace(r.quant, qat=replace(r.quant.qat, steps=0)))
+        ptq, acc, secs = quantize_and_finetune(model, plan, run, _train_loader(r), test, float_net)
         ptq_accs.append(ptq)
         accs.append(acc)
         qat_secs.append(secs)
@@ -436,11 +433,15 @@ def _acc_cell(r: dict) -> str:
 
 
 def _qat_text(results: dict) -> str:
-    qat = results.get("recipe_config", {}).get("quant", {}).get("qat")
+    quant = results.get("recipe_config", {}).get("quant", {})
+    qat = quant.get("qat")
     if not qat:
         return ""
     keys = ("lr", "distill_weight", "temperature", "freeze_bn", "ema_decay")
-    return " QAT settings: " + ", ".join(f"{k} {qat[k]}" for k in keys if k in qat) + "."
+    text = " QAT settings: " + ", ".join(f"{k} {qat[k]}" for k in keys if k in qat) + "."
+    # runs from before the option existed re-estimated nothing
+    batches = quant.get("recalibrate_bn", 0)
+    return text + f" BatchNorm statistics re-estimated after quantization: {batches} batches."
 
 
 def markdown(results: dict, command: str) -> str:

@@ -282,8 +282,9 @@ def quantize(
     Args:
         model: any nn.Module with Conv/Linear layers, called as ``model(inputs)``.
         budget: parameter-weighted average weight bits over the quantized layers.
-        calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis; without it the
-            data-free weight metric is used.
+        calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
+            is applied, for re-estimating BatchNorm statistics (``config.recalibrate_bn`` batches); without
+            it the data-free weight metric is used and BatchNorm keeps the float model's statistics.
         train_data: iterable of ``(inputs, targets)`` batches for QAT; without it no fine-tuning.
         loss_fn: ``loss_fn(outputs, targets)``, cross-entropy by default.
         config: search and QAT settings.

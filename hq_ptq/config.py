@@ -115,8 +115,9 @@ class QuantConfig:
     # After the plan is applied, re-estimate every BatchNorm's running statistics on this many calibration
     # batches of the quantized model (0: keep the float model's). Quantized weights shift each BN's input
     # statistics; on a fashion subset this alone took uniform 3-bit from 80.65% to 83.75% before QAT
-    # (power-of-two 3-bit: 83.00% -> 83.45%). QAT then starts from, and keeps, the re-estimated values.
-    recalibrate_bn: int = 0
+    # (power-of-two 3-bit: 83.00% -> 83.45%), on digits the 3-bit plan's PTQ accuracy from 95.56% to 98.67%
+    # (mean of 5 seeds), with the same accuracy after QAT. QAT then starts from, and keeps, these values.
+    recalibrate_bn: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _tuple(self.include))
