@@ -357,8 +357,9 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
     """
     if batches < 1:
         raise ValueError(f"recalibrate_bn needs at least one batch, got batches={batches}")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    norms = [m for m in norms if m.track_running_stats]
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return 0
     it = iter(data)

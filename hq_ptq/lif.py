@@ -65,16 +65,11 @@ def heaviside_surrogate(spike_fn: object) -> bool:
 
 
 def _surrogate_vjp(spike_fn: SpikeFn, u: torch.Tensor, w: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """``w * dS/du`` at ``u`` through the surrogate's own backward (differentiable when ``create_graph``)."""
-    code = getattr(spike_fn, "__code__", None)
-    # atan and fast_sigmoid: ATan/FastSigmoid.backward's expressions verbatim, without running their
-    # forward (a wasted comparison and copy per step); autograd records the same ops as theirs
-    if code is _ATAN_CODE:
-        alpha = _closure_value(spike_fn, "alpha")
-        return alpha / 2 / (1 + (torch.pi / 2 * alpha * u).pow(2)) * w
-    if code is _FAST_SIGMOID_CODE:
-        slope = _closure_value(spike_fn, "slope")
-        return w / (slope * torch.abs(u) + 1.0) ** 2
+    """``w * dS/du`` at ``u`` through the surrogate's own backward (differentiable when ``create_graph``).
+
+    For the surrogates without a written-out form here; atan and fast_sigmoid go through
+    :func:`_surrogate_grad_into` and :class:`_SurrogateVJP`.
+    """
     with torch.enable_grad():
         if not create_graph or not u.requires_grad:
             u = u.detach().requires_grad_()
