@@ -6,7 +6,6 @@ model ─► swap (Brevitas layers) ─► sensitivity (Hutchinson / Fisher / we
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import itertools
 import logging
@@ -23,19 +22,21 @@ from torch import nn
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
+from hq_ptq.model_io import OutputFn, call, describe, tensors
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
 from hq_ptq.schemes import SCHEMES
 from hq_ptq.search import allocate
 from hq_ptq.sensitivity import (
     cached_traces,
+    fill_dead_layers,
     fingerprint,
     fisher_traces,
     hutchinson_traces,
     sensitivity_table,
     weight_traces,
 )
-from hq_ptq.snn import reset_states
+from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.swap import (
     find_layers,
     layer_quant,
@@ -76,13 +77,80 @@ def candidates(config: QuantConfig) -> list[tuple[str, int]]:
     return out
 
 
-def protected_layers(names: list[str], config: QuantConfig) -> dict[str, tuple[str, int]]:
+Candidate = tuple[str, int]
+
+
+def protected_layers(names: list[str], config: QuantConfig) -> dict[str, Candidate]:
     """Layers held at ``protect_scheme``/``protect_bits``: the globs in ``protect`` plus first and last."""
     s = config.search
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in s.protect)]
     if s.protect_first_last and len(names) > 2:
         chosen += [names[0], names[-1]]
     return {n: (s.protect_scheme, s.protect_bits) for n in dict.fromkeys(chosen)}
+
+
+def yielding_layers(names: list[str], config: QuantConfig) -> tuple[str, ...]:
+    """The protected layers that may be released into the search (see :func:`settle_protection`): the
+    default first/last layers. Layers named by ``search.protect`` globs never yield: the user asked."""
+    s = config.search
+    if not (s.protect_first_last and len(names) > 2):
+        return ()
+    asked = {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in s.protect)}
+    return tuple(n for n in dict.fromkeys([names[0], names[-1]]) if n not in asked)
+
+
+def _fewest_bits(config: QuantConfig) -> int:
+    return min(b for _, b in candidates(config))
+
+
+def _most_bits(config: QuantConfig) -> int:
+    return max(b for _, b in candidates(config))
+
+
+def settle_protection(
+    protected: dict[str, Candidate],
+    yielding: Iterable[str],
+    sizes: dict[str, int],
+    budget: float,
+    config: QuantConfig,
+) -> tuple[dict[str, Candidate], list[str]]:
+    """The layers protected at ``budget`` and those released into the search: ``(protected, released)``.
+
+    Rule: protection never makes a budget unreachable on its own. While the smallest reachable average
+    (protected layers at their bits, every other layer at the fewest allowed bits) is above the budget,
+    the largest still-protected layer among ``yielding`` (the default first/last layers) is released and
+    searched like any other layer (:func:`search_plan` warns naming it). Layers protected by
+    ``search.protect`` are kept.
+
+    Raises:
+        ValueError: the budget is unreachable even so; the message gives the reachable range and the knobs.
+    """
+    kept = dict(protected)
+    released: list[str] = []
+    total = sum(sizes.values())
+    bits = [b for _, b in candidates(config)]
+
+    def reach() -> tuple[float, float]:
+        fixed = sum(sizes[n] * b for n, (_, b) in kept.items())
+        free = sum(n for name, n in sizes.items() if name not in kept)
+        return (fixed + free * min(bits)) / total, (fixed + free * max(bits)) / total
+
+    for name in sorted(yielding, key=lambda n: -sizes[n]):
+        if reach()[0] <= budget + 1e-9:
+            break
+        del kept[name]
+        released.append(name)
+    lo, hi = reach()
+    if lo > budget + 1e-9:
+        s = config.search
+        held = f" with {sorted(kept)} held at {s.protect_scheme} {s.protect_bits} bits" if kept else ""
+        raise ValueError(
+            f"budget {budget:g} average bits is unreachable: schemes {list(s.schemes)} with "
+            f"{'bits ' + str(list(s.bits)) if s.bits else 'all their bit widths'}{held} reach "
+            f"[{lo:.4g}, {hi:.4g}] average bits; raise the budget or change search.bits, search.schemes, "
+            "search.protect, search.protect_first_last or search.protect_bits"
+        )
+    return kept, released
 
 
 MAX_BUDGET = 32.0  # average bits of a float32 model: a larger budget is a typo, not a request
@@ -96,12 +164,17 @@ def check_budget(budget: float) -> None:
         )
 
 
-def _take(batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _take(batches: Batches, n: int) -> list[tuple[Any, Any]]:
+    """The first ``n`` batches as a list (drawn once, so a one-shot generator serves every later step)."""
     taken = list(itertools.islice(iter(batches), n))
     if not taken:
         raise ValueError("calib_data yielded no batches")
-    for inputs, _ in taken:
-        if not torch.isfinite(inputs).all():
+    for batch in taken:
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"each calib_data batch must be an (inputs, targets) pair, got {describe(batch)}"
+            )
+        if not all(torch.isfinite(t).all() for t in tensors(batch[0]) if t.is_floating_point()):
             raise ValueError("calib_data contains NaN or Inf inputs")
     return taken
 
@@ -109,10 +182,6 @@ def _take(batches: Batches, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _shape(x: object) -> object:
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: LossFn | None) -> None:
@@ -125,22 +194,23 @@ def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: L
         with torch.no_grad():
             reset_states(model)
             try:
-                outputs = model(inputs)
+                outputs = call(model, inputs)
             except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
                 raise ValueError(
-                    f"the model cannot take calibration inputs of shape {_shape(inputs)} "
+                    f"the model cannot take calibration inputs of shape {describe(inputs)} "
                     f"({_first_line(err)}); give it data in the layout it expects"
                 ) from None
             try:
                 loss = (loss_fn or F.cross_entropy)(outputs, targets)
             except (RuntimeError, ValueError, IndexError, TypeError) as err:
                 raise ValueError(
-                    f"the loss cannot compare model outputs of shape {_shape(outputs)} with targets of shape "
-                    f"{_shape(targets)} ({_first_line(err)}); check num_classes and the labels"
+                    f"the loss cannot compare model outputs of shape {describe(outputs)} with targets of "
+                    f"shape {describe(targets)} ({_first_line(err)}); check num_classes and the "
+                    "labels, or pass the model's own loss_fn"
                 ) from None
             if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
                 raise ValueError(
-                    f"the loss on the first calibration batch (inputs {_shape(inputs)}) is not finite; "
+                    f"the loss on the first calibration batch (inputs {describe(inputs)}) is not finite; "
                     "check the model and the data for NaN/Inf"
                 )
     finally:
@@ -192,7 +262,7 @@ def measure_traces(
                 shard=shard,
             )
 
-    digest_hex = data_digest(x for x, _ in calib)
+    digest_hex = data_digest(t for x, _ in calib for t in tensors(x))
     if shard is not None:
         check_same(digest_hex, "the calibration data")
     if config.cache_dir is None:
@@ -212,13 +282,21 @@ def measure_traces(
 
 @dataclass(frozen=True)
 class Analysis:
-    """Per-layer sensitivity of a model: what the allocator needs, reusable across budgets."""
+    """Per-layer sensitivity of a model: what the allocator needs, reusable across budgets.
 
-    table: dict[str, dict[tuple[str, int], float]]
+    ``traces`` are the values the table was built from, after the dead-layer rule; ``dead`` names the
+    layers whose measured trace was exactly zero (:func:`hq_ptq.sensitivity.fill_dead_layers`).
+    ``protected`` layers carry their protected candidate in the table besides the searched ones, so
+    they can be released into the search (``yielding``) when a budget needs it.
+    """
+
+    table: dict[str, dict[Candidate, float]]
     sizes: dict[str, int]
     traces: dict[str, float]
     metric: str
-    protected: dict[str, tuple[str, int]]
+    protected: dict[str, Candidate]
+    yielding: tuple[str, ...] = ()
+    dead: tuple[str, ...] = ()
 
 
 def analyze(
@@ -230,7 +308,10 @@ def analyze(
 ) -> Analysis:
     """Swap the model's layers to hq_ptq quant layers (in place) and score every (scheme, bits) per layer.
 
-    Traces are measured on the float weights before any quantizer is attached.
+    Traces are measured on the float weights before any quantizer is attached. A layer whose trace is
+    exactly zero (no gradient reached it on the calibration data, e.g. a block that never fires) is
+    not an error: it gets the smallest trace of the live layers, a warning names it, and the plan's
+    ``meta["dead_layers"]`` lists it.
     """
     config = config or QuantConfig()
     _check_weights(model)
@@ -239,26 +320,59 @@ def analyze(
     calib = _take(calib_data, config.search.calib_batches) if calib_data is not None else None
     if calib is not None:
         _check_forward(model, calib[0], loss_fn)
-    metric, traces = measure_traces(model, names, calib, loss_fn, config)
+    metric, measured = measure_traces(model, names, calib, loss_fn, config)
+    traces, dead = fill_dead_layers(measured)
+    if dead:
+        warnings.warn(
+            f"{metric} traces are zero for layers {dead}: no gradient reached them on the calibration data "
+            "(neurons that never fire?); they rank as the least sensitive layers",
+            stacklevel=2,
+        )
+    protected = protected_layers(names, config)
     swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
     layers = quant_layers(model)
     table = sensitivity_table({n: layers[n] for n in names}, traces, cands, weight_error)
+    for name, cand in protected.items():  # a protected layer keeps its own candidate whatever is searched
+        if cand not in table[name]:
+            row = sensitivity_table({name: layers[name]}, traces, [cand], weight_error)[name]
+            table[name][cand] = row[cand]
     sizes = {n: layers[n].weight.numel() for n in names}
-    return Analysis(table, sizes, traces, metric, protected_layers(names, config))
+    return Analysis(table, sizes, traces, metric, protected, yielding_layers(names, config), tuple(dead))
 
 
 def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = None) -> Plan:
-    """Allocate (scheme, bits) per layer under ``budget`` from an :class:`Analysis`."""
+    """Allocate (scheme, bits) per layer under ``budget`` from an :class:`Analysis`.
+
+    The searched layers choose among ``config.search.schemes``/``bits``; protected layers keep their own
+    candidate, and default first/last protection yields when it alone would make the budget unreachable
+    (:func:`settle_protection`).
+    """
     config = config or QuantConfig()
     check_budget(budget)
-    plan = allocate(
-        analysis.table, analysis.sizes, budget, method=config.search.method, protected=analysis.protected
+    protected, released = settle_protection(
+        analysis.protected, analysis.yielding, analysis.sizes, budget, config
     )
+    if released:
+        s = config.search
+        warnings.warn(
+            f"holding the first/last layers at {s.protect_scheme} {s.protect_bits} bits would make budget "
+            f"{budget:g} unreachable; {released} are searched like the other layers "
+            "(search.protect_first_last=false says so up front)",
+            stacklevel=2,
+        )
+    allowed = set(candidates(config))
+    table = {
+        name: (row if name in protected else {c: v for c, v in row.items() if c in allowed})
+        for name, row in analysis.table.items()
+    }
+    plan = allocate(table, analysis.sizes, budget, method=config.search.method, protected=protected)
     meta = {
         **plan.meta,
         "metric": analysis.metric,
         "traces": analysis.traces,
-        "protected": sorted(analysis.protected),
+        "protected": sorted(protected),
+        "released": released,
+        "dead_layers": list(analysis.dead),
     }
     return Plan(layers=plan.layers, budget=plan.budget, method=plan.method, meta=meta)
 
@@ -270,27 +384,45 @@ def quantize(
     calib_data: Batches | None = None,
     train_data: Batches | None = None,
     loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
     config: QuantConfig | None = None,
 ) -> nn.Module:
     """Quantize ``model``'s weights in place under an average-bit ``budget`` and return it.
 
     Every Conv1d/Conv2d/Linear matching ``config.include``/``exclude`` gets a uniform or power-of-two Brevitas
     quantizer; the per-layer (scheme, bits) plan minimises Hessian-weighted weight perturbation with the
-    parameter-weighted average bits ≤ ``budget``. With ``train_data``, a short QAT (CE + distillation from the
-    float model) recovers accuracy.
+    parameter-weighted average bits ≤ ``budget``. With ``train_data``, a short QAT (task loss + distillation
+    from the float model) recovers accuracy.
+
+    The call is a transaction: the budget, candidates, data and the model's forward on the first
+    calibration batch are checked before the model is touched, and if anything fails later (or the call
+    is interrupted) the model is put back exactly as it was given: module types, state_dict keys and
+    values, training flags.
 
     Args:
-        model: any nn.Module with Conv/Linear layers, called as ``model(inputs)``.
+        model: any nn.Module with Conv/Linear layers. Batches are ``(inputs, targets)`` and the model is
+            called as :mod:`hq_ptq.model_io` says (tensor → ``model(x)``, tuple → ``model(*x)``, dict →
+            ``model(**x)``). snnTorch neurons are reset (:func:`hq_ptq.snn.reset_states`) before every
+            forward hq_ptq runs, so no membrane carries over between batches.
         budget: parameter-weighted average weight bits over the quantized layers.
         calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
-            is applied, for re-estimating BatchNorm statistics (``config.recalibrate_bn`` batches); without
-            it the data-free weight metric is used and BatchNorm keeps the float model's statistics.
-        train_data: iterable of ``(inputs, targets)`` batches for QAT; without it no fine-tuning.
-        loss_fn: ``loss_fn(outputs, targets)``, cross-entropy by default.
+            is applied, for re-estimating BatchNorm statistics (``config.recalibrate_bn`` batches); drawn
+            once, so a generator is fine. Without it the data-free weight metric is used and BatchNorm
+            keeps the float model's statistics.
+        train_data: iterable of ``(inputs, targets)`` batches for QAT (re-iterated); without it, no QAT.
+        loss_fn: ``loss_fn(outputs, targets)`` for the sensitivity analysis and QAT; cross-entropy by default.
+        output_fn: ``output_fn(outputs) -> [B, classes]`` class scores, used for distillation. Default: the
+            outputs themselves when they are ``[B, classes]``; for any other output distillation is off
+            (with a warning) and QAT uses ``loss_fn`` alone.
         config: search and QAT settings.
 
     Returns:
         The same model, quantized; ``hq_ptq.get_plan(model)`` gives the plan.
+
+    Raises:
+        ValueError: a budget no allowed candidate can reach (the message gives the reachable range and the
+            settings that change it), unknown schemes/bits, no matching layer, empty or non-finite data,
+            inputs the model or outputs the loss cannot take.
 
     Under torch.distributed (e.g. torchrun), give every rank the same ``calib_data`` and ``train_data`` in the
     same order: rank ``r`` of ``N`` computes on batches ``r, r+N, ...``, the sensitivity samples are summed
@@ -300,27 +432,84 @@ def quantize(
         >>> qmodel = hq_ptq.quantize(model, budget=3.5, calib_data=loader, train_data=loader)
     """
     config = config or QuantConfig()
+    # every check that can fail runs before the model is touched
     check_budget(budget)
-    if calib_data is None:
+    candidates(config)
+    _check_weights(model)
+    names = find_layers(model, config.include, config.exclude)
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in names}
+    settle_protection(protected_layers(names, config), yielding_layers(names, config), sizes, budget, config)
+    calib = None
+    if calib_data is not None:
+        calib = _take(calib_data, max(config.search.calib_batches, config.recalibrate_bn))
+        _check_forward(model, calib[0], loss_fn)
+    else:
         warnings.warn(
             "hq_ptq.quantize without calib_data uses the data-free weight metric; pass calib_data for "
             "Hessian-aware sensitivity and train_data for QAT recovery",
             stacklevel=2,
         )
-    teacher = None
-    if train_data is not None and config.qat.steps > 0 and config.qat.distill_weight > 0:
-        # one float copy serves as the distillation teacher; candidates never copy the model
-        teacher = copy.deepcopy(model).eval()
-    analysis = analyze(model, calib_data=calib_data, loss_fn=loss_fn, config=config)
-    plan = search_plan(analysis, budget, config)
-    apply_plan(model, plan)
-    if calib_data is not None and config.recalibrate_bn:
-        recalibrate_bn(model, calib_data, config.recalibrate_bn)
+    qat = train_data is not None and config.qat.steps > 0
+    # one float copy serves as the distillation teacher; candidates never copy the model
+    teacher = detached_copy(model).eval() if qat and config.qat.distill_weight > 0 else None
 
-    if train_data is not None and config.qat.steps > 0:
-        finetune(model, train_data, config.qat, teacher=teacher, loss_fn=loss_fn, seed=config.seed)
+    restore = _snapshot(model)
+    try:
+        analysis = analyze(
+            model,
+            calib_data=calib[: config.search.calib_batches] if calib else None,
+            loss_fn=loss_fn,
+            config=config,
+        )
+        plan = search_plan(analysis, budget, config)
+        apply_plan(model, plan)
+        if calib is not None and config.recalibrate_bn:
+            recalibrate_bn(model, calib, config.recalibrate_bn)
+        if qat:
+            finetune(
+                model,
+                train_data,
+                config.qat,
+                teacher=teacher,
+                loss_fn=loss_fn,
+                output_fn=output_fn,
+                seed=config.seed,
+            )
+    except BaseException:
+        restore()
+        raise
     model.eval()
     return model
+
+
+def _snapshot(model: nn.Module) -> Callable[[], None]:
+    """A function that puts ``model`` back as it is now: module tree (so swapped layers go back to the
+    user's own modules), state_dict values, parameters' requires_grad, training flags and the plan."""
+    children = [(m, dict(m._modules)) for m in model.modules()]
+    training = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    missing = object()
+    plan = model.__dict__.get(PLAN_ATTR, missing)
+
+    def restore() -> None:
+        for module, kids in children:
+            module._modules.clear()
+            module._modules.update(kids)
+        with torch.no_grad():
+            for key, value in model.state_dict(keep_vars=True).items():
+                value.copy_(state[key])
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for module, flag in training:
+            module.training = flag
+        if plan is missing:
+            model.__dict__.pop(PLAN_ATTR, None)
+        else:
+            model.__dict__[PLAN_ATTR] = plan
+        reset_states(model)
+
+    return restore
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -378,7 +567,7 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
         with torch.no_grad(), progress.task("recalibrate BN", total=batches) as update:
             for inputs, _ in itertools.chain([first], it):
                 reset_states(model)
-                model(inputs)
+                call(model, inputs)
                 used += 1
                 update()
                 if used == batches:
@@ -402,7 +591,7 @@ def get_plan(model: nn.Module) -> Plan:
     choices = []
     for name, layer in layers.items():
         scheme, bits = layer_quant(layer)
-        sens = known[name].sensitivity if name in known else float("nan")
+        sens = known[name].sensitivity if name in known else None
         choices.append(
             LayerChoice(name=name, scheme=scheme, bits=bits, params=layer.weight.numel(), sensitivity=sens)
         )

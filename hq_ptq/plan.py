@@ -47,14 +47,15 @@ class LayerChoice:
         scheme: Weight scheme name, e.g. ``"uniform"`` or ``"pot"``.
         bits: Weight bit width (>= 1).
         params: Number of weight parameters of the layer (>= 1).
-        sensitivity: Score Ω of the chosen (scheme, bits) candidate; lower is better.
+        sensitivity: Score Ω of the chosen (scheme, bits) candidate; lower is better. ``None`` when
+            unknown (a hand-made plan), written as JSON ``null``, never NaN.
     """
 
     name: str
     scheme: str
     bits: int
     params: int
-    sensitivity: float
+    sensitivity: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -67,12 +68,16 @@ class LayerChoice:
             raise ValueError(f"layer {self.name!r}: bits must be >= 1, got {bits}")
         if params < 1:
             raise ValueError(f"layer {self.name!r}: params must be >= 1, got {params}")
+        sensitivity = self.sensitivity
         try:
-            sensitivity = float(self.sensitivity)
+            if sensitivity is not None:
+                sensitivity = float(sensitivity)
         except (TypeError, ValueError):
             raise ValueError(
-                f"layer {self.name!r}: sensitivity must be a number, got {self.sensitivity!r}"
+                f"layer {self.name!r}: sensitivity must be a number or None, got {self.sensitivity!r}"
             ) from None
+        if sensitivity is not None and math.isnan(sensitivity):
+            sensitivity = None  # NaN is not JSON; unknown is None
         # Normalise numpy scalars to builtins so the plan is always JSON serialisable.
         object.__setattr__(self, "bits", bits)
         object.__setattr__(self, "params", params)
@@ -146,8 +151,9 @@ class Plan:
 
     @property
     def omega_total(self) -> float:
-        """Σ of the chosen candidates' sensitivities."""
-        return math.fsum(layer.sensitivity for layer in self.layers)
+        """Σ of the chosen candidates' sensitivities (NaN when any is unknown)."""
+        values = [layer.sensitivity for layer in self.layers]
+        return math.nan if None in values else math.fsum(values)
 
     @cached_property
     def by_name(self) -> Mapping[str, LayerChoice]:
@@ -200,8 +206,9 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         """Build a plan from :meth:`to_dict` output.
 
-        ``version`` and ``layers`` are required (each layer needs name, scheme, bits, params,
-        sensitivity); ``budget``, ``method`` and ``meta`` default as in the constructor.
+        ``version`` and ``layers`` are required (each layer needs name, scheme, bits, params; a
+        missing or null sensitivity is unknown); ``budget``, ``method`` and ``meta`` default as in
+        the constructor.
         Derived keys (``avg_bits``, ``total_params``) are recomputed, not read.
 
         Raises:
@@ -223,10 +230,10 @@ class Plan:
         for i, entry in enumerate(raw_layers):
             if not isinstance(entry, Mapping):
                 raise ValueError(f"plan layer {i} must be an object, got {type(entry).__name__}")
-            missing = [k for k in _LAYER_KEYS if k not in entry]
+            missing = [k for k in _LAYER_KEYS if k not in entry and k != "sensitivity"]
             if missing:
                 raise ValueError(f"plan layer {i} ({entry.get('name', '?')!r}) is missing key {missing[0]!r}")
-            layers.append(LayerChoice(**{k: entry[k] for k in _LAYER_KEYS}))
+            layers.append(LayerChoice(**{k: entry[k] for k in _LAYER_KEYS if k in entry}))
         return cls(
             layers=tuple(layers),
             budget=d.get("budget"),

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from hq_ptq.distributed import (
     data_digest,
 )
 from hq_ptq.files import atomic_write
+from hq_ptq.model_io import OutputFn, call, class_scores, describe, tensors
+from hq_ptq.snn import reset_states
 from hq_ptq.train import cosine_lr
 
 log = logging.getLogger(__name__)
@@ -99,7 +102,7 @@ def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[s
 
 def _digest(batch: Any) -> str:
     inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return data_digest([inputs] if isinstance(inputs, torch.Tensor) else [])
+    return data_digest(tensors(inputs))
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -228,6 +231,7 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
     generators: Sequence[torch.Generator] = (),
@@ -241,8 +245,11 @@ def finetune(
         model: a model with hq_ptq quant layers.
         train_data: ``(inputs, targets)`` batches, re-iterated as often as needed.
         config: QAT settings.
-        teacher: float model to distil from.
-        loss_fn: task loss, cross-entropy by default.
+        teacher: float model to distil from (KL on softened class scores). Distillation needs class scores:
+            ``output_fn(outputs)`` when given, else outputs that are ``[B, classes]``; for other outputs
+            (a spike record, a tuple) it is switched off with a warning and the task loss alone trains.
+        loss_fn: task loss ``loss_fn(outputs, targets)``, cross-entropy by default.
+        output_fn: ``outputs -> [B, classes]`` scores for distillation (see :mod:`hq_ptq.model_io`).
         augment: ``augment(inputs)`` applied to every training batch.
         seed: seeds torch's global RNG at the start.
         generators: random generators ``augment`` (or anything else per step) draws from; checkpoints save
@@ -344,13 +351,25 @@ def finetune(
             if augment is not None:
                 # the data distribution the float model was trained on (e.g. its random shifts)
                 inputs = augment(inputs)
-            outputs = net(inputs)
+            # every forward starts from fresh neuron state (the student's and the teacher's)
+            reset_states(model)
+            outputs = call(net, inputs)
             loss = loss_fn(outputs, targets)
             if teacher is not None and config.distill_weight > 0:
-                with torch.no_grad():
-                    teacher_out = teacher(inputs)
-                kd = distillation_loss(outputs, teacher_out, config.temperature)
-                loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+                scores = class_scores(outputs, output_fn)
+                if scores is None:
+                    warnings.warn(
+                        f"QAT distillation is off: the model returns {describe(outputs)}, not [batch, "
+                        "classes] logits; pass output_fn to distil from the float model",
+                        stacklevel=2,
+                    )
+                    teacher = None
+                else:
+                    with torch.no_grad():
+                        reset_states(teacher)
+                        teacher_scores = class_scores(call(teacher, inputs), output_fn)
+                    kd = distillation_loss(scores, teacher_scores, config.temperature)
+                    loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
@@ -372,6 +391,7 @@ def finetune(
             if checkpoint is not None and every and (done % every == 0 or done == config.steps):
                 save(done)
     del net  # drops DDP's gradient hooks
+    reset_states(model)  # no membrane of the last batch (with its graph) stays behind
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in ema:

@@ -347,7 +347,7 @@ def _allocation_figure(plan: Plan):
     handles += [Patch(color=_OTHER_COLOUR, label=s) for s in dict.fromkeys(c.scheme for c in layers)
                 if s not in _SCHEME_COLOURS]
     sens = [(y, c.sensitivity) for y, c in zip(ys, layers)
-            if math.isfinite(c.sensitivity) and c.sensitivity > 0]
+            if c.sensitivity is not None and math.isfinite(c.sensitivity) and c.sensitivity > 0]
     if sens:
         top = ax.twiny()
         top.plot([s for _, s in sens], [y for y, _ in sens], "kD", markersize=4, label="sensitivity Ω")

@@ -34,6 +34,7 @@ from torch import nn
 
 from hq_ptq.distributed import Shard
 from hq_ptq.files import atomic_write_text
+from hq_ptq.model_io import call, map_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ def _analysis_mode(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterato
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor) and x.device != device:
-        return x.to(device)
-    return x
+    return map_tensors(x, lambda t: t if t.device == device else t.to(device))
 
 
 def _batch_loss(
@@ -144,7 +143,7 @@ def _batch_loss(
         ) from None
     if reset is not None:
         reset(model)
-    outputs = model(_to_device(inputs, device))
+    outputs = call(model, _to_device(inputs, device))
     loss = loss_fn(outputs, _to_device(targets, device))
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError("loss_fn must return a scalar tensor; reduce it (e.g. mean) over the batch")
@@ -161,12 +160,6 @@ def _check_traces(traces: Mapping[str, float], metric: str) -> None:
     if bad_nan:
         raise ValueError(
             f"{metric} traces are non-finite for layers {bad_nan}; check the loss and inputs for NaN/inf"
-        )
-    bad_zero = [n for n, t in traces.items() if t == 0.0]
-    if bad_zero:
-        raise ValueError(
-            f"{metric} traces are zero for layers {bad_zero}: no gradient reaches them; drop them "
-            "from `layers` or check the forward (detach, no_grad, zero-curvature surrogate)"
         )
 
 
@@ -390,10 +383,11 @@ def hutchinson_traces(
         shard: data-parallel rank; ``batches`` are then this rank's share (see :func:`hutchinson_estimates`).
 
     Returns:
-        ``{name: trace}``, all finite and > 0.
+        ``{name: trace}``, all finite and >= 0; exactly 0 where no gradient reached a layer (see
+        :func:`fill_dead_layers` for how hq_ptq treats those).
 
     Raises:
-        ValueError: a layer's estimate is non-finite or exactly zero (no gradient reached it).
+        ValueError: a layer's estimate is non-finite.
     """
     est = hutchinson_estimates(
         model,
@@ -448,7 +442,7 @@ def fisher_traces(
     added in batch order, so every rank returns the single-process result.
 
     Raises:
-        ValueError: a layer's value is non-finite or zero (no gradient reached it).
+        ValueError: a layer's value is non-finite (a layer no gradient reached gets exactly 0).
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     weights = _layer_weights(layers)
@@ -480,6 +474,32 @@ def fisher_traces(
     traces = {n: float(total[i]) / n_batches for i, n in enumerate(names)}
     _check_traces(traces, "fisher")
     return traces
+
+
+# A trace this far below the largest one is a zero up to round-off: e.g. a surrogate gradient of 1e-13
+# reaching a layer behind neurons that sit 1e6 below threshold, or second-order noise of a zero input.
+DEAD_RELATIVE = 1e-9
+
+
+def fill_dead_layers(traces: Mapping[str, float]) -> tuple[dict[str, float], list[str]]:
+    """The rule for dead layers, whose trace is zero (or below ``DEAD_RELATIVE`` × the largest trace):
+    returns ``(traces, dead)``.
+
+    A zero trace means no gradient reached the layer on the calibration data, which in spiking models
+    is common: a block whose neurons never fire passes no input to the next layer and (almost) no
+    surrogate gradient to the previous one. That is a measurement (the layer did not matter on this
+    data), not an error, but a zero would make every candidate of the layer free and send it to the
+    fewest bits, although it may fire on other inputs. So a dead layer gets the smallest trace measured
+    on a live layer: it ranks as the least sensitive layer, and its candidates are still ordered by
+    their weight error. When no layer is live, every trace becomes 1.0, the data-free weight metric.
+    """
+    top = max(traces.values(), default=0.0)
+    dead = [n for n, t in traces.items() if t <= DEAD_RELATIVE * top]
+    if not dead:
+        return dict(traces), dead
+    live = [t for n, t in traces.items() if n not in dead]
+    floor = min(live) if live else 1.0
+    return {n: (floor if n in dead else t) for n, t in traces.items()}, dead
 
 
 def weight_traces(layers: Mapping[str, nn.Module]) -> dict[str, float]:

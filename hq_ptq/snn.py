@@ -8,6 +8,7 @@ list, which spans every network ever built in the process (snnTorch issues #438/
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import os
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "detached_copy",
     "BACKEND_ENV",
     "MultiStepLeaky",
     "TimeFolded",
@@ -351,16 +353,29 @@ def spiking_neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_spiking_neuron(m)]
 
 
+def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """Tensors held by ``model``'s modules (buffers and plain attributes, e.g. snnTorch's ``Leaky.reset``)
+    that still carry an autograd graph: state left behind by the last forward."""
+    for module in model.modules():
+        for key, value in list(module._buffers.items()) + list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                yield module, key, value
+
+
 def reset_states(model: nn.Module) -> int:
     """Zero and detach the hidden state of every snnTorch neuron inside ``model``, per instance.
 
-    Works for neurons built with ``init_hidden=True`` (``Leaky``, ``Synaptic``, ``Alpha``, ``RLeaky``,
-    ...): each one's own ``reset_mem()`` replaces its state buffers (``mem``, ``syn``, ``spk``, ...)
-    with fresh zero tensors, which also cuts the autograd graph of the previous batch. Only modules
-    reachable through ``model.modules()`` are touched, never other networks.
+    The one state rule of hq_ptq: every forward it runs (calibration, sensitivity, BatchNorm
+    re-estimation, QAT student and teacher, evaluation, export) starts from here. It reaches every
+    neuron found through ``model.modules()``, whether built with ``init_hidden=True`` or driven with
+    explicit membranes, registered in snnTorch's class-level ``instances`` list or not (a deep copy is
+    not: ``snntorch.utils.reset`` misses it). Each neuron's own ``reset_mem()`` replaces its state
+    (``mem``, ``syn``, ``spk``, ...) with fresh zeros; any other tensor a module still holds with an
+    autograd graph (e.g. ``Leaky.reset``, or a membrane an ``init_hidden=False`` forward left in the
+    ``mem`` buffer) is detached, so the previous batch's graph is freed and the model can be deep-copied.
 
     Args:
-        model: any module tree.
+        model: any module tree; other networks are never touched.
 
     Returns:
         The number of neurons reset.
@@ -370,7 +385,24 @@ def reset_states(model: nn.Module) -> int:
         if isinstance(module, SpikingNeuron) and callable(getattr(module, "reset_mem", None)):
             module.reset_mem()
             count += 1
+    with torch.no_grad():
+        for module, key, value in _graph_tensors(model):
+            setattr(module, key, value.detach())
     return count
+
+
+def detached_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every neuron's state reset, safe right after a training step.
+
+    ``copy.deepcopy`` refuses a tensor that carries an autograd graph ("Only Tensors created explicitly by
+    the user support the deepcopy protocol"), which an snnTorch neuron holds after a forward with grad.
+    Those tensors are copied detached, and the copy's neurons are reset (:func:`reset_states`); the
+    original model is not changed at all.
+    """
+    memo = {id(t): t.detach().clone() for _, _, t in _graph_tensors(model)}
+    clone = copy.deepcopy(model, memo)
+    reset_states(clone)
+    return clone
 
 
 @contextmanager
@@ -472,7 +504,9 @@ def _convert_children(module: nn.Module, backend: str | None) -> None:
             setattr(module, name, new)
 
 
-def to_multistep(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+def to_multistep(
+    model: nn.Module, *, backend: str | None = None, example_input: torch.Tensor | None = None
+) -> nn.Module:
     """Swap every ``snn.Leaky`` of a per-step snnTorch model for a :class:`MultiStepLeaky`, in place.
 
     The calling convention changes from one call per time step to one call per sequence::
@@ -493,19 +527,32 @@ def to_multistep(model: nn.Module, *, backend: str | None = None) -> nn.Module:
       either way;
     * state_dict keys gain ``.lif`` (neurons) and ``.module`` (folded layers);
     * modules with their own ``forward`` get their ``snn.Leaky`` swapped but nothing folded: such a
-      forward must itself accept ``[T, B, ...]`` (Linear does; wrap convs in ``TimeFolded``).
+      forward must itself accept ``[T, B, ...]`` (Linear does; wrap convs in ``TimeFolded``). Since
+      hq_ptq cannot read that forward, a Leaky inside one is converted only with an ``example_input``
+      that proves the conversion: see below.
+
+    With ``example_input`` (``[T, B, ...]``) the conversion is checked on it: the model is first run
+    step by step (``model(x[t])`` for every t, from reset neurons, in eval mode), then converted and run
+    once; the outputs must agree (within 1e-5), else the conversion is undone and refused. A model that
+    calls a neuron more than once per call (it runs its own time loop) is refused before anything
+    changes.
 
     Args:
         model: an snnTorch model built from ``nn.Sequential`` and ``snn.Leaky(init_hidden=True)``,
             or a bare ``snn.Leaky``.
         backend: the LIF backend of the new layers (``None``: :func:`get_lif_backend`).
+        example_input: a ``[T, B, ...]`` probe on which the converted model must reproduce the step-wise
+            one; required when a Leaky sits inside a module with its own ``forward``.
 
     Returns:
         ``model``, converted (a bare Leaky comes back as a new ``MultiStepLeaky``).
 
     Raises:
         ValueError: the model has no ``snn.Leaky``, or holds another snnTorch neuron, or a Leaky with
-            ``init_hidden=False`` (its time loop is the model's own code).
+            ``init_hidden=False`` (its time loop is the model's own code), or a Leaky inside a custom
+            ``forward`` without ``example_input``, or the model runs its own time loop, or the converted
+            model's outputs differ from the step-wise ones on ``example_input`` (the model is then left
+            as it was).
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(2, 8, 3), snn.Leaky(0.9, init_hidden=True), nn.Flatten(),
@@ -518,7 +565,127 @@ def to_multistep(model: nn.Module, *, backend: str | None = None) -> nn.Module:
     if not any(isinstance(m, snn.Leaky) for m in model.modules()):
         raise ValueError(f"to_multistep found no snn.Leaky in {type(model).__name__}; nothing to convert")
     _check_convertible(model, "")
-    return _multistep_child(model, False, backend)
+    hidden = _behind_custom_forward(model)
+    if example_input is None:
+        if hidden:
+            raise ValueError(
+                f"{hidden[0]} is an snn.Leaky inside a module with its own forward, which to_multistep "
+                "cannot read (it may loop over time itself); pass example_input=x ([T, B, ...]) to check "
+                "the conversion on it, or keep the model step-wise"
+            )
+        return _multistep_child(model, False, backend)
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError("example_input must be a time-first tensor [T, B, ...]")
+    reference = _stepwise_outputs(model, example_input)
+    converted = _multistep_child(model, False, backend)
+    try:
+        with _eval_mode(converted), torch.no_grad():
+            got = converted(example_input)
+        same = _same_outputs(got, reference)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        same, reason = False, f"the converted model fails on it ({str(err).strip().splitlines()[0][:200]})"
+    else:
+        reason = "the converted model's outputs differ from the step-wise model's"
+    if not same:
+        restored = to_stepwise(converted)
+        raise ValueError(
+            f"to_multistep refused {type(restored).__name__}: on example_input {tuple(example_input.shape)} "
+            f"{reason}; the model is left step-wise"
+        )
+    return converted
+
+
+def _behind_custom_forward(model: nn.Module) -> list[str]:
+    """Names of the snn.Leaky layers reached through a module whose ``forward`` is its own code (anything
+    but ``nn.Sequential``), where to_multistep cannot tell how the neuron is driven."""
+    found: list[str] = []
+
+    def walk(module: nn.Module, name: str, transparent: bool) -> None:
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, (MultiStepLeaky, TimeFolded)):
+                continue
+            if isinstance(child, snn.Leaky):
+                if not transparent:
+                    found.append(full)
+            else:
+                walk(child, full, transparent and isinstance(child, nn.Sequential))
+
+    walk(model, "", isinstance(model, nn.Sequential))
+    return found
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _stepwise_outputs(model: nn.Module, x: torch.Tensor) -> object:
+    """The per-step model's outputs over ``x`` (``model(x[t])`` for every t from reset neurons), stacked
+    over time; refuses a model that calls a neuron more than once per call (its own time loop)."""
+    calls: dict[str, int] = {}
+    hooks = [
+        m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, m in model.named_modules()
+        if isinstance(m, snn.Leaky)
+    ]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            reset_states(model)
+            steps = []
+            for x_t in x.unbind(0):
+                calls.clear()
+                try:
+                    steps.append(model(x_t))
+                except (RuntimeError, ValueError, TypeError, IndexError) as err:
+                    raise ValueError(
+                        f"to_multistep: the step-wise model cannot take one time step of example_input, "
+                        f"shape {tuple(x_t.shape)} ({str(err).strip().splitlines()[0][:200]}); give "
+                        "example_input as [T, B, ...] of what the model takes per step"
+                    ) from None
+                looped = sorted(n for n, c in calls.items() if c > 1)
+                if looped:
+                    raise ValueError(
+                        f"to_multistep refused {type(model).__name__}: it calls {looped[0]} "
+                        f"{calls[looped[0]]} times per call, i.e. it runs its own time loop; hq_ptq "
+                        "quantizes it as it is (no conversion needed)"
+                    )
+    finally:
+        for h in hooks:
+            h.remove()
+        reset_states(model)
+    return _stack(steps)
+
+
+def _stack(steps: list) -> object:
+    first = steps[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(steps)
+    if isinstance(first, (tuple, list)):
+        return type(first)(_stack([s[i] for s in steps]) for i in range(len(first)))
+    raise ValueError(f"to_multistep can check tensor or tuple outputs only, got {type(first).__name__}")
+
+
+def _same_outputs(got: object, want: object) -> bool:
+    if isinstance(want, torch.Tensor):
+        return (
+            isinstance(got, torch.Tensor)
+            and got.shape == want.shape
+            and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+        )
+    if isinstance(want, (tuple, list)):
+        return (
+            isinstance(got, (tuple, list))
+            and len(got) == len(want)
+            and all(_same_outputs(g, w) for g, w in zip(got, want, strict=True))
+        )
+    return False
 
 
 def to_stepwise(model: nn.Module) -> nn.Module:

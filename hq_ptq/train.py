@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from hq_ptq import progress
+from hq_ptq.model_io import OutputFn, call, class_scores, describe
+from hq_ptq.snn import reset_states
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +72,43 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, *, description: str = "evaluate") -> float:
-    """Top-1 accuracy (0..1) of ``model(inputs)`` over ``batches``; restores the training flag."""
+def evaluate(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    output_fn: OutputFn | None = None,
+    description: str = "evaluate",
+) -> float:
+    """Top-1 accuracy (0..1) of ``model`` over ``batches``; restores the training flag.
+
+    The model is called as :func:`hq_ptq.model_io.call` describes and its outputs are read as ``[B, classes]``
+    scores through ``output_fn`` (default: the outputs themselves). Spiking neurons are reset before every
+    batch, so no membrane carries over from one batch to the next.
+
+    Raises:
+        ValueError: no samples, or outputs that are not ``[B, classes]`` scores and no ``output_fn``.
+    """
     was_training = model.training
     model.eval()
     correct = total = 0
     n = len(batches) if hasattr(batches, "__len__") else None
-    with progress.task(description, total=n) as update:
-        for inputs, targets in batches:
-            correct += (model(inputs).argmax(-1) == targets).sum().item()
-            total += targets.numel()
-            update()
-    model.train(was_training)
+    try:
+        with progress.task(description, total=n) as update:
+            for inputs, targets in batches:
+                reset_states(model)
+                outputs = call(model, inputs)
+                scores = class_scores(outputs, output_fn)
+                if scores is None:
+                    raise ValueError(
+                        f"accuracy needs [batch, classes] scores but the model returns {describe(outputs)}; "
+                        "pass output_fn (e.g. lambda spk: spk.sum(0) for a [T, B, classes] spike record)"
+                    )
+                correct += (scores.argmax(-1) == targets).sum().item()
+                total += targets.numel()
+                update()
+    finally:
+        reset_states(model)
+        model.train(was_training)
     if total == 0:
         raise ValueError("evaluate got no samples")
     return correct / total

@@ -66,8 +66,14 @@ def test_budget_out_of_range():
     analysis = analyze(_net(), calib_data=_batches(), config=config)
     for bad in (0, -1.0, float("nan"), float("inf"), 33, "4"):
         _fails(r"budget must be a number of average weight bits in \(0, 32\]", search_plan, analysis, bad)
-    # in range but below what the candidates allow (first and last layer are protected at 8 bits)
-    _fails(r"budget 1.5 average bits is unreachable: these candidates allow \[", search_plan, analysis, 1.5)
+    # in range but below what the candidates allow (2 bits, once the first/last protection has yielded)
+    _fails(
+        r"budget 1.5 average bits is unreachable: schemes \['uniform', 'pot'\] with all their bit widths "
+        r"reach \[2, 8\] average bits; raise the budget or change search.bits",
+        search_plan,
+        analysis,
+        1.5,
+    )
     _fails("budget must be a number", hq_ptq.quantize, _net(), 40, calib_data=_batches())
 
 

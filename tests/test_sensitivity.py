@@ -14,6 +14,7 @@ from torch.func import functional_call
 from hq_ptq.sensitivity import (
     cached_traces,
     compute_traces,
+    fill_dead_layers,
     fingerprint,
     fisher_traces,
     hutchinson_estimates,
@@ -192,12 +193,22 @@ class _WithDeadLayer(nn.Module):
 
 @pytest.mark.parametrize("dead", ["unused", "detached", "zeroed"])
 @pytest.mark.parametrize("metric", ["hessian", "fisher"])
-def test_layer_without_gradient_raises(metric, dead):
+def test_layer_without_gradient_measures_zero(metric, dead):
+    # a layer no gradient reaches is a measurement (0), not an error; the caller applies fill_dead_layers
     model = _WithDeadLayer()
     layers = {"fc": model.fc, dead: getattr(model, dead)}
     kwargs = {"max_samples": 8} if metric == "hessian" else {}
-    with pytest.raises(ValueError, match=f"zero for layers \\['{dead}'\\]"):
-        compute_traces(metric, model, layers, _mlp_batches(1), **kwargs)
+    traces = compute_traces(metric, model, layers, _mlp_batches(1), **kwargs)
+    assert traces[dead] == 0.0 and traces["fc"] > 0
+
+
+def test_fill_dead_layers_gives_the_smallest_live_trace():
+    traces, dead = fill_dead_layers({"a": 0.5, "b": 0.0, "c": 2.0, "d": 0.0})
+    assert dead == ["b", "d"]
+    assert traces == {"a": 0.5, "b": 0.5, "c": 2.0, "d": 0.5}
+    assert fill_dead_layers({"a": 0.0, "b": 0.0}) == ({"a": 1.0, "b": 1.0}, ["a", "b"])
+    assert fill_dead_layers({"a": 3.0}) == ({"a": 3.0}, [])
+    assert fill_dead_layers({"a": 1.0, "b": 1e-10, "c": 1e-8}) == ({"a": 1.0, "b": 1e-8, "c": 1e-8}, ["b"])
 
 
 def test_only_dead_layers_raise_before_sampling():

@@ -1,0 +1,376 @@
+"""Models hq_ptq has never seen: neuron state, dead layers, budgets the defaults make hard, failed calls that
+must leave the model untouched, outputs that are not logits, and models to_multistep must refuse.
+
+Each test names the problem of issue [G] it pins down; every one of them failed before the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import warnings
+
+import pytest
+import snntorch as snn
+import torch
+import torch.nn.functional as F
+from snntorch import functional as SF
+from snntorch import utils
+from torch import nn
+
+import hq_ptq
+from hq_ptq import api
+from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.snn import detached_copy, reset_states, to_multistep
+from hq_ptq.swap import quant_layers
+
+T = 3
+
+
+class OwnLoopNet(nn.Module):
+    """Static image in, its own time loop over init_hidden neurons reset with ``utils.reset``, [B, C] out."""
+
+    def __init__(self, classes: int = 4, dead: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.lif1 = snn.Leaky(beta=0.7, init_hidden=True)
+        self.hidden = nn.Linear(6 * 16, 12)
+        # a block whose neurons never fire on this data: no gradient reaches `hidden`
+        self.lif2 = snn.Leaky(beta=0.7, threshold=1e6 if dead else 1.0, init_hidden=True)
+        self.skip = nn.Linear(6 * 16, classes)
+        self.fc = nn.Linear(12, classes)
+        self.lif3 = snn.Leaky(beta=0.7, init_hidden=True, output=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        utils.reset(self)  # snnTorch's class-level reset: misses deep copies
+        counts = 0
+        for _ in range(T):
+            s = self.lif1(F.avg_pool2d(self.conv(x), 2)).flatten(1)
+            spk, mem = self.lif3(self.fc(self.lif2(self.hidden(s))) + self.skip(s))
+            counts = counts + mem
+        return counts / T
+
+
+class StatefulNet(nn.Module):
+    """init_hidden neurons that the model never resets itself: state would carry across batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.lif = snn.Leaky(beta=0.9, init_hidden=True)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(self.lif(self.fc2(self.lif(self.fc1(x)) * 1.0)))
+
+
+def _images(n: int = 4, seed: int = 0, classes: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(6, 1, 8, 8, generator=g) * 3, torch.randint(0, classes, (6,), generator=g))
+            for _ in range(n)]
+
+
+def _vectors(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(5, 8, generator=g) * 2, torch.randint(0, 4, (5,), generator=g)) for _ in range(n)]
+
+
+def _config(**qat) -> QuantConfig:
+    return QuantConfig(search=SearchConfig(metric="fisher", calib_batches=2), qat=QATConfig(**qat),
+                       recalibrate_bn=2)
+
+
+def _state(model: nn.Module) -> tuple[list, dict, list]:
+    return ([(n, type(m)) for n, m in model.named_modules()],
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()])
+
+
+def _assert_untouched(model: nn.Module, before: tuple[list, dict, list]) -> None:
+    types, state, flags = _state(model)
+    assert types == before[0]
+    assert list(state) == list(before[1])
+    assert all(torch.equal(state[k], before[1][k]) for k in state)
+    assert flags == before[2]
+    assert not hasattr(model, api.PLAN_ATTR)
+
+
+# ------------------------------------------------------------------------------------------ 1. state
+
+
+def test_copy_right_after_a_training_step():
+    model = StatefulNet()
+    x, y = _vectors(1)[0]
+    F.cross_entropy(model(x), y).backward()  # the neuron now holds a membrane with its graph
+    with pytest.raises(RuntimeError, match="graph leaves"):
+        copy.deepcopy(model)
+    clone = detached_copy(model)
+    assert clone.lif.mem.grad_fn is None and not clone.lif.mem.any()
+    assert model.lif.mem.grad_fn is not None  # the original is not touched
+    # and the one-liner with QAT (which copies the model as its teacher) runs on it
+    hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), config=_config(steps=2))
+
+
+def test_reset_states_reaches_deep_copies():
+    model = OwnLoopNet()
+    clone = copy.deepcopy(model)  # not in snnTorch's class-level instance list
+    a, b = _images(2)
+    with torch.no_grad():
+        clone(a[0])  # leaves membranes behind that utils.reset(self) inside forward cannot reach
+        carried = clone(b[0])
+        reset_states(clone)
+        fresh = clone(b[0])
+        want = model(b[0])
+    assert not torch.allclose(carried, want)
+    torch.testing.assert_close(fresh, want, rtol=0, atol=0)
+
+
+def test_qat_starts_every_forward_from_reset_neurons():
+    model = StatefulNet()
+    teacher_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    stale: list[float] = []
+
+    def check_student(module, _inputs):
+        stale.append(float(module.lif.mem.abs().sum()))
+
+    real_copy = detached_copy
+
+    def recording_copy(m):
+        teacher = real_copy(m)
+        teacher.register_forward_hook(lambda _m, i, o: teacher_calls.append((i[0], o.detach().clone())))
+        recording_copy.teacher = teacher
+        return teacher
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "detached_copy", recording_copy)
+        model.register_forward_pre_hook(check_student)
+        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), config=_config(steps=6))
+    assert stale and max(stale) == 0.0  # every student forward found zero membranes
+    teacher = recording_copy.teacher
+    assert len(teacher_calls) == 6
+    for inputs, outputs in list(teacher_calls):  # the teacher's answers are those of a fresh float model
+        reset_states(teacher)
+        with torch.no_grad():
+            torch.testing.assert_close(teacher(inputs), outputs, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ 2. dead layers
+
+
+@pytest.mark.parametrize("metric", ["hessian", "fisher"])
+def test_a_layer_that_never_fires_does_not_abort_the_run(metric):
+    torch.manual_seed(0)
+    model = OwnLoopNet(dead=True)
+    config = QuantConfig(search=SearchConfig(metric=metric, calib_batches=2, max_samples=8))
+    # `fc` sees only zero spikes; `hidden` gets a surrogate gradient of ~1e-13 through the silent neurons
+    with pytest.warns(UserWarning, match=r"zero for layers \['hidden', 'fc'\]"):
+        hq_ptq.quantize(model, 4.0, calib_data=_images(), config=config)
+    plan = hq_ptq.get_plan(model)
+    assert plan.meta["dead_layers"] == ["hidden", "fc"]
+    traces = plan.meta["traces"]
+    assert traces["hidden"] == traces["fc"] == min(traces["conv"], traces["skip"]) > 0  # the documented rule
+    assert plan.avg_bits <= 4.0
+
+
+# ------------------------------------------------------------------------------------------ 3. budgets
+
+
+class HeavyHead(nn.Module):
+    """The tutorial CSNN's shape of problem: the last Linear holds most of the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+        self.fc3 = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 64)
+        self.lif = snn.Leaky(beta=0.9, init_hidden=True)
+
+    def forward(self, x):
+        return self.head(self.lif(self.fc3(self.fc2(self.fc1(x)))))
+
+
+def test_protection_yields_when_it_alone_makes_the_budget_unreachable():
+    model = HeavyHead()
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)]
+    assert model.head.weight.numel() / sum(sizes) > 0.4
+    with pytest.warns(UserWarning, match=r"\['head'\] are searched like the other layers"):
+        hq_ptq.quantize(model, 3.5, calib_data=_vectors())
+    plan = hq_ptq.get_plan(model)
+    assert plan.avg_bits <= 3.5
+    assert plan.meta["released"] == ["head"] and plan.meta["protected"] == ["fc1"]
+    assert (plan["fc1"].scheme, plan["fc1"].bits) == ("uniform", 8)
+
+
+def test_a_budget_error_names_the_knobs_and_the_range():
+    model = HeavyHead()
+    config = QuantConfig(search=SearchConfig(protect=("head",)))  # asked for: never yields
+    with pytest.raises(ValueError) as info:
+        hq_ptq.quantize(model, 3.0, config=config)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for knob in ("search.bits", "search.schemes", "search.protect", "protect_first_last", "protect_bits"):
+        assert knob in msg
+    assert re.search(r"reach \[[0-9.]+, 8\] average bits", msg)
+
+
+@pytest.mark.parametrize("search", [{"schemes": ("pot",)}, {"bits": (2, 3, 4)}])
+def test_scheme_and_bit_restrictions_apply_to_searched_layers_only(search):
+    model = OwnLoopNet()
+    hq_ptq.quantize(model, 3.5, calib_data=_images(), config=QuantConfig(search=SearchConfig(**search)))
+    plan = hq_ptq.get_plan(model)
+    for c in plan.layers:
+        if c.name in plan.meta["protected"]:
+            assert (c.scheme, c.bits) == ("uniform", 8)
+        elif "schemes" in search:
+            assert c.scheme == "pot"
+        else:
+            assert c.bits in (2, 3, 4)
+    assert plan.avg_bits <= 3.5
+
+
+def _boom(*_a, **_k):
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    "stage",
+    ["budget", "data", "analyze", "search", "apply", "recalibrate", "qat", "interrupt"],
+)
+def test_a_failed_quantize_leaves_the_model_exactly_as_given(stage, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), snn.Leaky(0.9, init_hidden=True),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model.train()
+    before = _state(model)
+    budget, data, error = 4.0, _vectors(), RuntimeError
+    if stage == "budget":
+        budget, error = 1.0, ValueError
+    elif stage == "data":
+        data, error = [(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))], ValueError
+    elif stage == "analyze":
+        monkeypatch.setattr(api, "sensitivity_table", _boom)
+    elif stage == "search":
+        monkeypatch.setattr(api, "allocate", _boom)
+    elif stage == "apply":
+        monkeypatch.setattr(api, "set_layer_quant", _boom)
+    elif stage == "recalibrate":
+        monkeypatch.setattr(api, "recalibrate_bn", _boom)
+    elif stage == "qat":
+        def nan_in_training(out, y):  # QAT trains in train mode; the analysis runs in eval mode
+            return F.cross_entropy(out, y) * (math.nan if model.training else 1.0)
+        error = FloatingPointError
+    train = _vectors(seed=1)
+    if stage == "interrupt":
+        def interrupted(first=train[0]):
+            yield first
+            raise KeyboardInterrupt
+        train, error = interrupted(), KeyboardInterrupt
+    loss = nan_in_training if stage == "qat" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error):
+            hq_ptq.quantize(model, budget, calib_data=data, train_data=train, loss_fn=loss,
+                            config=_config(steps=4))
+    _assert_untouched(model, before)
+    # the user's float checkpoint still loads into it
+    model.load_state_dict(before[1])
+
+
+# ------------------------------------------------------------------------------------------ 4. outputs
+
+
+class SpikeRecordNet(nn.Module):
+    """The snnTorch tutorial's output: a [T, B, classes] spike record, trained with a count loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), snn.Leaky(0.9, init_hidden=True), nn.Linear(16, 16),
+                                 snn.Leaky(0.9, init_hidden=True), nn.Linear(16, 4),
+                                 snn.Leaky(0.9, init_hidden=True, output=True))
+
+    def forward(self, x):
+        utils.reset(self.net)
+        return torch.stack([self.net(x * (t + 1) / T)[0] for t in range(T)])
+
+
+def test_distillation_is_off_for_outputs_that_are_not_logits():
+    loss = SF.mse_count_loss(correct_rate=0.8, incorrect_rate=0.2)
+    model = SpikeRecordNet()
+    with pytest.warns(UserWarning, match=r"distillation is off: the model returns \(3, 5, 4\)"):
+        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), loss_fn=loss,
+                        config=_config(steps=3))
+    model = SpikeRecordNet()
+    with warnings.catch_warnings(record=True) as caught:  # with output_fn: distilled, no such warning
+        warnings.simplefilter("always")
+        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), loss_fn=loss,
+                        output_fn=lambda spk: spk.sum(0), config=_config(steps=3))
+    assert not [w for w in caught if "distillation" in str(w.message)]
+
+
+def test_evaluate_reads_scores_through_output_fn():
+    from hq_ptq.train import evaluate
+
+    model = SpikeRecordNet()
+    with pytest.raises(ValueError, match="pass output_fn"):
+        evaluate(model, _vectors())
+    acc = evaluate(model, _vectors(), output_fn=lambda spk: spk.sum(0))
+    assert 0.0 <= acc <= 1.0
+
+
+# ------------------------------------------------------------------------------------------ 6. to_multistep
+
+
+def test_to_multistep_refuses_a_model_with_its_own_time_loop():
+    model = OwnLoopNet()
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match="lif1 is an snn.Leaky inside a module with its own forward"):
+        to_multistep(model)
+    with pytest.raises(ValueError, match="runs its own time loop"):
+        to_multistep(model, example_input=torch.rand(T, 2, 1, 8, 8))
+    assert list(model.state_dict()) == keys and isinstance(model.lif1, snn.Leaky)
+
+
+def test_to_multistep_checks_a_custom_forward_on_the_probe():
+    class Flipped(nn.Module):  # fine per step (flips the batch), wrong over [T, B, ...] (flips time)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.lif = snn.Leaky(0.9, init_hidden=True)
+
+        def forward(self, x):
+            return self.lif(self.fc(x).flip(0))
+
+    good = nn.Sequential(nn.Linear(4, 3), snn.Leaky(0.9, init_hidden=True))
+    x = torch.rand(4, 2, 4) * 3
+    wrapped = nn.Sequential(good)
+    assert to_multistep(wrapped, example_input=x) is wrapped
+    bad = Flipped()
+    with pytest.raises(ValueError, match="outputs differ from the step-wise model's"):
+        to_multistep(bad, example_input=x)
+    assert isinstance(bad.lif, snn.Leaky)  # conversion undone
+
+
+# ------------------------------------------------------------------------------------------ 7. smaller
+
+
+def test_one_shot_generator_serves_analysis_and_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    batches = _vectors(4)
+    hq_ptq.quantize(model, 4.0, calib_data=(b for b in batches), config=_config())
+    assert model[1].num_batches_tracked.item() == 2  # re-estimated on the batches drawn once
+
+
+def test_get_plan_of_a_hand_made_plan_is_valid_json():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    hq_ptq.apply_plan(model, Plan((LayerChoice("0", "pot", 4, 128), LayerChoice("2", "uniform", 3, 64))))
+    model.__dict__.pop(api.PLAN_ATTR)
+    text = json.dumps(hq_ptq.get_plan(model).to_dict(), allow_nan=False)
+    assert json.loads(text)["layers"][0]["sensitivity"] is None
+    assert len(quant_layers(model)) == 2
