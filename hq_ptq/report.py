@@ -252,6 +252,17 @@ def _markdown(
     ]
     if "ptq_accuracy" in results:
         facts.append(f"- accuracy before fine-tuning (PTQ only): {_pct(_first(results, ('ptq_accuracy',)))}")
+    meta = plan.meta if isinstance(plan.meta, Mapping) else {}
+    if meta.get("dead_layers"):
+        facts.append(
+            "- dead layers (trace zero on the calibration data, ranked least sensitive): "
+            + ", ".join(f"`{_cell(n)}`" for n in meta["dead_layers"])
+        )
+    if meta.get("released"):
+        facts.append(
+            "- protection released to reach the budget (searched like the other layers): "
+            + ", ".join(f"`{_cell(n)}`" for n in meta["released"])
+        )
     if energy is not None:
         t = energy.totals()
         facts.append(

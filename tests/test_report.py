@@ -92,7 +92,7 @@ def test_full_report(tmp_path: Path):
 
 
 def test_minimal_report_with_unknown_scores(tmp_path: Path):
-    # get_plan on a model without a stored plan gives NaN sensitivities: still strict JSON and a plot
+    # unknown sensitivities (NaN normalised to None, as get_plan gives them): still strict JSON and a plot
     plan = Plan(tuple(LayerChoice(c.name, c.scheme, 4, c.params, float("nan")) for c in LAYERS),
                 method="manual")
     paths = write_report(tmp_path, plan=plan, results={})
@@ -103,6 +103,15 @@ def test_minimal_report_with_unknown_scores(tmp_path: Path):
     assert doc["summary"]["fp_accuracy"] is None
     assert _png_size(paths["allocation"])[0] > 300
     assert "None: the search put every layer below 6 bits" in paths["md"].read_text(encoding="utf-8")
+
+
+def test_report_lists_dead_and_released_layers(tmp_path: Path):
+    plan = Plan(LAYERS, budget=3.5, meta={"dead_layers": ["fc1"], "released": ["head"]})
+    md = write_report(tmp_path, plan=plan, results={})["md"].read_text(encoding="utf-8")
+    assert "- dead layers (trace zero on the calibration data, ranked least sensitive): `fc1`" in md
+    assert "- protection released to reach the budget (searched like the other layers): `head`" in md
+    plain = write_report(tmp_path / "b", plan=PLAN, results={})["md"].read_text(encoding="utf-8")
+    assert "dead layers" not in plain and "released" not in plain
 
 
 def test_rewriting_replaces_files(tmp_path: Path):
