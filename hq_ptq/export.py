@@ -7,21 +7,41 @@ exactly. Spiking neurons become plain ONNX ops (the Heaviside spike is ``Greater
 ``Quant`` rewritten to QuantizeLinear → Clip → DequantizeLinear (QCDQ) and the PoT weights folded to
 float constants holding the PoT values (onnxruntime has no ``FloatQuant``).
 
+The model is exported as it is called (see :mod:`hq_ptq.model_io`): ``example_input`` is whatever the
+model takes, a tensor of any rank and layout (``[T, B, C, H, W]``, a static ``[B, C, H, W]`` image for a
+model that loops over time itself, a ``[B, L, F]`` sequence), a tuple/list of positional arguments or a
+dict of keyword arguments; each tensor in it becomes a graph input (other values are baked into the
+graph as constants). The outputs may be one tensor of any rank or any nesting of tuples/lists/dicts of
+tensors (a snnTorch ``(spk_rec, mem_rec)`` pair): each tensor becomes a graph output, in order.
+
+snnTorch neurons built with ``init_hidden=True`` keep their membranes between calls: every forward the
+exporter runs (probe, trace, reference) starts from states reset with
+:func:`hq_ptq.snn.reset_states`, the graph starts from zero membranes, and the neurons' states are put
+back as they were afterwards.
+
 Two graph layouts (``mode``):
 
-* ``"unrolled"``: the whole time loop in one graph, ``x [T, B, C, H, W] -> logits [B, classes]``. T and
-  B are baked in (the initial membranes are zeros of the traced batch shape), so export with the
-  batch size and number of time steps you will run.
-* ``"step"``: one time step per call, ``x_t [B, C, H, W], mem_0 … mem_{k-1} -> logits_t, mem_0_next …``
-  with every neuron's membrane as an explicit input/output. A runtime starts from zero membranes,
-  feeds each ``mem_i_next`` back as ``mem_i`` and averages ``logits_t`` over time, which equals the
-  model's logits whenever its readout is affine per time step followed by a mean over T (true for the
-  whole zoo). B is baked in; T is free.
+* ``"unrolled"``: the whole forward in one graph, every input and output shape baked in (the initial
+  membranes are zeros of the traced batch shape), so export with the shapes you will run. Works for
+  any model, including ones that loop over time themselves around plain ``snn.Leaky`` neurons.
+* ``"step"``: one time step per call, ``x_t, mem_0 … mem_{k-1} -> out_t, mem_0_next …`` with every
+  neuron's membrane as an explicit input/output. Needs the time loop inside
+  :class:`hq_ptq.snn.MultiStepLeaky` layers (the zoo, models converted with
+  :func:`hq_ptq.snn.to_multistep`); ``time_dim`` names the input axis that is time (each input tensor
+  is cut along it and the model is called on one-step slices). A model whose neurons are plain
+  ``snn.Leaky`` driven by its own loop is refused before anything is written: its state lives in the
+  loop, which one graph call cannot run a step of. How the per-step outputs make the model's outputs
+  (its readout) is measured on the example before export, by driving the model step by step in PyTorch,
+  and recorded per output: ``"mean"`` over steps (the zoo's ``head(s).mean(0)``), ``"sum"``, ``"last"``
+  (the last step's output) or ``"stack"`` (per-step outputs concatenated along a time axis, e.g. a
+  ``[T, B, C]`` spike record). Any other readout (a max over time, a softmax of the mean, ops that mix
+  time steps) is refused with the measured error. B is baked in; T is free.
 
 Every file carries ``metadata_props["hq_ptq"]``, a JSON object (read it with :func:`export_info`):
-mode, input/output names and shapes, the state list (``name``, ``output``, ``shape``, ``neuron``)
-and the readout rule. :func:`run_export` drives either layout with qonnx or onnxruntime, and
-:func:`verify_export` compares a file against the PyTorch model on fresh inputs. The qonnx backend keeps
+mode, input/output names, shapes and dtypes, the state list (``name``, ``output``, ``shape``,
+``neuron``) and per-output readouts. :func:`run_export` drives either layout with qonnx or onnxruntime, and
+:func:`verify_export` compares a file against the PyTorch model on fresh inputs: every output, and the
+spikes of every neuron whose graph nodes it can pair with the neuron's calls. The qonnx backend keeps
 qonnx's semantics (its custom ops computed by qonnx, standard ops by onnxruntime, op by op) but, for
 weight-only quantizer nodes like these files hold, computes the quantized weights once and runs the rest
 as one onnxruntime session; other graphs go through qonnx's node-by-node ``execute_onnx``.
@@ -47,12 +67,21 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from hq_ptq.files import atomic_write
-from hq_ptq.snn import MultiStepLeaky, explicit_membranes, spiking_neurons, surrogate_disabled
+from hq_ptq.model_io import call, describe, tensors
+from hq_ptq.snn import (
+    MultiStepLeaky,
+    explicit_membranes,
+    is_spiking_neuron,
+    reset_states,
+    spiking_neurons,
+    surrogate_disabled,
+)
 from hq_ptq.swap import quant_layers
 
 __all__ = [
     "BACKENDS",
     "MODES",
+    "READOUTS",
     "export_info",
     "export_onnxruntime",
     "export_qonnx",
@@ -64,12 +93,14 @@ log = logging.getLogger(__name__)
 
 MODES = ("unrolled", "step")
 BACKENDS = ("qonnx", "onnxruntime")
+READOUTS = ("mean", "sum", "last", "stack")  # how a step file's per-step outputs make the model's outputs
 META_KEY = "hq_ptq"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # qonnx custom ops that stay as nodes in the QONNX file (constant folding would bake them away)
 _QUANT_OPS = frozenset({"Quant", "IntQuant", "FloatQuant", "BipolarQuant", "Trunc"})
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+_MODEL_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,24 +125,30 @@ def _check_quantized(model: nn.Module, allow_float: bool) -> None:
         )
 
 
-def _check_example(model: nn.Module, x: object, what: str = "example_input") -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+def _prepare(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor detached and on ``device``, floats as float32; the structure kept."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to(device)
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _prepare(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_prepare(v, device) for v in value)
+    return value
+
+
+def _check_example(model: nn.Module, x: object, what: str = "example_input") -> Any:
+    """``x`` ready to be passed through :func:`hq_ptq.model_io.call`: at least one non-empty tensor."""
+    found = list(tensors(x))
+    if not found:
         raise ValueError(
-            f"{what} must be a float torch.Tensor [T, B, C, H, W], got {type(x).__name__}"
-            + (f" of dtype {x.dtype}" if isinstance(x, torch.Tensor) else "")
+            f"{what} must be a tensor, or a tuple/list/dict holding tensors, that the model is called "
+            f"with; got {describe(x)}"
         )
-    if x.dim() != 5 or 0 in x.shape:
-        raise ValueError(
-            f"{what} must be a time-first [T, B, C, H, W] tensor, got shape {tuple(x.shape)}; "
-            "batch-first data [B, T, ...] becomes time-first with x.transpose(0, 1)"
-        )
-    channels = getattr(getattr(model, "config", None), "in_channels", None)
-    if isinstance(channels, int) and x.shape[2] != channels:
-        raise ValueError(
-            f"{what} has {x.shape[2]} channels (shape {tuple(x.shape)}) but the model takes "
-            f"{channels}; pass [T, B, {channels}, H, W]"
-        )
-    return x.detach().to(_device(model), torch.float32)
+    empty = [t for t in found if 0 in t.shape]
+    if empty:
+        raise ValueError(f"{what} {describe(x)} holds an empty tensor {tuple(empty[0].shape)}")
+    return _prepare(x, _device(model))
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -126,74 +163,208 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _reset_hook(module: nn.Module, _args: object) -> None:
+    reset_states(module)
+
+
 @contextmanager
 def _export_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm running statistics), no autograd, Heaviside spikes; restores all of it."""
+    """Eval mode (BatchNorm running statistics), no autograd, Heaviside spikes, and every call of
+    ``model`` starting from reset neuron states; restores all of it, the neurons' states included."""
     training = {m: m.training for m in model.modules()}
+    # init_hidden=True neurons keep their membranes in buffers between calls: a trace would bake a
+    # previous call's membranes in as constants, and a reference forward would continue from them
+    saved = [(m, dict(m._buffers)) for _, m in spiking_neurons(model)]
+    hook = model.register_forward_pre_hook(_reset_hook, prepend=True)
     model.eval()
     try:
         with torch.no_grad(), surrogate_disabled(model):
             yield
     finally:
+        hook.remove()
+        for m, buffers in saved:
+            m._buffers.update(buffers)
         for m, flag in training.items():
             m.train(flag)
 
 
 # ---------------------------------------------------------------------------------------------
-# the module that is traced
+# the structures of inputs and outputs
+
+
+def _rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:
+    """``template`` with its tensors replaced, in order, by the items of ``flat``."""
+    if isinstance(template, torch.Tensor):
+        return next(flat)
+    if isinstance(template, dict):
+        return {k: _rebuild(v, flat) for k, v in template.items()}
+    if isinstance(template, (tuple, list)):
+        return type(template)(_rebuild(v, flat) for v in template)
+    return template
+
+
+def _input_names(x: Any, suffix: str = "") -> list[str]:
+    """Graph input names: ``x`` for one tensor, else ``x_<i>`` (``x_<key>`` for dict entries)."""
+    if isinstance(x, torch.Tensor):
+        return ["x" + suffix]
+    names: list[str] = []
+
+    def walk(value: Any, label: str) -> None:
+        if isinstance(value, torch.Tensor):
+            names.append(label)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{label}_{re.sub(r'[^0-9A-Za-z_]', '_', str(k))}")
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, f"{label}_{i}")
+
+    walk(x, "x")
+    if len(set(names)) != len(names):
+        names = [f"x_{i}" for i in range(len(names))]
+    return [n + suffix for n in names]
+
+
+def _output_names(outputs: Sequence[torch.Tensor], suffix: str = "") -> list[str]:
+    """``logits`` for one ``[B, classes]`` float tensor, ``output`` for another single tensor, else
+    ``output_<i>``."""
+    if len(outputs) == 1:
+        one = outputs[0]
+        return [("logits" if one.dim() == 2 and one.is_floating_point() else "output") + suffix]
+    return [f"output_{i}{suffix}" for i in range(len(outputs))]
+
+
+def _flat_outputs(out: Any) -> list[torch.Tensor]:
+    found = list(tensors(out))
+    if not found:
+        raise ValueError(f"the model returns no tensor ({describe(out)}); there is nothing to export")
+    return found
+
+
+def _tensor_info(name: str, t: torch.Tensor | np.ndarray) -> dict[str, Any]:
+    dtype = str(t.dtype).removeprefix("torch.")
+    return {"name": name, "shape": list(t.shape), "dtype": dtype}
+
+
+# ---------------------------------------------------------------------------------------------
+# the modules that are traced
+
+
+class _Flat(nn.Module):
+    """``(*tensors) -> tuple of output tensors`` around a model called with any input structure."""
+
+    def __init__(self, model: nn.Module, template: Any) -> None:
+        super().__init__()
+        self.model = model
+        self._template = template
+
+    def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_flat_outputs(call(self.model, _rebuild(self._template, iter(flat)))))
 
 
 class _StepGraph(nn.Module):
-    """``(x_t, mem_0 … mem_{k-1}) -> (logits_t, mem_0' … mem_{k-1}')`` around a time-first model.
+    """``(x_t…, mem_0 … mem_{k-1}) -> (out_t…, mem_0' … mem_{k-1}')`` around a model whose time loop
+    runs in MultiStepLeaky layers.
 
-    Runs the model on a one-step sequence ``x_t[None]`` with each layer's ``initial_mem`` taken from
-    the inputs; must run inside :func:`hq_ptq.snn.explicit_membranes` so ``final_mem`` is recorded.
+    Calls the model on one-step slices (each input tensor unsqueezed at ``time_dim``) with each layer's
+    ``initial_mem`` taken from the inputs; must run inside :func:`hq_ptq.snn.explicit_membranes` so
+    ``final_mem`` is recorded.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[MultiStepLeaky]) -> None:
+    def __init__(
+        self, model: nn.Module, template: Any, time_dim: int, layers: Sequence[MultiStepLeaky]
+    ) -> None:
         super().__init__()
         self.model = model
+        self._template = template
+        self._time_dim = time_dim
         self._layers = list(layers)  # a plain list: the layers are already registered under `model`
+        self._inputs = len(list(tensors(template)))
 
-    def forward(self, x_t: torch.Tensor, *mems: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        xs, mems = args[: self._inputs], args[self._inputs:]
         for layer, mem in zip(self._layers, mems, strict=True):
             layer.initial_mem = mem
-        logits = self.model(x_t.unsqueeze(0))
-        return (logits, *[layer.final_mem for layer in self._layers])
+        steps = iter([x_t.unsqueeze(self._time_dim) for x_t in xs])
+        out = _flat_outputs(call(self.model, _rebuild(self._template, steps)))
+        return (*out, *[layer.final_mem for layer in self._layers])
 
 
-def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` with a one-line error when the input does not fit; checks the logits' rank."""
-    try:
-        out = model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise ValueError(
-            f"example_input of shape {tuple(x.shape)} does not run through the model "
-            f"({_one_line(err)}); pass the [T, B, C, H, W] tensor the model takes"
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model must return logits [B, classes] to be exported, got {shape}")
-    return out
-
-
-def _step_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, MultiStepLeaky, tuple[int, ...]]]:
-    """The stateful layers of a step export, with their membrane shapes, in call order."""
-    wrapped = {f"{name}.lif" if name else "lif" for name, m in model.named_modules()
-               if isinstance(m, MultiStepLeaky)}
-    bare = [name for name, _ in spiking_neurons(model) if name not in wrapped]
-    if bare:
-        raise ValueError(
-            f"mode='step' needs every snnTorch neuron inside hq_ptq.snn.MultiStepLeaky, but {bare[0]!r} is "
-            "bare (its state would stay hidden); wrap it or use mode='unrolled'"
+def _rejected(model: nn.Module, x: Any, err: BaseException) -> ValueError:
+    channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if isinstance(channels, int) and isinstance(x, torch.Tensor) and x.dim() == 5 and x.shape[2] != channels:
+        # a zoo model (time-first [T, B, C, H, W]): name the channel count it takes
+        return ValueError(
+            f"example_input has {x.shape[2]} channels (shape {tuple(x.shape)}) but the model takes "
+            f"{channels}; pass [T, B, {channels}, H, W]"
         )
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors(x) if not t.is_floating_point()})
+    kind = f" ({', '.join(dtypes)})" if dtypes else ""
+    return ValueError(
+        f"example_input {describe(x)}{kind} does not run through the model ({_one_line(err)}); pass what "
+        "the model is called with (a tensor, or a tuple of its positional arguments)"
+    )
+
+
+def _probe(model: nn.Module, x: Any) -> tuple[Any, list[torch.Tensor]]:
+    """The model's outputs on ``x`` and the tensors in them, with a one-line error when the model rejects
+    ``x``."""
+    try:
+        out = call(model, x)
+    except _MODEL_ERRORS as err:
+        raise _rejected(model, x, err) from None
+    return out, _flat_outputs(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# step mode: the stateful layers, the time axis and the readout
+
+
+def _time_steps(x: Any, time_dim: int) -> int:
+    lengths = set()
+    for t in tensors(x):
+        if not -t.dim() <= time_dim < t.dim():
+            raise ValueError(
+                f"time_dim={time_dim} is not an axis of the input tensor {tuple(t.shape)}; give the axis "
+                "that is time (mode='step' cuts every input tensor along it)"
+            )
+        lengths.add(int(t.shape[time_dim]))
+    if len(lengths) != 1:
+        raise ValueError(
+            f"mode='step' cuts every input tensor along time_dim={time_dim}, but {describe(x)} has "
+            f"lengths {sorted(lengths)} there; every input must have the same number of time steps"
+        )
+    return lengths.pop()
+
+
+def _bare_neuron_error(model: nn.Module) -> ValueError | None:
+    """Why ``model`` cannot be step-exported: an snnTorch neuron outside every MultiStepLeaky."""
+    wrapped = {id(m.lif) for m in model.modules() if isinstance(m, MultiStepLeaky)}
+    for name, neuron in spiking_neurons(model):
+        if id(neuron) not in wrapped:
+            return ValueError(
+                f"mode='step' needs the time loop inside hq_ptq.snn.MultiStepLeaky layers, but {name!r} is a "
+                f"bare snn.{type(neuron).__name__} (driven by the model's own loop, its state would stay "
+                "hidden); use mode='unrolled', or hq_ptq.to_multistep for nn.Sequential models"
+            )
+    return None
+
+
+def _step_layers(
+    model: nn.Module, x: Any, time_dim: int
+) -> list[tuple[str, MultiStepLeaky, tuple[int, ...]]]:
+    """The stateful layers of a step export, with their membrane shapes, in call order."""
+    bare = _bare_neuron_error(model)
+    if bare is not None:
+        raise bare
     with explicit_membranes(model) as layers:
         order: list[str] = []
         hooks = [
             layer.register_forward_hook(lambda *_, n=name: order.append(n)) for name, layer in layers
         ]
         try:
-            _probe(model, x[:1])
+            first = _rebuild(x, iter([t.narrow(time_dim, 0, 1) for t in tensors(x)]))
+            _probe(model, first)
         finally:
             for h in hooks:
                 h.remove()
@@ -212,6 +383,70 @@ def _step_layers(model: nn.Module, x: torch.Tensor) -> list[tuple[str, MultiStep
     return out
 
 
+def _drive_steps(
+    step: _StepGraph, x: Any, time_dim: int, shapes: Sequence[Sequence[int]]
+) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """``step`` driven over every time step of ``x`` from zero membranes, in PyTorch:
+    per output the list of per-step tensors, and the final membranes."""
+    device = next(tensors(x)).device
+    mems = [torch.zeros(tuple(s), device=device) for s in shapes]
+    flat = list(tensors(x))
+    per_output: list[list[torch.Tensor]] = []
+    for t in range(flat[0].shape[time_dim]):
+        out = step(*[v.select(time_dim, t) for v in flat], *mems)
+        outs, mems = out[: len(out) - len(mems)], list(out[len(out) - len(mems):])
+        if not per_output:
+            per_output = [[] for _ in outs]
+        for acc, o in zip(per_output, outs, strict=True):
+            acc.append(o)
+    return per_output, mems
+
+
+def _readout_candidates(
+    full: torch.Tensor, steps: list[torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, int | None]]:
+    """What the per-step outputs give under each readout that fits their shapes (``stack``: with its axis)."""
+    step_shape, n = tuple(steps[0].shape), len(steps)
+    if tuple(full.shape) == step_shape:
+        stacked = torch.stack([s.double() for s in steps])
+        return {"mean": (stacked.mean(0), None), "sum": (stacked.sum(0), None), "last": (stacked[-1], None)}
+    if full.dim() == len(step_shape):
+        axes = [d for d in range(full.dim()) if full.shape[d] != step_shape[d]]
+        if len(axes) == 1 and step_shape[axes[0]] == 1 and full.shape[axes[0]] == n:
+            return {"stack": (torch.cat([s.double() for s in steps], axes[0]), axes[0])}
+    return {}
+
+
+def _readouts(
+    names: Sequence[str], full: Sequence[torch.Tensor], per_step: Sequence[list[torch.Tensor]]
+) -> list[dict[str, Any]]:
+    """Per output, the readout that rebuilds the model's output from its per-step outputs, or raise."""
+    out = []
+    for name, ref, steps in zip(names, full, per_step, strict=True):
+        found = _readout_candidates(ref, steps)
+        if not ref.is_floating_point() and "mean" in found:
+            del found["mean"]
+        ref64 = ref.double()
+        tol = 1e-5 + 1e-4 * float(ref64.abs().max())
+        errors = {kind: float((value - ref64).abs().max()) for kind, (value, _) in found.items()}
+        fits = [kind for kind in READOUTS if kind in errors and errors[kind] <= tol]
+        if not fits:
+            tried = ", ".join(f"{k} {e:.3g}" for k, e in errors.items()) or (
+                f"per-step shape {tuple(steps[0].shape)} vs {tuple(ref.shape)} over {len(steps)} steps"
+            )
+            raise ValueError(
+                f"mode='step' cannot rebuild output {name!r} {tuple(ref.shape)} from its per-step outputs: "
+                f"it is not their {', '.join(READOUTS)} over time ({tried}); the readout mixes time steps "
+                "(e.g. a max or a softmax over T): use mode='unrolled'"
+            )
+        if len(fits) > 1:
+            log.warning("output %r: readouts %s all fit the example; recording %r (check with verify_export "
+                        "on inputs with more activity)", name, fits, fits[0])
+        entry: dict[str, Any] = {"readout": fits[0]}
+        if fits[0] == "stack":
+            entry["axis"] = found["stack"][1]
+        out.append(entry)
+    return out
 # ---------------------------------------------------------------------------------------------
 # graph building
 
@@ -319,11 +554,13 @@ def _clean(model: Any, keep: frozenset[str]) -> Any:
 
 
 def _build_qonnx(
-    model: nn.Module, example_input: torch.Tensor, mode: str, dynamo: bool, allow_float: bool
+    model: nn.Module, example_input: Any, mode: str, dynamo: bool, allow_float: bool, time_dim: int
 ) -> tuple[Any, dict[str, Any]]:
     """Trace ``model`` to a cleaned qonnx ``ModelWrapper`` plus the metadata dict."""
     _check_mode(mode)
     _check_quantized(model, allow_float)
+    if mode == "step" and (bare := _bare_neuron_error(model)) is not None:
+        raise bare  # before running anything: the model's own loop may not even take a one-step slice
     x = _check_example(model, example_input)
     meta: dict[str, Any] = {"format": "hq_ptq-export", "format_version": FORMAT_VERSION, "mode": mode}
     config = getattr(model, "hq_config", None)
@@ -332,30 +569,68 @@ def _build_qonnx(
     meta["quant_layers"] = {
         name: [layer.hq_scheme, layer.hq_bits] for name, layer in quant_layers(model).items()
     }
+    flat_in = list(tensors(x))
     with _export_state(model):
-        ref = _probe(model, x)
-        meta["num_classes"] = int(ref.shape[1])
+        out, ref = _probe(model, x)
+        meta["input_structure"], meta["output_structure"] = describe(x), describe(out)
         if mode == "unrolled":
-            module: nn.Module = model
-            args: tuple[torch.Tensor, ...] = (x,)
-            inputs, outputs = ["x"], ["logits"]
-            meta.update(input="x", input_shape=list(x.shape), logits="logits", time_steps=int(x.shape[0]),
-                        readout="logits")
-            return _trace(module, args, inputs, outputs, dynamo, meta)
-        layers = _step_layers(model, x)
+            in_names, out_names = _input_names(x), _output_names(ref)
+            simple = isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor)
+            module: nn.Module = model if simple else _Flat(model, x)
+            meta.update(
+                inputs=[_tensor_info(n, t) for n, t in zip(in_names, flat_in, strict=True)],
+                outputs=[_tensor_info(n, t) for n, t in zip(out_names, ref, strict=True)],
+                scope_prefix="" if simple else "model",
+                readout="the graph outputs are the model's outputs",
+            )
+            _legacy_keys(meta, ref)
+            return _trace(module, tuple(flat_in), in_names, out_names, dynamo, meta)
+        steps = _time_steps(x, time_dim)
+        if steps < 2:
+            raise ValueError(
+                f"mode='step' needs an example_input with at least 2 time steps along time_dim={time_dim} "
+                f"(got {describe(x)}) to tell the model's readout over time apart"
+            )
+        layers = _step_layers(model, x, time_dim)
+        in_names = _input_names(x, "_t")
         with explicit_membranes(model):
-            module = _StepGraph(model, [layer for _, layer, _ in layers])
-            mems = tuple(torch.zeros(shape, device=x.device) for _, _, shape in layers)
-            args = (x[0], *mems)
+            module = _StepGraph(model, x, time_dim, [layer for _, layer, _ in layers])
+            per_step, _ = _drive_steps(module, x, time_dim, [shape for _, _, shape in layers])
+            out_names = _output_names(ref, "_t")
+            readouts = _readouts(out_names, ref, per_step)
+            mems = tuple(torch.zeros(shape, device=flat_in[0].device) for _, _, shape in layers)
+            args = (*[t.select(time_dim, 0) for t in flat_in], *mems)
             states = [
                 {"name": f"mem_{i}", "output": f"mem_{i}_next", "shape": list(shape), "neuron": name}
                 for i, (name, _, shape) in enumerate(layers)
             ]
-            inputs = ["x_t"] + [s["name"] for s in states]
-            outputs = ["logits_t"] + [s["output"] for s in states]
-            meta.update(input="x_t", input_shape=list(x.shape[1:]), logits="logits_t", states=states,
-                        readout="mean of logits_t over time steps; states start at zero")
-            return _trace(module, args, inputs, outputs, dynamo, meta)
+            meta.update(
+                inputs=[_tensor_info(n, t) for n, t in zip(in_names, args, strict=False)],
+                outputs=[
+                    {**_tensor_info(n, s[0]), **r}
+                    for n, s, r in zip(out_names, per_step, readouts, strict=True)
+                ],
+                time_dim=time_dim,
+                states=states,
+                scope_prefix="model",
+                readout="; ".join(
+                    f"{n}: {r['readout']}" + (f" along axis {r['axis']}" if "axis" in r else "")
+                    for n, r in zip(out_names, readouts, strict=True)
+                ) + " over time steps; states start at zero",
+            )
+            _legacy_keys(meta, ref)
+            return _trace(
+                module, args, in_names + [s["name"] for s in states],
+                out_names + [s["output"] for s in states], dynamo, meta,
+            )
+
+
+def _legacy_keys(meta: dict[str, Any], ref: Sequence[torch.Tensor]) -> None:
+    # format 1 keys, for runtimes written against them: the first input, and the logits when the model
+    # returns one [B, classes] tensor
+    meta["input"], meta["input_shape"] = meta["inputs"][0]["name"], meta["inputs"][0]["shape"]
+    if len(ref) == 1 and ref[0].dim() == 2 and ref[0].is_floating_point():
+        meta["logits"], meta["num_classes"] = meta["outputs"][0]["name"], int(ref[0].shape[1])
 
 
 def _trace(
@@ -378,12 +653,14 @@ def _trace(
         log.info("traced %s graph in %.2fs (dynamo=%s)", meta["mode"], time.perf_counter() - start, dynamo)
         # no initializer ValueInfo fix-up (quadratic, ~3 s per trace): _clean re-infers every ValueInfo
         qmodel = ModelWrapper(str(raw), fix_missing_initializer_valueinfo=False)
-    names = [i.name for i in qmodel.graph.input][: len(inputs)]
-    if names != inputs:  # the exporter may drop an input it proves unused
-        raise RuntimeError(f"exported graph inputs {names} differ from the expected {inputs}")
+    names = [i.name for i in qmodel.graph.input]
+    missing = [n for n in inputs if n not in names]
+    if missing:  # the exporter drops an input the outputs do not depend on
+        raise ValueError(
+            f"the model's outputs do not depend on input {missing[0]!r} (the exporter dropped it); leave it "
+            "out of example_input, or bake it into the model"
+        )
     return _clean(qmodel, _QUANT_OPS), meta
-
-
 def _to_onnxruntime(qmodel: Any) -> Any:
     """QONNX → plain ONNX: uniform ``Quant`` to QCDQ, constant ``FloatQuant`` (PoT weights) folded."""
     from qonnx.transformation.qonnx_to_qcdq import QuantToQCDQ
@@ -470,15 +747,16 @@ def _save(qmodel: Any, meta: dict[str, Any], path: str | os.PathLike[str]) -> Pa
 
 def _export(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     path: str | os.PathLike[str],
     mode: str,
     backend: str,
     dynamo: bool,
     allow_float: bool,
+    time_dim: int,
 ) -> Path:
     start = time.perf_counter()
-    qmodel, meta = _build_qonnx(model, example_input, mode, dynamo, allow_float)
+    qmodel, meta = _build_qonnx(model, example_input, mode, dynamo, allow_float, time_dim)
     if backend == "onnxruntime":
         qmodel = _to_onnxruntime(qmodel)
     meta["backend"] = backend
@@ -491,55 +769,65 @@ def _export(
 
 def export_qonnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     path: str | os.PathLike[str],
     *,
     mode: str = "unrolled",
     dynamo: bool = False,
     allow_float: bool = False,
+    time_dim: int = 0,
 ) -> Path:
     """Write ``model`` as a QONNX file with its weight quantizers as ``Quant``/``FloatQuant`` nodes.
 
-    The model is traced in eval mode with surrogate gradients off; its training flags are restored.
-    Constants are folded except the quantizer nodes, and the weights stay float initializers that the
-    quantizer nodes turn into the quantized values (exactly those PyTorch computes).
+    The model is traced in eval mode with surrogate gradients off and its snnTorch neurons' hidden
+    states reset; its training flags and neuron states are restored. Constants are folded except the
+    quantizer nodes, and the weights stay float initializers that the quantizer nodes turn into the
+    quantized values (exactly those PyTorch computes).
 
     Args:
-        model: a model with hq_ptq-quantized layers, called as ``model(x)`` on ``[T, B, C, H, W]``
-            and returning logits ``[B, classes]``.
-        example_input: a ``[T, B, C, H, W]`` float tensor. ``"unrolled"`` bakes T and B into the
-            graph, so export with the shape you will run; ``"step"`` traces its first time step and
-            bakes only B.
+        model: a model with hq_ptq-quantized layers, called as :func:`hq_ptq.model_io.call` does
+            (``model(x)``, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict); its outputs may be
+            one tensor of any rank or tuples/lists/dicts of tensors (each becomes a graph output).
+        example_input: what the model takes, e.g. ``[T, B, C, H, W]`` events, a static ``[B, C, H, W]``
+            image for a model with its own time loop, a ``[B, L, F]`` sequence, or a tuple of those.
+            ``"unrolled"`` bakes every shape into the graph, so export with the shapes you will run;
+            ``"step"`` traces one time step and bakes the rest of each shape (B).
         path: output file (``.onnx``); parent folders are created, the write is atomic.
-        mode: ``"unrolled"`` (time loop in the graph) or ``"step"`` (one step, membranes as I/O).
+        mode: ``"unrolled"`` (the whole forward in the graph) or ``"step"`` (one time step, membranes
+            as I/O; needs the time loop inside ``MultiStepLeaky`` layers).
         dynamo: trace with torch's dynamo exporter instead of TorchScript: same numbers, but about
             twice the export time, a larger file and node names that :func:`verify_export` cannot
-            pair with layers (it then compares total spike counts only).
+            pair with layers (it then compares outputs only).
         allow_float: export a model without quantized layers instead of raising.
+        time_dim: (``"step"``) the axis of every input tensor that is time; 0 for time-first inputs,
+            1 for batch-first ``[B, T, ...]`` ones (the model is then called on ``[B, 1, ...]`` slices).
 
     Returns:
         The written path.
 
     Raises:
-        ValueError: unknown mode, no quantized layer, an example input of the wrong rank/channels or
-            that the model rejects, or (step) a neuron the step layout cannot expose.
+        ValueError: unknown mode, no quantized layer, an example input that holds no tensor or that the
+            model rejects, a model that returns no tensor, or (step) a neuron outside MultiStepLeaky, a
+            layer called twice, fewer than 2 time steps, inputs of different lengths along ``time_dim``
+            or a readout that is not a mean, sum, last step or stack over time. Nothing is written then.
 
     Example:
         >>> x, _ = next(iter(loader))  # [T, B, 2, H, W], the batch size the runtime will use
         >>> path = export_qonnx(qmodel, x, "model.qonnx.onnx", mode="step")
-        >>> verify_export(qmodel, path, next_batch)["max_abs_logit_error"]
+        >>> verify_export(qmodel, path, next_batch)["max_abs_output_error"]
     """
-    return _export(model, example_input, path, mode, "qonnx", dynamo, allow_float)
+    return _export(model, example_input, path, mode, "qonnx", dynamo, allow_float, time_dim)
 
 
 def export_onnxruntime(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     path: str | os.PathLike[str],
     *,
     mode: str = "unrolled",
     dynamo: bool = False,
     allow_float: bool = False,
+    time_dim: int = 0,
 ) -> Path:
     """Write ``model`` as a plain ONNX file for onnxruntime: QCDQ uniform weights, PoT weights folded.
 
@@ -553,7 +841,7 @@ def export_onnxruntime(
     Raises:
         ValueError: as :func:`export_qonnx`, or a quantizer with no onnxruntime equivalent.
     """
-    return _export(model, example_input, path, mode, "onnxruntime", dynamo, allow_float)
+    return _export(model, example_input, path, mode, "onnxruntime", dynamo, allow_float, time_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,23 +976,94 @@ class _Runner:
         return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
 
 
-def _as_numpy(inputs: torch.Tensor | np.ndarray) -> np.ndarray:
-    arr = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
-    return arr.astype(np.float32, copy=False)
+def _io_info(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with the format-2 keys (``inputs``, ``outputs``, ``time_dim``, ``scope_prefix``) filled in
+    for files written by format 1 (one float input, one logits output, step files read out by the mean)."""
+    if "inputs" in info:
+        return info
+    info = dict(info)
+    info["inputs"] = [{"name": info["input"], "shape": info["input_shape"], "dtype": "float32"}]
+    output: dict[str, Any] = {"name": info["logits"], "shape": None, "dtype": "float32"}
+    if info["mode"] == "step":
+        output["readout"] = "mean"
+    info["outputs"] = [output]
+    info.setdefault("time_dim", 0)
+    info.setdefault("scope_prefix", "model" if info["mode"] == "step" else "")
+    return info
+
+
+def _arrays(value: Any) -> list[np.ndarray]:
+    """Every tensor or array inside ``value`` (nested tuples, lists and dict values) as numpy, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value.detach().cpu().numpy()]
+    if isinstance(value, np.ndarray):
+        return [value]
+    if isinstance(value, dict):
+        return [a for v in value.values() for a in _arrays(v)]
+    if isinstance(value, (tuple, list)):
+        return [a for v in value for a in _arrays(v)]
+    return []
+
+
+def _feeds(info: dict[str, Any], inputs: Any, path: str | os.PathLike[str]) -> list[np.ndarray]:
+    """The input arrays of a run, cast to the file's dtypes and checked against its shapes."""
+    specs = info["inputs"]
+    arrays = _arrays(inputs)
+    if len(arrays) != len(specs):
+        raise ValueError(
+            f"inputs hold {len(arrays)} tensors but {path} takes {len(specs)} "
+            f"({', '.join(s['name'] for s in specs)}); pass the structure it was exported with"
+        )
+    arrays = [np.asarray(a).astype(s["dtype"], copy=False) for a, s in zip(arrays, specs, strict=True)]
+    if info["mode"] == "unrolled":
+        for a, s in zip(arrays, specs, strict=True):
+            if list(a.shape) != s["shape"]:
+                shape = f"inputs have shape {list(a.shape)}" if len(specs) == 1 else (
+                    f"input {s['name']!r} has shape {list(a.shape)}"
+                )
+                raise ValueError(
+                    f"{shape} but {path} was exported for {s['shape']}; re-export with an example of the "
+                    "shape you run (every shape, T and B included, is baked in)"
+                )
+        return arrays
+    axis = info["time_dim"]
+    lengths = set()
+    for a, s in zip(arrays, specs, strict=True):
+        if a.ndim != len(s["shape"]) + 1 or list(np.delete(np.asarray(a.shape), axis)) != s["shape"]:
+            raise ValueError(
+                f"inputs have shape {list(a.shape)} but {path} takes {s['shape']} per time step, with time "
+                f"on axis {axis} (B is baked in: re-export with the batch size you run)"
+            )
+        lengths.add(a.shape[axis])
+    if len(lengths) != 1:
+        raise ValueError(f"the inputs have different numbers of time steps {sorted(lengths)} on axis {axis}")
+    return arrays
+
+
+def _read_out(spec: dict[str, Any], steps: list[np.ndarray]) -> np.ndarray:
+    kind = spec["readout"]
+    if kind == "last":
+        return steps[-1]
+    if kind == "stack":
+        return np.concatenate(steps, axis=spec["axis"])
+    total = np.sum([s.astype(np.float64) for s in steps], axis=0)
+    return (total / len(steps) if kind == "mean" else total).astype(steps[0].dtype)
 
 
 def run_export(
     path: str | os.PathLike[str],
-    inputs: torch.Tensor | np.ndarray,
+    inputs: Any,
     *,
     backend: str = "qonnx",
     spikes: bool = False,
 ) -> dict[str, Any]:
-    """Run an exported file on ``inputs [T, B, C, H, W]``; step files are driven over T from zero state.
+    """Run an exported file on ``inputs``; step files are driven over time from zero state.
 
     Args:
         path: a file from :func:`export_qonnx` or :func:`export_onnxruntime`.
-        inputs: time-first input of the exported shape (step files: any T, the exported B).
+        inputs: the structure the model was exported with (a tensor or array, a tuple/list or a dict
+            of them); every tensor of the exported shape (step files: with any number of steps along
+            the exported ``time_dim``, and the exported B).
         backend: ``"qonnx"`` (runs QONNX and plain files with qonnx's semantics: qonnx custom ops by
             qonnx, standard ops by onnxruntime without graph optimizations; weight-only quantizer nodes
             are evaluated once and the rest runs as one onnxruntime session, any other graph goes
@@ -713,216 +1072,342 @@ def run_export(
         spikes: also return every spike tensor (the output of each ``Greater`` node).
 
     Returns:
-        ``{"logits": [B, classes]}`` (step files: mean over time), plus ``"states"`` (name → final
-        membrane) for step files and, when asked, ``"spikes"``: graph tensor name → bool array
-        ``[calls, ...]`` (calls = T for step files, one per step; 1 for unrolled files).
+        ``{"outputs": {graph output name: array}}``, in the model's output order; step files apply each
+        output's recorded readout over the steps (mean, sum, last step or stack along its time axis).
+        ``"logits"`` repeats the output when the model returns one ``[B, classes]`` tensor. Step files
+        add ``"states"`` (name → final membrane); ``spikes=True`` adds ``"spikes"``: graph tensor name →
+        bool array ``[calls, ...]`` (calls = T for step files, one per step; 1 for unrolled files).
 
     Raises:
-        FileNotFoundError / ValueError: no file, not an hq_ptq export, unknown backend, wrong input
-        shape, or a QONNX file given to onnxruntime.
+        FileNotFoundError / ValueError: no file, not an hq_ptq export, unknown backend, inputs of the
+            wrong structure or shape, or a QONNX file given to onnxruntime.
     """
     return _run(path, inputs, backend, spikes)[0]
 
 
 def _run(
     path: str | os.PathLike[str],
-    inputs: torch.Tensor | np.ndarray,
+    inputs: Any,
     backend: str,
     spikes: bool,
     fold: bool = True,
 ) -> tuple[dict[str, Any], str]:
     """:func:`run_export` plus the executor that ran; ``fold=False`` forces qonnx's ``execute_onnx``."""
     _check_backend(backend)
-    info = export_info(path)
-    x = _as_numpy(inputs)
-    want = list(info["input_shape"])
-    if info["mode"] == "unrolled" and list(x.shape) != want:
-        raise ValueError(
-            f"inputs have shape {list(x.shape)} but {path} was exported for {want}; "
-            "re-export with an example of the shape you run (T and B are baked in)"
-        )
-    if info["mode"] == "step" and (x.ndim != len(want) + 1 or list(x.shape[1:]) != want):
-        raise ValueError(
-            f"inputs have shape {list(x.shape)} but {path} takes [T, {', '.join(map(str, want))}] "
-            "(B is baked in: re-export with the batch size you run)"
-        )
+    info = _io_info(export_info(path))
+    arrays = _feeds(info, inputs, path)
+    names = [s["name"] for s in info["inputs"]]
     proto = onnx.load(str(path))
     spike_names: list[str] = []
     if spikes:
         proto, spike_names = _with_spike_outputs(proto)
     runner = _Runner(proto, backend, fold)
+    result: dict[str, Any] = {}
     if info["mode"] == "unrolled":
-        out = runner({info["input"]: x})
-        result: dict[str, Any] = {"logits": out[info["logits"]]}
+        out = runner(dict(zip(names, arrays, strict=True)))
+        result["outputs"] = {o["name"]: out[o["name"]] for o in info["outputs"]}
         if spikes:
             result["spikes"] = {n: out[n][None] for n in spike_names}
-        return result, runner.executor
-    states = {s["name"]: np.zeros(s["shape"], dtype=np.float32) for s in info["states"]}
-    logits_sum: np.ndarray | None = None
-    per_step: dict[str, list[np.ndarray]] = {n: [] for n in spike_names}
-    for x_t in x:
-        out = runner({info["input"]: x_t, **states})
-        logits_t = out[info["logits"]].astype(np.float64)
-        logits_sum = logits_t if logits_sum is None else logits_sum + logits_t
-        states = {s["name"]: out[s["output"]] for s in info["states"]}
-        for n in spike_names:
-            per_step[n].append(out[n])
-    result = {"logits": (logits_sum / len(x)).astype(np.float32), "states": states}
-    if spikes:
-        result["spikes"] = {n: np.stack(v) for n, v in per_step.items()}
+    else:
+        axis = info["time_dim"]
+        states = {s["name"]: np.zeros(s["shape"], dtype=np.float32) for s in info["states"]}
+        per_output: dict[str, list[np.ndarray]] = {o["name"]: [] for o in info["outputs"]}
+        per_step: dict[str, list[np.ndarray]] = {n: [] for n in spike_names}
+        for t in range(arrays[0].shape[axis]):
+            feeds = {n: np.take(a, t, axis=axis) for n, a in zip(names, arrays, strict=True)}
+            out = runner({**feeds, **states})
+            states = {s["name"]: out[s["output"]] for s in info["states"]}
+            for name, acc in per_output.items():
+                acc.append(out[name])
+            for n in spike_names:
+                per_step[n].append(out[n])
+        result["outputs"] = {o["name"]: _read_out(o, per_output[o["name"]]) for o in info["outputs"]}
+        result["states"] = states
+        if spikes:
+            result["spikes"] = {n: np.stack(v) for n, v in per_step.items()}
+    if "logits" in info:
+        result["logits"] = result["outputs"][info["logits"]]
     return result, runner.executor
 
 
+def _recorded_neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The neurons whose calls verification records: every MultiStepLeaky and every snnTorch neuron
+    outside one (plain ``snn.Leaky`` driven by the model's own loop)."""
+    wrapped = {id(m.lif) for m in model.modules() if isinstance(m, MultiStepLeaky)}
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, MultiStepLeaky) or (is_spiking_neuron(m) and id(m) not in wrapped)
+    ]
+
+
 def _torch_reference(
-    model: nn.Module, x: torch.Tensor, states: list[dict[str, Any]] | None
-) -> tuple[np.ndarray, list[tuple[str, np.ndarray]], dict[str, np.ndarray]]:
-    """PyTorch logits, ``(layer name, spikes [T, ...])`` per MultiStepLeaky call, and for step files
-    the final membranes of the model driven step by step."""
-    calls: list[tuple[str, np.ndarray]] = []
+    model: nn.Module, x: Any, states: list[dict[str, Any]] | None, time_dim: int
+) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
+    """PyTorch outputs; ``(neuron name, spikes, reset)`` per neuron call in call order (MultiStepLeaky:
+    spikes ``[T, ...]``; a per-step snnTorch neuron: spikes ``[B, ...]`` and the pending reset it computed
+    from the membrane it started from, its ``reset`` attribute, when it has one); and for step files the
+    final membranes of the model driven step by step."""
+    calls: list[tuple[str, np.ndarray, np.ndarray | None]] = []
 
     def recorder(name: str) -> Any:
-        def record(_m: nn.Module, _inp: object, out: object) -> None:
-            calls.append((name, ((out[0] if isinstance(out, tuple) else out) != 0).cpu().numpy()))
+        def record(module: nn.Module, _inp: object, out: object) -> None:
+            spk = out[0] if isinstance(out, tuple) else out
+            reset = getattr(module, "reset", None)
+            if isinstance(module, MultiStepLeaky) or not isinstance(reset, torch.Tensor):
+                reset = None
+            elif reset.shape != spk.shape:
+                reset = None
+            calls.append((
+                name,
+                (spk != 0).cpu().numpy(),
+                None if reset is None else (reset != 0).cpu().numpy(),
+            ))
 
         return record
 
     with _export_state(model), explicit_membranes(model) as layers:
-        hooks = [layer.register_forward_hook(recorder(name)) for name, layer in layers]
+        hooks = [m.register_forward_hook(recorder(name)) for name, m in _recorded_neurons(model)]
         try:
-            logits = model(x)
+            outputs = _flat_outputs(call(model, x))
         finally:
             for h in hooks:
                 h.remove()
         mems: dict[str, np.ndarray] = {}
         if states:  # the step graph's reference: the same model driven one step at a time in PyTorch
             by_name = dict(layers)
-            step = _StepGraph(model, [by_name[s["neuron"]] for s in states])
-            current = [torch.zeros(s["shape"], device=x.device) for s in states]
-            for x_t in x:
-                current = list(step(x_t, *current)[1:])
-            mems = {s["name"]: m.cpu().numpy() for s, m in zip(states, current, strict=True)}
-    return logits.cpu().numpy(), calls, mems
+            step = _StepGraph(model, x, time_dim, [by_name[s["neuron"]] for s in states])
+            _, final = _drive_steps(step, x, time_dim, [s["shape"] for s in states])
+            mems = {s["name"]: m.cpu().numpy() for s, m in zip(states, final, strict=True)}
+    return [o.cpu().numpy() for o in outputs], calls, mems
 
 
-# TorchScript names a node's output after the module scope it ran in: /blocks.0/attn/q_lif/Greater_1_output_0
+# TorchScript names a node's output after the module scopes it ran in, the k-th call of a module
+# getting the suffix _k on its scope: /blocks.0/attn/q_lif/Greater_1_output_0, /lif1_2/Greater_output_0
 _SPIKE_NAME = re.compile(r"^/(?P<scope>.+)/Greater(?:_(?P<k>\d+))?_output_0$")
+_CALL_SUFFIX = re.compile(r"^(?P<base>.+)_(?P<k>\d+)$")
+
+
+def _resolve_scope(parts: list[str], modules: Mapping[str, nn.Module]) -> tuple[str, tuple[int, ...]] | None:
+    """The qualified name of the module a TorchScript scope path names, and the call index of each part.
+
+    A part is the module's name relative to an enclosing scope (``seq.1`` inside ``blocks.0/seq``), with
+    ``_k`` appended for the k-th call of that module.
+    """
+    current, calls = "", []
+    for part in parts:
+        options = [(part, 0)]
+        m = _CALL_SUFFIX.match(part)
+        if m:
+            options.append((m["base"], int(m["k"])))
+        found = None
+        for name, k in options:
+            prefix = current
+            while found is None:
+                candidate = f"{prefix}.{name}" if prefix else name
+                if candidate in modules and (not current or candidate.startswith(current + ".")):
+                    found = (candidate, k)
+                if not prefix:
+                    break
+                prefix = prefix.rpartition(".")[0]
+            if found is not None:
+                break
+        if found is None:
+            return None
+        current = found[0]
+        calls.append(found[1])
+    return current, tuple(calls)
 
 
 def _match_spikes(
-    calls: list[tuple[str, np.ndarray]], got: Mapping[str, np.ndarray], mode: str
-) -> tuple[int, int, int] | None:
-    """``(mismatches, compared, graph spike count)`` pairing spikes by module scope, or None."""
-    ref = dict(calls)
-    if len(ref) != len(calls):  # a layer called twice: its scopes are ambiguous
-        return None
-    paired: dict[tuple[str, int], np.ndarray] = {}
+    model: nn.Module,
+    calls: list[tuple[str, np.ndarray, np.ndarray | None]],
+    got: Mapping[str, np.ndarray],
+    mode: str,
+    scope_prefix: str,
+) -> tuple[dict[str, tuple[int, int, int, int]], list[str]]:
+    """Pair the graph's spike tensors with the neurons' calls by module scope and call order.
+
+    Returns ``{neuron: (mismatches, compared, spikes in the graph, spikes in PyTorch)}`` for every neuron
+    whose calls could be paired, and the names of the others. Unrolled graphs: a neuron's Greater nodes,
+    sorted by (call suffixes of its scope, index in the scope), are its per-step spikes in call order (T
+    per MultiStepLeaky call, one per call of a per-step neuron). A per-step snnTorch neuron whose pending
+    reset does not merge with its previous spike (``reset_delay=False``: the reset is taken after the
+    in-step reset) has a reset node per call too, before the spike (the first call's folds away): both
+    are checked. Step graphs: one or two per layer and step (the pending reset recomputed from the
+    carried-in membrane, which is the previous step's spike, then this step's spike); both are checked.
+    """
+    ref: dict[str, list[np.ndarray]] = {}
+    resets: dict[str, list[np.ndarray | None]] = {}
+    for name, spk, reset in calls:
+        ref.setdefault(name, []).append(spk)
+        resets.setdefault(name, []).append(reset)
+    kinds = {name: isinstance(m, MultiStepLeaky) for name, m in _recorded_neurons(model)}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[tuple[tuple[int, ...], np.ndarray]]] = {name: [] for name in ref}
     for tensor, value in got.items():
         m = _SPIKE_NAME.match(tensor)
         if m is None:
+            continue
+        parts = m["scope"].split("/")
+        if scope_prefix:
+            if parts[0] != scope_prefix:
+                continue
+            parts = parts[1:]
+        resolved = _resolve_scope(parts, modules) if parts else None
+        if resolved is None:
+            continue
+        owner, key = resolved
+        while owner and owner not in ref:
+            owner = owner.rpartition(".")[0]
+        if owner in ref:
+            groups[owner].append(((*key, int(m["k"] or 0)), value))
+    paired: dict[str, tuple[int, int, int, int]] = {}
+    for name, spikes in ref.items():
+        graph = [v for _, v in sorted(groups[name], key=lambda kv: kv[0])]
+        result = (
+            _compare_unrolled(spikes, resets[name], graph, kinds.get(name, False)) if mode == "unrolled"
+            else _compare_step(spikes, graph)
+        )
+        if result is not None:
+            paired[name] = result
+    return paired, [name for name in ref if name not in paired]
+
+
+def _compare_unrolled(
+    spikes: list[np.ndarray], resets: list[np.ndarray | None], graph: list[np.ndarray], multistep: bool
+) -> tuple[int, int, int, int] | None:
+    steps = [s for call_spikes in spikes for s in call_spikes] if multistep else list(spikes)
+    graph = [g[0] for g in graph]  # run_export's [calls=1, ...]
+    expected: list[tuple[np.ndarray, bool]] = [(s, True) for s in steps]  # (value, is a spike)
+    if not multistep and len(graph) in (2 * len(steps) - 1, 2 * len(steps)) and len(graph) > len(steps):
+        if any(r is None for r in resets):
             return None
-        scope = m["scope"].replace("/", ".")
-        if mode == "step":
-            scope = scope.removeprefix("model.")  # the _StepGraph wrapper's attribute
-        if scope not in ref and scope.removesuffix(".lif") in ref:  # the general path runs snn.Leaky
-            scope = scope.removesuffix(".lif")
-        paired[(scope, int(m["k"] or 0))] = value
-    mismatches = compared = count = 0
-    for name, spk in ref.items():
-        if mode == "unrolled":  # the t-th Greater of a layer's scope is its step t
-            steps = [paired.pop((name, t), None) for t in range(spk.shape[0])]
-            if any(s is None for s in steps):
-                return None
-            graph = np.concatenate(steps)
-        else:
-            # per step a layer has two Greater nodes: the pending reset recomputed from the carried-in
-            # membrane (= the previous step's spike) and this step's spike; check both
-            prev, graph = paired.pop((name, 0), None), paired.pop((name, 1), None)
-            if prev is None or graph is None or prev.shape != spk.shape:
-                return None
-            shifted = np.concatenate([np.zeros_like(spk[:1]), spk[:-1]])
-            mismatches += int((prev.astype(bool) != shifted).sum())
-            compared += spk.size
-        if graph.shape != spk.shape:
-            return None
-        mismatches += int((graph.astype(bool) != spk).sum())
+        expected = [e for r, s in zip(resets, steps, strict=True) for e in ((r, False), (s, True))]
+        expected = expected[len(expected) - len(graph):]  # the first call's reset is a folded constant
+    if len(graph) != len(expected):
+        return None
+    pairs = list(zip(graph, expected, strict=True))
+    if any(g.shape != e.shape for g, (e, _) in pairs):
+        return None
+    mismatches = sum(int((g.astype(bool) != e).sum()) for g, (e, _) in pairs)
+    count_graph = sum(int(g.astype(bool).sum()) for g, (_, spike) in pairs if spike)
+    return mismatches, sum(e.size for e, _ in expected), count_graph, sum(int(s.sum()) for s in steps)
+
+
+def _compare_step(spikes: list[np.ndarray], graph: list[np.ndarray]) -> tuple[int, int, int, int] | None:
+    if len(spikes) != 1 or len(graph) not in (1, 2):
+        return None
+    spk = spikes[0]
+    if any(g.shape != spk.shape for g in graph):
+        return None
+    mismatches = compared = 0
+    if len(graph) == 2:
+        shifted = np.concatenate([np.zeros_like(spk[:1]), spk[:-1]])
+        mismatches += int((graph[0].astype(bool) != shifted).sum())
         compared += spk.size
-        count += int(graph.astype(bool).sum())
-    return None if paired else (mismatches, compared, count)
+    mismatches += int((graph[-1].astype(bool) != spk).sum())
+    compared += spk.size
+    return mismatches, compared, int(graph[-1].astype(bool).sum()), int(spk.sum())
 
 
 def verify_export(
     model: nn.Module,
     path: str | os.PathLike[str],
-    inputs: torch.Tensor,
+    inputs: Any,
     *,
     backend: str = "qonnx",
 ) -> dict[str, Any]:
     """Compare an exported file with the PyTorch model on ``inputs`` (use inputs unseen at export).
 
-    Spikes are compared element by element: every ``Greater`` output of the graph is paired with the
-    time step of the ``MultiStepLeaky`` whose module scope it carries. When that pairing is impossible
-    (dynamo-traced names, a layer called twice, other ``Greater`` ops) only total counts are compared.
-    A step graph holds two spike tensors per layer and step (the pending reset recomputed from the
-    carried-in membrane, and the new spike), so it compares twice as many spikes; both must match.
+    Every output tensor is compared with the model's (called on the same inputs, from reset neuron
+    states). Spikes are compared element by element wherever the graph's ``Greater`` outputs can be
+    paired with a neuron's calls through their module scopes: the t-th step of a ``MultiStepLeaky``,
+    the k-th call of a per-step ``snn.Leaky`` inside the model's own loop. Neurons that cannot be paired
+    (dynamo-traced names, a neuron whose graph holds another number of spike nodes than it has calls)
+    are listed as not compared; they never count as mismatches. A step graph holds two spike tensors per
+    layer and step (the pending reset recomputed from the carried-in membrane, and the new spike), so it
+    compares twice as many spikes; both must match.
 
     Args:
         model: the model that was exported (same weights and quantizers).
         path: the exported file.
-        inputs: ``[T, B, C, H, W]`` of the exported shape.
+        inputs: the structure and shapes the file was exported for (step files: any number of steps).
         backend: ``"qonnx"`` or ``"onnxruntime"``.
 
     Returns:
-        ``{"backend", "executor", "mode", "max_abs_logit_error", "spike_mismatches", "spikes_compared",
-        "spike_compare" ("elementwise", "total" or "unavailable", where the mismatch count is None),
-        "spike_count_torch", "spike_count_export", "seconds"}``. ``executor`` says what ran the file:
-        ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx backend, quantizer nodes evaluated once
-        by qonnx, the rest one onnxruntime session without optimizations) or ``"qonnx"`` (qonnx's
-        ``execute_onnx``, for graphs that cannot be folded, e.g. activation quantizers). Logits are
-        compared with ``model(inputs)`` over all T. Step files add ``"max_abs_state_error"`` and
-        ``"max_rel_state_error"``: final membranes against the model driven step by step in PyTorch.
+        ``{"backend", "executor", "mode", "output_errors" ({output name: max abs error}),
+        "max_abs_output_error" (over all outputs), "max_abs_logit_error" (the same number, the name
+        kept for format-1 callers), "spike_compare" ("elementwise": every neuron paired, "partial", or
+        "not compared"), "spike_mismatches" (over the paired neurons; None when none was paired),
+        "spikes_compared", "spikes_not_compared" (neuron names), "spike_count_torch",
+        "spike_count_export" (spikes of the paired neurons; when none was paired, the model's total
+        and the total of the file's Greater outputs, which are not comparable), "seconds"}``.
+        ``executor`` says what ran the file: ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx
+        backend, quantizer nodes evaluated once by qonnx, the rest one onnxruntime session without
+        optimizations) or ``"qonnx"`` (qonnx's ``execute_onnx``, for graphs that cannot be folded, e.g.
+        activation quantizers). Step files add ``"max_abs_state_error"`` and ``"max_rel_state_error"``:
+        final membranes against the model driven step by step in PyTorch.
 
     Raises:
-        ValueError / FileNotFoundError: as :func:`run_export`.
+        ValueError / FileNotFoundError: as :func:`run_export`, or a model whose outputs do not match the
+        file's in number or shape.
     """
     _check_backend(backend)
-    info = export_info(path)
+    info = _io_info(export_info(path))
     x = _check_example(model, inputs, "inputs")
     start = time.perf_counter()
     got, executor = _run(path, x, backend, spikes=True)
     seconds = time.perf_counter() - start
-    ref_logits, calls, ref_mems = _torch_reference(model, x, info.get("states"))
-    count_torch = int(sum(spk.sum() for _, spk in calls))
-    count_export: int | None = int(sum(s.astype(bool).sum() for s in got["spikes"].values()))
-    matched = _match_spikes(calls, got["spikes"], info["mode"])
-    mismatches: int | None
-    if matched is not None:
-        mismatches, compared, count_export = matched
-        how = "elementwise"
-    elif info["mode"] == "unrolled":
-        log.warning("cannot pair the graph's %d spike tensors with the model's layers; comparing totals",
-                    len(got["spikes"]))
-        mismatches, compared, how = abs(count_torch - count_export), 0, "total"
-    else:  # step graphs also recompute the previous spike per layer, so totals say nothing
-        log.warning("cannot pair the step graph's %d spike tensors with the model's layers",
-                    len(got["spikes"]))
-        mismatches, compared, how, count_export = None, 0, "unavailable", None
+    ref_outputs, calls, ref_mems = _torch_reference(model, x, info.get("states"), info.get("time_dim", 0))
+    names = [o["name"] for o in info["outputs"]]
+    if len(ref_outputs) != len(names):
+        raise ValueError(
+            f"the model returns {len(ref_outputs)} tensors but {path} has {len(names)} outputs "
+            f"({', '.join(names)}); verify with the model that was exported"
+        )
+    errors: dict[str, float] = {}
+    for name, ref in zip(names, ref_outputs, strict=True):
+        out = got["outputs"][name]
+        if out.shape != ref.shape:
+            raise ValueError(
+                f"output {name!r} has shape {list(out.shape)} in {path} but {list(ref.shape)} from the model"
+            )
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+        errors[name] = float(diff.max()) if diff.size else 0.0
+    paired, unpaired = _match_spikes(model, calls, got["spikes"], info["mode"], info["scope_prefix"])
+    if paired:
+        how = "elementwise" if not unpaired else "partial"
+        mismatches: int | None = sum(p[0] for p in paired.values())
+        compared = sum(p[1] for p in paired.values())
+        count_export = sum(p[2] for p in paired.values())
+        count_torch = sum(p[3] for p in paired.values())
+    else:
+        how, mismatches, compared = "not compared", None, 0
+        count_torch = int(sum(spk.sum() for _, spk, _ in calls))
+        count_export = int(sum(s.astype(bool).sum() for s in got["spikes"].values()))
+    if unpaired:
+        log.warning("cannot pair the graph's spike tensors with neuron(s) %s; their spikes are not compared "
+                    "(the outputs are)", ", ".join(unpaired))
     report: dict[str, Any] = {
         "backend": backend,
         "executor": executor,
         "mode": info["mode"],
-        "max_abs_logit_error": float(np.abs(got["logits"] - ref_logits).max()),
+        "output_errors": errors,
+        "max_abs_output_error": max(errors.values()),
+        "max_abs_logit_error": max(errors.values()),
+        "spike_compare": how,
         "spike_mismatches": mismatches,
         "spikes_compared": compared,
-        "spike_compare": how,
+        "spikes_not_compared": unpaired,
         "spike_count_torch": count_torch,
         "spike_count_export": count_export,
         "seconds": seconds,
     }
     if info["mode"] == "step":
-        errors = {name: np.abs(got["states"][name] - ref).max() for name, ref in ref_mems.items()}
-        report["max_abs_state_error"] = float(max(errors.values()))
+        errs = {name: np.abs(got["states"][name] - ref).max() for name, ref in ref_mems.items()}
+        report["max_abs_state_error"] = float(max(errs.values()))
         report["max_rel_state_error"] = float(
-            max(err / max(float(np.abs(ref_mems[name]).max()), 1e-12) for name, err in errors.items())
+            max(err / max(float(np.abs(ref_mems[name]).max()), 1e-12) for name, err in errs.items())
         )
     log.info("verify %s (%s): %s", path, backend, report)
     return report

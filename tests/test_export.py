@@ -8,6 +8,7 @@ import onnx
 import pytest
 import snntorch as snn
 import torch
+from snntorch import utils
 from torch import nn
 
 pytest.importorskip("qonnx")
@@ -346,8 +347,10 @@ def test_bad_inputs_raise_one_line_errors(tmp_path) -> None:
     x = _events((T, B, 2, 8, 8), 0)
     cases = [
         (x, "loop", "unknown export mode 'loop'"),
-        (x[0], "step", r"time-first \[T, B, C, H, W\]"),
-        (x.long(), "unrolled", "float torch.Tensor"),
+        (x[0], "step", r"example_input \(2, 2, 8, 8\) does not run through the model"),
+        (x.long(), "unrolled", r"\(2, 2, 2, 8, 8\) \(int64\) does not run through the model"),
+        (x[:1], "step", "at least 2 time steps"),
+        ([], "unrolled", "holding tensors"),
         (_events((T, B, 3, 8, 8), 0), "unrolled", "does not run through the model"),
     ]
     for example, mode, message in cases:
@@ -389,9 +392,265 @@ def test_step_mode_rejects_state_it_cannot_expose(tmp_path) -> None:
             return self.head(self.lif2(self.fc1(s.flatten(2)))).mean(0)
 
     x = _events((T, B, 2, 8, 8), 0)
-    for cls, message in [(Bare, "'extra' is bare"), (Twice, "'lif1' runs 2 times")]:
+    for cls, message in [(Bare, "'extra' is a bare snn.Leaky"), (Twice, "'lif1' runs 2 times")]:
         torch.manual_seed(0)
         model = _quantize(cls().eval(), "uniform")
         with pytest.raises(ValueError, match=message):
             export_qonnx(model, x, tmp_path / "s.onnx", mode="step")
         export_qonnx(model, x, tmp_path / "u.onnx", mode="unrolled")  # the unrolled layout still works
+
+
+# ---------------------------------------------------------------------------------------------
+# models as they are called: own time loops, static or sequence inputs, tuple outputs
+
+
+class StaticLoop(nn.Module):
+    """A static image [B, 1, 6, 6] in, the model's own loop over T around snn.Leaky(init_hidden=True)."""
+
+    def __init__(self, reset_inside: bool = True, steps: int = 3) -> None:
+        super().__init__()
+        self.reset_inside, self.steps = reset_inside, steps
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.lif1 = snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.lif2 = snn.Leaky(beta=0.8, threshold=0.5, init_hidden=True, output=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reset_inside:
+            utils.reset(self)
+        out = 0
+        for _ in range(self.steps):
+            spk, mem = self.lif2(self.fc(self.lif1(self.conv(x)).flatten(1)))
+            out = out + spk + mem / self.steps
+        return out
+
+
+class ExplicitMem(nn.Module):
+    """Time-first [T, B, 6] in, init_hidden=False neurons with the membranes as local variables,
+    the snnTorch tutorial's (spk_rec [T, B, 3], mem_rec [T, B, 3]) out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.lif1 = snn.Leaky(beta=0.9, threshold=0.5)
+        self.fc2 = nn.Linear(8, 3)
+        self.lif2 = snn.Leaky(beta=0.9, threshold=0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mem1, mem2 = self.lif1.reset_mem(), self.lif2.reset_mem()
+        spk_rec, mem_rec = [], []
+        for t in range(x.size(0)):
+            spk1, mem1 = self.lif1(self.fc1(x[t]), mem1)
+            spk2, mem2 = self.lif2(self.fc2(spk1), mem2)
+            spk_rec.append(spk2)
+            mem_rec.append(mem2)
+        return torch.stack(spk_rec), torch.stack(mem_rec)
+
+
+class Sequence(nn.Module):
+    """A batch-first sequence [B, L, 4]: Conv1d over L, then Linear + Leaky per position l."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.lif1 = snn.Leaky(beta=0.7, threshold=0.5, init_hidden=True)
+        self.fc = nn.Linear(8, 3)
+        self.lif2 = snn.Leaky(beta=0.7, threshold=0.3, init_hidden=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        utils.reset(self)
+        cur = self.conv(x.transpose(1, 2))  # [B, 8, L]
+        counts = 0
+        for step in range(x.size(1)):
+            counts = counts + self.lif2(self.fc(self.lif1(cur[:, :, step])))
+        return counts  # spike counts [B, 3]
+
+
+def _built(cls: type[nn.Module], *args: object) -> nn.Module:
+    torch.manual_seed(0)
+    return _quantize(cls(*args).eval(), "mixed")
+
+
+def _check_any(model: nn.Module, example: object, fresh: object, tmp_path, **kwargs) -> list[dict]:
+    """Export both files, verify both on ``fresh``: every output within TOL, every spike paired."""
+    reports = []
+    for export, backend in ((export_qonnx, "qonnx"), (export_onnxruntime, "onnxruntime")):
+        path = export(model, example, tmp_path / f"{backend}.onnx", **kwargs)
+        report = verify_export(model, path, fresh, backend=backend)
+        assert report["max_abs_output_error"] <= TOL and report["max_abs_logit_error"] <= TOL, report
+        assert report["spike_compare"] == "elementwise" and report["spike_mismatches"] == 0, report
+        assert report["spike_count_torch"] > 0 and report["spike_count_export"] == report["spike_count_torch"]
+        reports.append(report)
+    return reports
+
+
+@pytest.mark.parametrize("reset_inside", [True, False], ids=["utils.reset", "stale-state"])
+def test_static_input_model_with_its_own_time_loop(tmp_path, reset_inside: bool) -> None:
+    model = _built(StaticLoop, reset_inside)
+    example, fresh = torch.rand(2, 1, 6, 6) * 2, torch.rand(2, 1, 6, 6) * 2
+    with torch.no_grad():
+        for _ in range(3):  # leave membranes behind in the neurons: they must not reach the graph
+            model(fresh)
+        state = model.lif1.mem.clone()
+    reports = _check_any(model, example, fresh, tmp_path)
+    assert reports[0]["spikes_compared"] == 3 * 2 * (4 * 6 * 6 + 5)  # T calls of each neuron, paired
+    assert torch.equal(model.lif1.mem, state)  # the neurons' states are put back
+    info = export_info(tmp_path / "qonnx.onnx")
+    assert info["inputs"] == [{"name": "x", "shape": [2, 1, 6, 6], "dtype": "float32"}]
+    assert info["outputs"] == [{"name": "logits", "shape": [2, 5], "dtype": "float32"}]
+    # the file equals the model on an input it was not traced with, from fresh states
+    utils.reset(model)
+    with torch.no_grad():
+        expected = model(fresh).numpy()
+    got = run_export(tmp_path / "onnxruntime.onnx", fresh, backend="onnxruntime")
+    assert np.abs(got["logits"] - expected).max() <= TOL
+
+
+def test_explicit_membranes_and_a_tuple_output(tmp_path) -> None:
+    model = _built(ExplicitMem)
+    example, fresh = torch.rand(4, 2, 6) * 2, torch.rand(4, 2, 6) * 2
+    reports = _check_any(model, example, fresh, tmp_path)
+    assert reports[0]["output_errors"].keys() == {"output_0", "output_1"}
+    info = export_info(tmp_path / "qonnx.onnx")
+    shapes = [(o["name"], o["shape"]) for o in info["outputs"]]
+    assert shapes == [("output_0", [4, 2, 3]), ("output_1", [4, 2, 3])]
+    assert "logits" not in info and info["output_structure"] == "((4, 2, 3), (4, 2, 3))"
+    assert [o.name for o in onnx.load(str(tmp_path / "qonnx.onnx")).graph.output] == ["output_0", "output_1"]
+    spk, mem = model(fresh)
+    outputs = run_export(tmp_path / "qonnx.onnx", fresh)["outputs"]
+    assert np.array_equal(outputs["output_0"], spk.detach().numpy())
+    assert np.abs(outputs["output_1"] - mem.detach().numpy()).max() <= TOL
+
+
+def test_batch_first_sequence_model(tmp_path) -> None:
+    model = _built(Sequence)
+    example, fresh = torch.rand(2, 5, 4) * 2, torch.rand(2, 5, 4) * 2
+    _check_any(model, example, fresh, tmp_path)
+    assert {"Conv", "Greater", "Quant", "FloatQuant"} <= _ops(tmp_path / "qonnx.onnx")
+    with pytest.raises(ValueError, match=r"shape \[2, 6, 4\] but .* was exported for \[2, 5, 4\]"):
+        run_export(tmp_path / "qonnx.onnx", torch.rand(2, 6, 4))
+
+
+def test_several_positional_inputs(tmp_path) -> None:
+    class TwoInputs(Sequence):
+        def forward(self, x: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+            return super().forward(x * gain)
+
+    model = _built(TwoInputs)
+    example = (torch.rand(2, 5, 4), torch.full((1, 1, 4), 2.0))
+    fresh = (torch.rand(2, 5, 4), torch.full((1, 1, 4), 2.5))
+    _check_any(model, example, fresh, tmp_path)
+    assert [i["name"] for i in export_info(tmp_path / "qonnx.onnx")["inputs"]] == ["x_0", "x_1"]
+    with pytest.raises(ValueError, match="inputs hold 1 tensors but .* takes 2"):
+        run_export(tmp_path / "qonnx.onnx", fresh[0])
+
+
+def test_step_mode_refuses_neurons_driven_by_the_models_own_loop(tmp_path) -> None:
+    model = _built(StaticLoop)
+    with pytest.raises(ValueError, match="needs the time loop inside hq_ptq.snn.MultiStepLeaky") as err:
+        export_qonnx(model, torch.rand(2, 1, 6, 6), tmp_path / "s.onnx", mode="step")
+    assert "'lif1' is a bare snn.Leaky" in str(err.value) and "mode='unrolled'" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "s.onnx").exists()
+
+
+class Readout(TinySNN):
+    """TinySNN with another readout over T (time-first) or a batch-first input [B, T, ...]."""
+
+    def __init__(self, readout: str) -> None:
+        super().__init__()
+        self.readout = readout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.readout == "batch-first":
+            x = x.transpose(0, 1)
+        s = self.pool(self.lif1(self.stem(x)))
+        y = self.head(self.lif2(self.fc1(s.flatten(2))))  # [T, B, 4]
+        if self.readout == "sum":
+            return y.sum(0)
+        if self.readout == "max":
+            return y.amax(0)
+        if self.readout == "record":
+            return y  # [T, B, classes]
+        return y.mean(0)
+
+
+@pytest.mark.parametrize(
+    ("readout", "recorded"), [("sum", "sum"), ("record", "stack"), ("batch-first", "mean")]
+)
+def test_step_mode_reads_out_what_the_model_reads_out(tmp_path, readout: str, recorded: str) -> None:
+    torch.manual_seed(0)
+    model = _quantize(_calibrate_bn(Readout("mean"), (T, B, 2, 8, 8)), "mixed")
+    model.readout = readout
+    time_dim = 1 if readout == "batch-first" else 0
+    example, fresh = _events((3, B, 2, 8, 8), 0), _events((5, B, 2, 8, 8), 1)
+    if time_dim:
+        example, fresh = example.transpose(0, 1), fresh.transpose(0, 1)
+    path = export_qonnx(model, example, tmp_path / "s.onnx", mode="step", time_dim=time_dim)
+    (output,) = export_info(path)["outputs"]
+    assert output["readout"] == recorded and output.get("axis", 0) == 0
+    _check_report(verify_export(model, path, fresh), "step")  # T=5 from an export traced with 3
+    rpath = export_onnxruntime(model, example, tmp_path / "r.onnx", mode="step", time_dim=time_dim)
+    report = verify_export(model, rpath, fresh, backend="onnxruntime")
+    assert report["max_abs_output_error"] <= TOL and report["spike_mismatches"] == 0
+
+
+def test_step_mode_refuses_a_readout_that_mixes_time_steps(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _quantize(_calibrate_bn(Readout("mean"), (T, B, 2, 8, 8)), "uniform")
+    model.readout = "max"
+    with pytest.raises(ValueError, match="cannot rebuild output 'logits_t'.*mean .*sum .*last ") as err:
+        export_qonnx(model, _events((3, B, 2, 8, 8), 0), tmp_path / "s.onnx", mode="step")
+    assert "\n" not in str(err.value) and not (tmp_path / "s.onnx").exists()
+    export_qonnx(model, _events((3, B, 2, 8, 8), 0), tmp_path / "u.onnx")  # unrolled keeps the max
+
+
+def _rename_spikes(path, out, scope: str) -> None:
+    """A copy of ``path`` whose Greater outputs in ``scope`` carry no module scope (as dynamo names them)."""
+    proto = onnx.load(str(path))
+    renames = {}
+    for node in proto.graph.node:
+        if node.op_type == "Greater" and node.output[0].startswith(f"/{scope}/"):
+            renames[node.output[0]] = f"gt_{scope}_{len(renames)}"
+    for node in proto.graph.node:
+        node.output[:] = [renames.get(n, n) for n in node.output]
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for info in proto.graph.value_info:
+        info.name = renames.get(info.name, info.name)
+    onnx.save(proto, str(out))
+
+
+def test_verify_never_counts_unpaired_spikes_as_mismatches(tmp_path) -> None:
+    model = _tiny("mixed")
+    path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "m.onnx")
+    fresh = _events((T, B, 2, 8, 8), 1)
+    _rename_spikes(path, tmp_path / "partial.onnx", "lif2")
+    report = verify_export(model, tmp_path / "partial.onnx", fresh)
+    assert report["spike_compare"] == "partial" and report["spikes_not_compared"] == ["lif2"]
+    assert report["spike_mismatches"] == 0 and report["spikes_compared"] == T * B * 8 * 8 * 8
+    assert report["max_abs_output_error"] <= TOL
+    _rename_spikes(tmp_path / "partial.onnx", tmp_path / "none.onnx", "lif1")
+    report = verify_export(model, tmp_path / "none.onnx", fresh)
+    assert report["spike_compare"] == "not compared" and report["spike_mismatches"] is None
+    assert report["spikes_compared"] == 0 and report["spikes_not_compared"] == ["lif1", "lif2"]
+    assert report["max_abs_output_error"] <= TOL
+
+
+def test_verify_pairs_in_step_resets_and_leaves_unused_spikes_uncompared(tmp_path) -> None:
+    class InStepReset(ExplicitMem):  # spikingjelly-style LIF: reset in the same step
+        def __init__(self) -> None:
+            super().__init__()
+            self.lif1.reset_delay = self.lif2.reset_delay = False
+
+    class MemOnly(ExplicitMem):  # lif2's spikes only reach the graph as its next steps' pending resets
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x)[1]
+
+    x = torch.rand(4, 2, 6) * 2
+    report = _check_any(_built(InStepReset), x, x, tmp_path)[0]
+    assert report["spikes_compared"] == (2 * 4 - 1) * 2 * (8 + 3)  # spike + pending reset per call
+    model = _built(MemOnly)
+    report = verify_export(model, export_qonnx(model, x, tmp_path / "m.onnx"), x)
+    assert report["max_abs_output_error"] <= TOL
+    assert report["spike_compare"] == "partial" and report["spikes_not_compared"] == ["lif2"]
+    assert report["spike_mismatches"] == 0 and report["spikes_compared"] == 4 * 2 * 8
