@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from hq_ptq.api import analyze, apply_plan, get_plan, quantize, recalibrate_bn, search_plan
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
-from hq_ptq.export import export_onnxruntime, export_qonnx
+from hq_ptq.export import export_onnxruntime, export_qonnx, run_export, verify_export
 from hq_ptq.pack import load, save
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
-from hq_ptq.snn import set_lif_backend, to_multistep, to_stepwise
+from hq_ptq.snn import detached_copy, reset_states, set_lif_backend, to_multistep, to_stepwise
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,10 @@ __all__ = [
     "load",
     "export_qonnx",
     "export_onnxruntime",
+    "run_export",
+    "verify_export",
+    "reset_states",
+    "detached_copy",
     "finetune",
     "to_multistep",
     "to_stepwise",

@@ -36,7 +36,7 @@ from hq_ptq.sensitivity import (
     sensitivity_table,
     weight_traces,
 )
-from hq_ptq.snn import detached_copy, reset_states
+from hq_ptq.snn import detached_copy, reset_states, stable_surrogates
 from hq_ptq.swap import (
     find_layers,
     layer_quant,
@@ -237,7 +237,8 @@ def measure_traces(
 
     def compute() -> dict[str, float]:
         total = len(calib) if metric == "fisher" else config.search.max_samples
-        with progress.task(f"sensitivity ({metric})", total=total) as update:
+        # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
+        with stable_surrogates(model), progress.task(f"sensitivity ({metric})", total=total) as update:
             seen = [0]
 
             def tick(done: int, _total: int) -> None:

@@ -40,7 +40,7 @@ from hq_ptq.distributed import (
 )
 from hq_ptq.files import atomic_write
 from hq_ptq.model_io import OutputFn, call, class_scores, describe, tensors
-from hq_ptq.snn import reset_states
+from hq_ptq.snn import reset_states, stable_surrogates
 from hq_ptq.train import cosine_lr
 
 log = logging.getLogger(__name__)
@@ -342,7 +342,8 @@ def finetune(
     first_seen: list[str] = []
     batches = _batches(train_data, start * world, shard, first_seen)
     began = time.perf_counter()
-    with progress.task("qat", total=config.steps) as update:
+    # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
+    with stable_surrogates(model), progress.task("qat", total=config.steps) as update:
         update(advance=start)
         for step in range(start, config.steps):
             inputs, targets = next(batches)

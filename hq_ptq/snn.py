@@ -37,6 +37,7 @@ __all__ = [
     "reset_states",
     "set_lif_backend",
     "spiking_neurons",
+    "stable_surrogates",
     "surrogate_disabled",
     "to_multistep",
     "to_stepwise",
@@ -431,6 +432,51 @@ def surrogate_disabled(model: nn.Module) -> Iterator[nn.Module]:
         for neuron, flag, spike_grad in reversed(saved):
             _set_spike_grad(neuron, spike_grad)
             neuron.surrogate_disable = flag
+
+
+def _snntorch_sigmoid_slope(fn: object) -> float | None:
+    """The slope of an ``snntorch.surrogate.sigmoid(slope)`` surrogate, ``None`` for any other function."""
+    code = getattr(fn, "__code__", None)
+    if code is None or getattr(fn, "__qualname__", "") != "sigmoid.<locals>.inner":
+        return None
+    if getattr(fn, "__module__", "") != "snntorch.surrogate":
+        return None
+    cells = dict(zip(code.co_freevars, fn.__closure__ or (), strict=True))
+    return float(cells["slope"].cell_contents) if "slope" in cells else None
+
+
+def _stable_sigmoid(slope: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def spike(x: torch.Tensor) -> torch.Tensor:
+        # forward exactly (x > 0); gradient d/dx sigmoid(slope x) = slope σ (1 - σ), computed by
+        # torch.sigmoid, which never overflows; differentiable to any order (Hutchinson needs the second)
+        soft = torch.sigmoid(slope * x)
+        return (x > 0).to(x.dtype) + (soft - soft.detach())
+
+    spike.slope = slope  # type: ignore[attr-defined]
+    return spike
+
+
+@contextmanager
+def stable_surrogates(model: nn.Module) -> Iterator[int]:
+    """Within the block, snnTorch's ``surrogate.sigmoid`` is replaced by the same function written stably.
+
+    snnTorch's sigmoid surrogate computes its gradient as ``slope·e^(−slope·x) / (e^(−slope·x) + 1)²``,
+    which is inf/inf = NaN once the membrane is more than 88/slope below threshold (3.5 for the default
+    slope 25): one silent neuron far from threshold turns every upstream gradient, Hessian trace and QAT
+    step into NaN. The replacement gives the same spikes and the same derivative wherever snnTorch's is
+    finite (0 where it is NaN). Yields the number of neurons changed; restores them on exit.
+    """
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for _, neuron in spiking_neurons(model):
+            slope = _snntorch_sigmoid_slope(getattr(neuron, "spike_grad", None))
+            if slope is not None:
+                saved.append((neuron, neuron.spike_grad))
+                _set_spike_grad(neuron, _stable_sigmoid(slope))
+        yield len(saved)
+    finally:
+        for neuron, fn in reversed(saved):
+            _set_spike_grad(neuron, fn)
 
 
 def _set_spike_grad(neuron: nn.Module, fn: object) -> None:

@@ -148,7 +148,8 @@ def test_qat_starts_every_forward_from_reset_neurons():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(api, "detached_copy", recording_copy)
         model.register_forward_pre_hook(check_student)
-        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), config=_config(steps=6))
+        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1),
+                        config=_config(steps=6))
     assert stale and max(stale) == 0.0  # every student forward found zero membranes
     teacher = recording_copy.teacher
     assert len(teacher_calls) == 6
@@ -156,6 +157,25 @@ def test_qat_starts_every_forward_from_reset_neurons():
         reset_states(teacher)
         with torch.no_grad():
             torch.testing.assert_close(teacher(inputs), outputs, rtol=0, atol=0)
+
+
+def test_snntorch_sigmoid_surrogate_does_not_turn_the_analysis_into_nan():
+    # snnTorch's sigmoid surrogate divides two overflowing exponentials 3.5 below threshold (slope 25)
+    from snntorch import surrogate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), snn.Leaky(0.9, spike_grad=surrogate.sigmoid(), init_hidden=True),
+                          nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    data = [(x * 20, y) for x, y in _vectors()]  # membranes far below threshold
+    reset_states(model)
+    F.cross_entropy(model(data[0][0]), data[0][1]).backward()
+    assert not torch.isfinite(model[0].weight.grad).all()  # the snnTorch bug, as it is
+    original = model[1].spike_grad
+    hq_ptq.quantize(model, 4.0, calib_data=data, train_data=data, config=_config(steps=2))
+    plan = hq_ptq.get_plan(model)
+    assert all(math.isfinite(t) and t > 0 for t in plan.meta["traces"].values())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert model[1].spike_grad is original  # the user's surrogate is back
 
 
 # ------------------------------------------------------------------------------------------ 2. dead layers
