@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hq_ptq import progress
@@ -36,7 +37,8 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
             msg = err.args[0] if err.args else str(err)
-            err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+            # escaped: a message naming [model] or [data] must not read as rich markup
+            err_console.print(f"[red]error:[/red] {escape(str(msg))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -54,6 +56,14 @@ def main(
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value")
 ]
+ModelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Your own model: package.module:function returning the float nn.Module (imported with the "
+        "current directory on sys.path)",
+    ),
+]
 
 
 @app.command("recipes")
@@ -63,7 +73,8 @@ def recipes_cmd() -> None:
 
     for name in list_recipes():
         r = load_recipe(name)
-        console.print(f"{name:<24} {r.model_name:<18} {r.data['name']:<10} {r.description}", highlight=False)
+        line = f"{name:<24} {r.model_name:<18} {r.data_name:<10} {r.description}"
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @app.command("train")
@@ -82,7 +93,7 @@ def train_cmd(
     r = load_recipe(recipe, set_ or [])
     model, result, path = train_recipe(r, out)
     n = sum(p.numel() for p in model.parameters())
-    console.print(f"trained {r.model_name} ({n:,} parameters) on {r.data['name']} in {result.seconds:.0f}s")
+    console.print(f"trained {r.model_name} ({n:,} parameters) on {r.data_name} in {result.seconds:.0f}s")
     console.print(f"test accuracy: [bold]{100 * result.test_accuracy:.2f}%[/bold]   checkpoint: {path}")
 
 
@@ -109,14 +120,20 @@ def run_cmd(
         int, typer.Option(help="Data-parallel processes (gloo on CPU, NCCL on CUDA); or launch with torchrun")
     ] = 1,
     export: Annotated[bool, typer.Option(help="Write and verify the QONNX and onnxruntime files")] = True,
+    model: ModelOption = None,
 ) -> None:
-    """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table."""
-    result = _run(recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export)
+    """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table.
+
+    --model replaces the recipe's model by your factory (the recipe's [model] loss and output_fn stay; its
+    other [model] keys and fp_checkpoint go: the factory returns the trained model, or --set
+    fp_checkpoint=FILE loads weights into it).
+    """
+    result = _run(recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model)
     if result is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
     r, result, out = result
     console.print(plan_table(result.plan))
-    summary = Table(title=f"{r.name}: {r.model_name} on {r.data['name']}")
+    summary = Table(title=f"{r.name}: {r.model_name} on {r.data_name}")
     for col in ("model", "avg bits", "accuracy", "Δ vs float"):
         summary.add_column(col, justify="right")
     summary.add_row("float32", "32", f"{100 * result.fp_accuracy:.2f}%", "")
@@ -137,7 +154,7 @@ def run_cmd(
         console.print(f"resumed: QAT continued from step {result.qat_resumed_from} of its checkpoint")
 
 
-def _run(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool):
+def _run(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None):
     """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
 
     Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
@@ -148,7 +165,7 @@ def _run(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, expor
     from hq_ptq.pipeline import ensure_float_checkpoint, launched_run, run_recipe
     from hq_ptq.recipe import load_recipe
 
-    r = load_recipe(recipe, overrides)
+    r = load_recipe(recipe, overrides, model=model)
     out = out or Path("runs") / r.name
     torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
@@ -213,26 +230,59 @@ def sweep_cmd(
 @app.command("quantize")
 @user_errors
 def quantize_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Float checkpoint (.safetensors) made by hq-ptq train")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="Float checkpoint: made by hq-ptq train, or with --model any state_dict file of that model "
+            "(safetensors or torch.save)"
+        ),
+    ],
     budget: Annotated[float, typer.Option(help="Average weight bits")] = 3.5,
     out: Annotated[Path | None, typer.Option(help="Packed checkpoint to write")] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset (default: the one it was trained on)")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset name (default: the one it was trained on), or package.module:function returning "
+            "(train, test) batches (required with --model)"
+        ),
+    ] = None,
     qat_steps: Annotated[int, typer.Option(help="QAT steps (0: post-training only)")] = 150,
     metric: Annotated[str, typer.Option(help="hessian, fisher or weight")] = "hessian",
+    model: ModelOption = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(help="package.module:function, loss(outputs, targets) (default cross-entropy)"),
+    ] = None,
+    output_fn: Annotated[
+        str | None,
+        typer.Option(help="package.module:function, output_fn(outputs) -> [B, classes] class scores"),
+    ] = None,
 ) -> None:
     """Quantize a float checkpoint under a bit budget and write a packed checkpoint."""
     from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
     from hq_ptq.pipeline import quantize_checkpoint
 
     config = QuantConfig(search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps))
-    plan, fp_acc, q_acc, out = quantize_checkpoint(checkpoint, budget, out, data=data, config=config)
+    plan, fp_acc, q_acc, out = quantize_checkpoint(
+        checkpoint, budget, out, data=data, config=config, model=model, loss=loss, output_fn=output_fn
+    )
     console.print(plan_table(plan))
     console.print(f"float {_pct(fp_acc)} → quantized {_pct(q_acc)} at {plan.avg_bits:.3f} bits; wrote {out}")
 
 
 @app.command("inspect")
 @user_errors
-def inspect_cmd(path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors)")]) -> None:
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors)")],
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="package.module:function building the model the file was saved from: also check that it "
+            "loads into it",
+        ),
+    ] = None,
+) -> None:
     """Show the plan and sizes of a packed checkpoint."""
     from hq_ptq.pack import inspect
     from hq_ptq.plan import Plan
@@ -250,49 +300,119 @@ def inspect_cmd(path: Annotated[Path, typer.Argument(help="Packed checkpoint (.h
         f"compression vs FP32: {comp['checkpoint']:.2f}x (checkpoint), {comp['weights']:.2f}x (weights); "
         f"{comp['bits_per_weight']:.3f} bits per weight"
     )
+    if model is not None:
+        from hq_ptq.pack import load
+        from hq_ptq.pipeline import user_model
+        from hq_ptq.swap import quant_layers
+
+        net = load(path, model=user_model(model, what="--model"))
+        n = sum(p.numel() for p in net.parameters())
+        console.print(
+            f"loads into {model}: {type(net).__name__}, {n:,} parameters, "
+            f"{len(quant_layers(net))} quantized layers",
+            highlight=False,
+            soft_wrap=True,
+        )
+    elif info.get("model_config") is None:
+        console.print(
+            "a model outside the zoo: load it with hq_ptq.load(path, model=...) or pass --model "
+            "package.module:function",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _count(value) -> str:
+    return "n/a" if value is None else f"{value:,}"
 
 
 @app.command("export")
 @user_errors
 def export_cmd(
-    path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors) of a zoo model")],
+    path: Annotated[Path, typer.Argument(help="Packed checkpoint (.hqpt.safetensors)")],
     out: Annotated[
         Path | None, typer.Option(help="ONNX file to write (default: next to the checkpoint)")
     ] = None,
     mode: Annotated[
         str, typer.Option(help="unrolled (whole time loop) or step (one step, state as I/O)")
     ] = "unrolled",
-    time_steps: Annotated[int, typer.Option("--T", help="Time steps of the example input")] = 8,
-    batch: Annotated[int, typer.Option(help="Batch size baked into the graph")] = 1,
+    time_steps: Annotated[
+        int | None, typer.Option("--T", help="Time steps of a zoo model's random example input (default 8)")
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option(help="Batch size baked into a zoo model's graph (default 1)")
+    ] = None,
     runtime: Annotated[
         str, typer.Option(help="qonnx (Quant/FloatQuant nodes) or onnxruntime (QCDQ)")
     ] = "qonnx",
+    model: ModelOption = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="package.module:function returning (train, test) batches: the model is traced on a test "
+            "batch as it takes it and verified on another (required with --model)"
+        ),
+    ] = None,
+    time_dim: Annotated[
+        int | None, typer.Option(help="--mode step: the axis of the input tensors that is time (default 0)")
+    ] = None,
 ) -> None:
-    """Export a packed checkpoint to QONNX or to an onnxruntime-runnable ONNX file, and verify it."""
+    """Export a packed checkpoint to QONNX or to an onnxruntime-runnable ONNX file, and verify it.
+
+    A zoo model is traced on a random spike input [T, batch, C, H, W]; your own model (--model, with --data)
+    on one test batch of --data, and verified on the next batch of the same shape.
+    """
     import torch
 
     from hq_ptq.export import export_onnxruntime, export_qonnx, verify_export
-    from hq_ptq.pack import load
+    from hq_ptq.pack import inspect, load
+    from hq_ptq.pipeline import export_batches, is_reference, user_loaders, user_model
 
     if runtime not in ("qonnx", "onnxruntime"):
         raise ValueError(f"--runtime must be qonnx or onnxruntime, got {runtime!r}")
-    model = load(path)
-    cfg = model.hq_config
-    shape = (time_steps, batch, cfg.get("in_channels", 2), cfg["img_size"], cfg["img_size"])
-    gen = torch.Generator().manual_seed(0)
-    example = (torch.rand(shape, generator=gen) < 0.2).float()
+    if data is not None and not is_reference(data):
+        raise ValueError(f"--data takes package.module:function returning (train, test), got {data!r}")
+    if data is not None and (time_steps is not None or batch is not None):
+        raise ValueError(
+            "--T and --batch shape the random zoo example; with --data the example is a test batch"
+        )
+    if model is None and inspect(path)["model_config"] is None:
+        raise ValueError(
+            f"{path} holds a model outside the zoo: pass --model package.module:function that builds it "
+            "and --data package.module:function for its example batches"
+        )
+    if model is not None and data is None:
+        raise ValueError(
+            "exporting your own model needs --data package.module:function: the model is traced on one of "
+            "its test batches"
+        )
+    net = load(path, model=user_model(model, what="--model") if model is not None else None)
+    if data is not None:
+        _, test = user_loaders(data, what="--data")
+        example, fresh, verified_on = export_batches(test)
+    else:
+        cfg = net.hq_config
+        t, b = time_steps or 8, batch or 1
+        shape = (t, b, cfg.get("in_channels", 2), cfg["img_size"], cfg["img_size"])
+        gen = torch.Generator().manual_seed(0)
+        example = (torch.rand(shape, generator=gen) < 0.2).float()
+        fresh = (torch.rand(shape, generator=gen) < 0.2).float()
+        verified_on = "a fresh random input"
     suffix = ".qonnx.onnx" if runtime == "qonnx" else ".ort.onnx"
     out = out or path.with_name(path.name.split(".")[0] + suffix)
     fn = export_qonnx if runtime == "qonnx" else export_onnxruntime
+    options = {"time_dim": time_dim} if time_dim is not None else {}
     with progress.task(f"export {mode} ({runtime})", total=None):
-        fn(model, example, out, mode=mode)
-    fresh = (torch.rand(shape, generator=gen) < 0.2).float()
+        fn(net, example, out, mode=mode, **options)
     with progress.task(f"verify with {runtime}", total=None):
-        check = verify_export(model, out, fresh, backend=runtime)
+        check = verify_export(net, out, fresh, backend=runtime)
     console.print(f"wrote {out} ({out.stat().st_size:,} bytes, {mode})")
     console.print(
-        f"verified with {runtime} on a fresh input: max |Δ logit| {check['max_abs_logit_error']:.2g}, "
-        f"spike mismatches {check['spike_mismatches']:,} of {check['spikes_compared']:,}"
+        f"verified with {runtime} on {verified_on}: max |Δ {'output' if data else 'logit'}| "
+        f"{check.get('max_abs_output_error', check['max_abs_logit_error']):.2g}, "
+        f"spike mismatches {_count(check['spike_mismatches'])} of {_count(check['spikes_compared'])}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

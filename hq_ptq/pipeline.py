@@ -1,15 +1,23 @@
 """End-to-end runs of a recipe: float model (trained or loaded) → quantize → fine-tune → evaluate → files.
 
 The CLI and benchmarks call these; they hold no algorithm of their own.
+
+A recipe's model is a zoo model (``[model] name``: time-first ``[T, B, 2, H, W]`` event frames, logits,
+cross-entropy, random-shift augmentation) or the user's own (``[model] factory``): then nothing about its
+inputs or outputs is assumed. Batches go to the model as :mod:`hq_ptq.model_io` says, its ``loss`` and
+``output_fn`` (when the recipe names them) reach every library call, nothing is augmented, and the export
+traces one test batch exactly as the model takes it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
+import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from inspect import signature
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +31,17 @@ from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
 from hq_ptq.distributed import is_active, is_main, rank
 from hq_ptq.files import atomic_write_text
+from hq_ptq.model_io import OutputFn, call, describe
 from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
-from hq_ptq.recipe import DATA_LOADER_KEYS, Recipe
-from hq_ptq.train import TrainResult, evaluate, random_shift, train_float
+from hq_ptq.recipe import DATA_LOADER_KEYS, Recipe, resolve
+from hq_ptq.snn import detached_copy, reset_states
+from hq_ptq.train import TrainConfig, TrainResult, cosine_lr, evaluate, random_shift, train_float
 
 log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,164 @@ def dataset_loaders(data: dict[str, Any], seed: int = 0):
     )
 
 
+def call_factory(reference: str, kwargs: dict[str, Any], what: str) -> Any:
+    """``reference(**kwargs)``, the ``"package.module:function"`` imported by :func:`hq_ptq.recipe.resolve`;
+    keyword arguments the function does not take are a one-line ValueError naming ``what``."""
+    fn = resolve(reference, what)
+    try:
+        signature(fn).bind(**kwargs)
+    except TypeError as err:
+        wanted = sorted(kwargs) or "no arguments"
+        raise ValueError(f"{what} {reference!r} cannot take {wanted}: {err}") from None
+    except ValueError:  # no signature to check (a builtin): let the call say
+        pass
+    return fn(**kwargs)
+
+
+def user_loaders(reference: str, options: dict[str, Any] | None = None, what: str = "[data] factory"):
+    """``(train, test)`` from the user's data factory, checked: two re-iterable collections of batches."""
+    out = call_factory(reference, dict(options or {}), what)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise ValueError(
+            f"{what} {reference!r} must return (train, test) iterables of (inputs, targets) batches, "
+            f"got {type(out).__name__}"
+        )
+    for which, loader in zip(("train", "test"), out):
+        if not isinstance(loader, Iterable) or isinstance(loader, Iterator):
+            raise ValueError(
+                f"{what} {reference!r}: its {which} data must be re-iterable (a DataLoader or a list of "
+                f"batches), got a {type(loader).__name__}"
+            )
+    return tuple(out)
+
+
 def recipe_loaders(recipe: Recipe):
-    """(train, test) loaders of the recipe's dataset, shuffled by the recipe's training seed."""
+    """(train, test) loaders of the recipe's dataset (shuffled by the recipe's training seed), or of its data
+    factory."""
+    if recipe.data_factory is not None:
+        return user_loaders(recipe.data_factory, recipe.data_options())
     return dataset_loaders(recipe.data, recipe.train.seed)
+
+
+def user_model(
+    reference: str, kwargs: dict[str, Any] | None = None, what: str = "[model] factory"
+) -> nn.Module:
+    """The model the user's factory builds, checked to be an ``nn.Module``."""
+    model = call_factory(reference, dict(kwargs or {}), what)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{what} {reference!r} must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def build_recipe_model(recipe: Recipe) -> nn.Module:
+    """A new model of the recipe: the zoo model (untrained) or what the recipe's factory returns."""
+    if recipe.model_factory is not None:
+        return user_model(recipe.model_factory, recipe.model_overrides())
+    return build_model(recipe.model_name, **recipe.model_overrides())
+
+
+def recipe_functions(recipe: Recipe) -> tuple[LossFn | None, OutputFn | None]:
+    """The recipe's ``[model] loss`` and ``output_fn``, imported (None where the recipe names none)."""
+    loss = recipe.model.get("loss")
+    output = recipe.model.get("output_fn")
+    return (
+        resolve(loss, "[model] loss") if loss else None,
+        resolve(output, "[model] output_fn") if output else None,
+    )
+
+
+def check_references(recipe: Recipe) -> None:
+    """Import every ``"package.module:function"`` the recipe names: a typo fails now, not after training."""
+    if recipe.model_factory is not None:
+        resolve(recipe.model_factory, "[model] factory")
+    if recipe.data_factory is not None:
+        resolve(recipe.data_factory, "[data] factory")
+    recipe_functions(recipe)
+
+
+def is_user_recipe(recipe: Recipe) -> bool:
+    """True when the recipe's model or data is the user's own: no zoo assumption applies then."""
+    return recipe.model_factory is not None or recipe.data_factory is not None
+
+
+def _shift(recipe: Recipe) -> int:
+    """Random-shift pixels for training and QAT: the recipe's ``train.shift_augment`` for zoo models on
+    built-in data, none for the user's own model or data (its layout is unknown)."""
+    shift = recipe.train.shift_augment
+    if shift and is_user_recipe(recipe):
+        log.warning(
+            "train.shift_augment=%s is ignored: it shifts the built-in datasets' event frames for zoo "
+            "models; augment in your data factory instead",
+            shift,
+        )
+        return 0
+    return shift
+
+
+def train_user_model(
+    model: nn.Module,
+    train_batches: Iterable,
+    test_batches: Iterable | None = None,
+    config: TrainConfig = TrainConfig(),
+    *,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
+) -> TrainResult:
+    """Float training of a user's model, :func:`hq_ptq.train.train_float`'s schedule (AdamW, cosine with
+    warm-up, gradient clipping) without its zoo assumptions: batches reach the model through
+    :func:`hq_ptq.model_io.call`, the loss is ``loss_fn`` (default cross-entropy with the config's label
+    smoothing), neurons are reset before every forward and nothing is augmented."""
+    torch.manual_seed(config.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=config.lr,
+    )
+    steps_per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
+    if steps_per_epoch == 0:
+        raise ValueError("the training data holds no batch")
+    total = config.epochs * steps_per_epoch if steps_per_epoch else None
+    warmup = int(config.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: cosine_lr(s, total, warmup) if total else 1.0
+    )
+    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    start = time.perf_counter()
+    model.train()
+    running = float("nan")
+    try:
+        with progress.task("train", total=total) as update:
+            for epoch in range(config.epochs):
+                for inputs, targets in train_batches:
+                    reset_states(model)
+                    loss = loss_fn(call(model, inputs), targets)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.grad_clip:
+                        nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    opt.step()
+                    sched.step()
+                    value = loss.item()
+                    running = value if math.isnan(running) else 0.9 * running + 0.1 * value
+                    update(epoch=epoch + 1, loss=f"{running:.3f}")
+                if not math.isfinite(running):
+                    raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {running})")
+                log.info("epoch %d loss %.4f", epoch + 1, running)
+    finally:
+        reset_states(model)  # no membrane of the last batch (with its graph) stays behind
+    seconds = time.perf_counter() - start
+    model.eval()
+    acc = evaluate(model, test_batches, output_fn=output_fn) if test_batches is not None else None
+    return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs)
+
+
+def is_reference(value: str | None) -> bool:
+    """True when ``value`` reads as ``"package.module:function"`` rather than a name."""
+    return value is not None and ":" in value
 
 
 def quantize_checkpoint(
@@ -77,60 +244,118 @@ def quantize_checkpoint(
     *,
     data: str | None = None,
     config: QuantConfig | None = None,
+    model: str | None = None,
+    loss: str | None = None,
+    output_fn: str | None = None,
 ) -> tuple[Plan, float, float, Path]:
     """Float checkpoint → quantize (+ QAT when config.qat.steps) → packed checkpoint.
 
-    The dataset is the one recorded in the checkpoint unless ``data`` names another.
+    A zoo checkpoint (``hq-ptq train``) rebuilds its model, and its dataset is the one recorded in it unless
+    ``data`` names another. With ``model`` (``"package.module:function"``) the checkpoint's weights (a
+    safetensors file or a ``torch.save`` state_dict) load into the model that function builds, and ``data``
+    must be the ``"package.module:function"`` returning its ``(train, test)`` batches; ``loss`` and
+    ``output_fn`` name the model's loss and class-score functions the same way.
     Returns ``(plan, float accuracy, quantized accuracy, packed path)``.
     """
     from hq_ptq.api import quantize
     from hq_ptq.pack import save
 
     config = config or QuantConfig()
-    model, meta = load_float(checkpoint)
-    dataset = {"name": data} if data is not None else dict(meta.get("dataset") or {})
-    if "name" not in dataset:
-        raise ValueError(f"{checkpoint} does not record its dataset; pass --data NAME")
-    train, test = dataset_loaders(dataset)
-    fp_acc = evaluate(model, test, description="evaluate float")
-    quantize(model, budget, calib_data=train, train_data=train if config.qat.steps else None, config=config)
-    q_acc = evaluate(model, test, description="evaluate quantized")
-    out = out or checkpoint.with_name(
-        checkpoint.name.replace(".safetensors", "") + f"-w{budget:g}.hqpt.safetensors"
+    loss_fn = resolve(loss, "--loss") if loss else None
+    scores_fn = resolve(output_fn, "--output-fn") if output_fn else None
+    if model is not None:
+        if not is_reference(data):
+            raise ValueError(
+                "quantizing your own model needs --data package.module:function returning its "
+                "(train, test) batches"
+            )
+        resolve(data, "--data")  # a typo fails before the model is built
+        net, _ = load_float(checkpoint, model=user_model(model, what="--model"))
+        train, test = user_loaders(data, what="--data")
+    else:
+        net, meta = load_float(checkpoint)
+        if is_reference(data):
+            train, test = user_loaders(data, what="--data")
+        else:
+            dataset = {"name": data} if data is not None else dict(meta.get("dataset") or {})
+            if "name" not in dataset:
+                raise ValueError(f"{checkpoint} does not record its dataset; pass --data NAME")
+            train, test = dataset_loaders(dataset)
+    fp_acc = evaluate(net, test, output_fn=scores_fn, description="evaluate float")
+    quantize(
+        net,
+        budget,
+        calib_data=train,
+        train_data=train if config.qat.steps else None,
+        loss_fn=loss_fn,
+        output_fn=scores_fn,
+        config=config,
     )
-    save(model, out)
-    return get_plan(model), fp_acc, q_acc, Path(out)
+    q_acc = evaluate(net, test, output_fn=scores_fn, description="evaluate quantized")
+    if out is None:
+        stem = checkpoint.name
+        for suffix in (".safetensors", ".pth", ".pt"):
+            stem = stem.removesuffix(suffix)
+        out = checkpoint.with_name(f"{stem}-w{budget:g}.hqpt.safetensors")
+    save(net, out)
+    return get_plan(net), fp_acc, q_acc, Path(out)
 
 
 def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, TrainResult, Path]:
-    """Train the recipe's float model and save it to ``out`` (default: the recipe's fp_checkpoint)."""
+    """Train the recipe's float model and save it to ``out`` (default: the recipe's fp_checkpoint).
+
+    A factory model is trained with the recipe's ``[model] loss`` (default cross-entropy) and
+    ``output_fn``, without augmentation; its file records the factory (never imported on load) and loads
+    back with ``load_float(path, model=factory(...))``.
+    """
     out = out or recipe.fp_checkpoint or Path("runs") / recipe.name / "fp.safetensors"
+    check_references(recipe)
     train, test = recipe_loaders(recipe)
-    model = build_model(recipe.model_name, **recipe.model_overrides())
-    result = train_float(model, train, test, recipe.train)
-    save_float(
-        model,
-        out,
-        meta={
-            "recipe": recipe.name,
-            "dataset": recipe.data,
-            "train": asdict(recipe.train),
-            "test_accuracy": result.test_accuracy,
-            "seconds": round(result.seconds, 1),
-            "command": f"hq-ptq train {recipe.name}",
-        },
-    )
+    model = build_recipe_model(recipe)
+    if is_user_recipe(recipe):
+        loss_fn, output_fn = recipe_functions(recipe)
+        config = replace(recipe.train, shift_augment=_shift(recipe))
+        result = train_user_model(model, train, test, config, loss_fn=loss_fn, output_fn=output_fn)
+    else:
+        result = train_float(model, train, test, recipe.train)
+    meta = {
+        "recipe": recipe.name,
+        "model": recipe.model,
+        "dataset": recipe.data,
+        "train": asdict(recipe.train),
+        "test_accuracy": result.test_accuracy,
+        "seconds": round(result.seconds, 1),
+        "command": f"hq-ptq train {recipe.name}",
+    }
+    save_float(model, out, meta=meta, factory=recipe.model_factory)
     return model, result, Path(out)
 
 
 def float_model(recipe: Recipe) -> nn.Module:
-    """The recipe's float model: loaded from its checkpoint when present, else trained and saved there."""
-    if is_active() and not (recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file()):
+    """The recipe's float model: loaded from its checkpoint when present, else trained and saved there.
+
+    A factory model with no ``fp_checkpoint`` is the factory's model as it comes (trained by the factory);
+    with one, the factory builds the model and the checkpoint's weights load into it.
+    """
+    factory_as_is = recipe.model_factory is not None and recipe.fp_checkpoint is None
+    have_file = recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file()
+    if is_active() and not (have_file or factory_as_is):
         raise ValueError(
             f"a distributed run needs the recipe's float checkpoint ({recipe.fp_checkpoint}); make it first "
             f"with `hq-ptq train {recipe.name}` (hq-ptq run --nproc does so itself)"
         )
-    if recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file():
+    if recipe.model_factory is not None:
+        if factory_as_is:
+            log.info("float model: as %s returned it (the recipe has no fp_checkpoint)", recipe.model_factory)
+            return build_recipe_model(recipe)
+        if have_file:
+            model, _ = load_float(recipe.fp_checkpoint, model=build_recipe_model(recipe))
+            log.info("loaded float checkpoint %s into %s", recipe.fp_checkpoint, recipe.model_factory)
+            return model
+        log.info("no float checkpoint at %s: training one", recipe.fp_checkpoint)
+        model, _, _ = train_recipe(recipe)
+        return model
+    if have_file:
         model, meta = load_float(recipe.fp_checkpoint)
         if model.hq_config["name"] != recipe.model_name:
             raise ValueError(
@@ -148,6 +373,8 @@ def ensure_float_checkpoint(recipe: Recipe) -> Recipe:
     must all load the same one are started)."""
     if recipe.fp_checkpoint is not None and recipe.fp_checkpoint.is_file():
         return recipe
+    if recipe.model_factory is not None and recipe.fp_checkpoint is None:
+        return recipe  # the factory returns the trained model, in every process alike
     _, _, path = train_recipe(recipe)
     return replace(recipe, fp_checkpoint=Path(path))
 
@@ -159,9 +386,9 @@ def _with_cache(recipe: Recipe, out_dir: Path | None) -> QuantConfig:
     return replace(recipe.quant, cache_dir=str(Path(out_dir) / "cache"))
 
 
-def _evaluate(model: nn.Module, test, description: str) -> float:
+def _evaluate(model: nn.Module, test, description: str, output_fn: OutputFn | None = None) -> float:
     # rank 0 alone measures (and reports); the other ranks would only repeat it
-    return evaluate(model, test, description=description) if is_main() else float("nan")
+    return evaluate(model, test, output_fn=output_fn, description=description) if is_main() else float("nan")
 
 
 def quantize_and_finetune(
@@ -174,13 +401,17 @@ def quantize_and_finetune(
     *,
     checkpoint: Path | None = None,
     resume: bool = False,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
 ) -> tuple[float, float, float]:
     """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate -> (PTQ acc, QAT acc, QAT s).
 
     With ``checkpoint`` QAT writes resumable checkpoints there; ``resume`` continues from it when present.
     Under torch.distributed every rank fine-tunes (DDP) and rank 0 alone evaluates (the others get NaN).
     """
-    return _quantize_and_finetune(model, plan, recipe, train, test, teacher, checkpoint, resume)[:3]
+    return _quantize_and_finetune(
+        model, plan, recipe, train, test, teacher, checkpoint, resume, loss_fn, output_fn
+    )[:3]
 
 
 def _quantize_and_finetune(
@@ -192,16 +423,18 @@ def _quantize_and_finetune(
     teacher: nn.Module,
     checkpoint: Path | None,
     resume: bool,
+    loss_fn: LossFn | None = None,
+    output_fn: OutputFn | None = None,
 ) -> tuple[float, float, float, int]:
     apply_plan(model, plan)
     if recipe.quant.recalibrate_bn:
         recalibrate_bn(model, train, recipe.quant.recalibrate_bn)
-    ptq_acc = _evaluate(model, test, "evaluate PTQ")
+    ptq_acc = _evaluate(model, test, "evaluate PTQ", output_fn)
     if recipe.quant.qat.steps == 0:
         return ptq_acc, ptq_acc, 0.0, 0
     # each rank shifts its own batches with its own stream; rank 0 (and one process) uses the seed itself
     gen = torch.Generator().manual_seed(recipe.quant.seed + rank())
-    shift = recipe.train.shift_augment
+    shift = _shift(recipe)  # zoo models on built-in data only
     augment = (lambda x: random_shift(x, shift, gen)) if shift else None
     if checkpoint is not None and not resume and is_main():
         checkpoint.unlink(missing_ok=True)  # a fresh run must not leave an older run's state to resume
@@ -210,6 +443,8 @@ def _quantize_and_finetune(
         train,
         recipe.quant.qat,
         teacher=teacher,
+        loss_fn=loss_fn,
+        output_fn=output_fn,
         augment=augment,
         seed=recipe.quant.seed,
         generators=[gen],
@@ -217,7 +452,7 @@ def _quantize_and_finetune(
         resume=resume,
         meta={"plan": [[c.name, c.scheme, c.bits] for c in plan.layers], "budget": plan.budget},
     )
-    q_acc = _evaluate(model, test, "evaluate QAT")
+    q_acc = _evaluate(model, test, "evaluate QAT", output_fn)
     return ptq_acc, q_acc, result.seconds, result.start_step
 
 
@@ -244,22 +479,25 @@ def run_recipe(
     """
     budget = recipe.budget if budget is None else budget
     check_budget(budget)  # before minutes of loading and calibration
+    check_references(recipe)  # and a misspelled factory fails now
+    loss_fn, output_fn = recipe_functions(recipe)
     config = _with_cache(recipe, out_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     model = float_model(recipe)
     seconds["float_model"] = time.perf_counter() - t0
     train, test = recipe_loaders(recipe)
-    fp_acc = _evaluate(model, test, "evaluate float")
-    teacher = copy.deepcopy(model).eval()
+    fp_acc = _evaluate(model, test, "evaluate float", output_fn)
+    # deepcopy would refuse an snnTorch membrane still holding its graph
+    teacher = detached_copy(model).eval()
 
     t0 = time.perf_counter()
-    analysis = analyze(model, calib_data=train, config=config)
+    analysis = analyze(model, calib_data=train, loss_fn=loss_fn, config=config)
     plan = search_plan(analysis, budget, config)
     seconds["search"] = time.perf_counter() - t0
     checkpoint = Path(out_dir) / QAT_CHECKPOINT if out_dir is not None else None
     ptq_acc, q_acc, seconds["qat"], resumed = _quantize_and_finetune(
-        model, plan, recipe, train, test, teacher, checkpoint, resume
+        model, plan, recipe, train, test, teacher, checkpoint, resume, loss_fn, output_fn
     )
     plan = get_plan(model)
     result = RunResult(
@@ -285,20 +523,63 @@ def launched_run(
     return run_recipe(recipe, budget, out_dir, resume=resume, export=export)
 
 
-def export_artifacts(model: nn.Module, test, out_dir: Path) -> dict[str, Path]:
-    """QONNX (Quant/FloatQuant nodes, unrolled over T, batch 1) and onnxruntime files of the quantized model,
-    each verified against PyTorch on a test sample it was not traced with."""
+def _layout(value: Any) -> Any:
+    """A batch's inputs with every tensor replaced by its (shape, dtype): equal layouts trace alike."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), str(value.dtype))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _layout(v)) for k, v in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, tuple(_layout(v) for v in value))
+    return (type(value).__name__, repr(value))
+
+
+def export_batches(test: Iterable) -> tuple[Any, Any, str]:
+    """``(example, fresh, how)`` for the export of a user's model: the first test batch's inputs as the model
+    takes them (any structure), and the inputs of the next test batch with the same structure and shapes
+    to verify on; when the test data holds no other such batch, the first batch again (``how`` says so)."""
+    it = iter(test)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("the test data yielded no batch to export the model with")
+    if not (isinstance(first, (tuple, list)) and len(first) == 2):
+        raise ValueError(f"test batches must be (inputs, targets), got {describe(first)}")
+    example = first[0]
+    layout = _layout(example)
+    for batch in it:
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and _layout(batch[0]) == layout:
+            return example, batch[0], "another test batch (not the one traced)"
+    log.warning("the test data has no second batch shaped like the first: verifying the export on the batch "
+                "it was traced with")
+    return example, example, "the traced batch itself (the test data holds no other batch of its shape)"
+
+
+def export_artifacts(model: nn.Module, test, out_dir: Path, *, user: bool = False) -> dict[str, Path]:
+    """QONNX (Quant/FloatQuant nodes) and onnxruntime files of the quantized model, each verified against
+    PyTorch on test inputs it was not traced with.
+
+    A zoo model is traced unrolled over T at batch 1 on a time-first test sample ``[T, 1, ...]``. A user's
+    model (``user=True``) is traced on one whole test batch as the model takes it and verified on another of
+    the same structure and shapes (the same one when there is none; ``verified_on`` in the checks says which).
+    """
     from hq_ptq.export import export_onnxruntime, export_qonnx, verify_export
 
-    inputs, _ = next(iter(test))
-    example, fresh = inputs[:, :1], inputs[:, 1:2]  # time-first [T, 1, ...]
+    if user:
+        example, fresh, verified_on = export_batches(test)
+    else:
+        inputs, _ = next(iter(test))
+        example, fresh = inputs[:, :1], inputs[:, 1:2]  # time-first [T, 1, ...]
+        verified_on = None
     files, checks = {}, {}
     for kind, fn, backend in (("qonnx", export_qonnx, "qonnx"), ("ort", export_onnxruntime, "onnxruntime")):
         with progress.task(f"export {kind}", total=None):
             files[f"{kind}_onnx"] = fn(model, example, out_dir / f"model.{kind}.onnx")
             checks[kind] = verify_export(model, files[f"{kind}_onnx"], fresh, backend=backend)
+        if verified_on is not None:
+            checks[kind]["verified_on"] = verified_on
         log.info("%s export: %s", kind, checks[kind])
-        if checks[kind]["max_abs_logit_error"] > 1e-5 or checks[kind]["spike_mismatches"]:
+        error = checks[kind].get("max_abs_output_error", checks[kind].get("max_abs_logit_error"))
+        if error > 1e-5 or checks[kind]["spike_mismatches"]:
             raise RuntimeError(f"{kind} export does not reproduce the model: {checks[kind]}")
     text = json.dumps(checks, indent=2, default=str)
     files["export_checks"] = atomic_write_text(out_dir / "export_checks.json", text)
@@ -324,8 +605,9 @@ def write_artifacts(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"plan": result.plan.to_json(out_dir / "plan.json")}
     files["packed"] = save(model, out_dir / "model.hqpt.safetensors")
+    user = is_user_recipe(recipe)
     if export:
-        files.update(export_artifacts(model, test, out_dir))
+        files.update(export_artifacts(model, test, out_dir, user=user))
     info = inspect(files["packed"])
     sizes = {
         "packed checkpoint (bytes)": info["bytes"]["file"],
@@ -333,8 +615,19 @@ def write_artifacts(
         "compression, whole checkpoint": round(info["compression"]["checkpoint"], 2),
         "compression, weights (codes + scales vs FP32 weights)": round(info["compression"]["weights"], 2),
     }
-    activity = measure_activity(model, test, max_batches=4)
-    energy = estimate_energy(activity, result.plan)
+    energy = None
+    if not user:
+        energy = estimate_energy(measure_activity(model, test, max_batches=4), result.plan)
+    else:
+        layout = _activity_layout(test)
+        if layout is None:
+            log.warning("no energy estimate: it needs a model that takes one tensor [B, ...] or [T, B, ...]")
+        else:
+            try:
+                activity = measure_activity(model, test, max_batches=4, time_first=layout)
+                energy = estimate_energy(activity, result.plan)
+            except ValueError as err:
+                log.warning("no energy estimate for this model: %s", str(err).splitlines()[0])
     results = {**result.to_dict(), "recipe_config": recipe.to_dict()}
     text = json.dumps(results, indent=2, default=str)
     files["result"] = atomic_write_text(out_dir / "result.json", text)
@@ -342,6 +635,21 @@ def write_artifacts(
         write_report(out_dir, plan=result.plan, results=results, sweep=sweep, energy=energy, sizes=sizes)
     )
     return files
+
+
+def _activity_layout(test: Iterable) -> bool | None:
+    """``time_first`` for :func:`hq_ptq.energy.measure_activity` on a user's batches: False when the inputs
+    tensor is batch-first (its first dimension is the targets' batch size), True when only its second is,
+    None when the inputs are not one tensor (the energy model does not apply)."""
+    inputs, targets = next(iter(test))
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor) or inputs.dim() == 0:
+        return None
+    b = targets.shape[0] if targets.dim() else 1
+    if inputs.shape[0] == b:
+        return False
+    if inputs.dim() > 1 and inputs.shape[1] == b:
+        return True
+    return None
 
 
 # Homogeneous baselines of a sweep: every searched layer on one (scheme, bits); protected layers as in search.
@@ -366,10 +674,12 @@ def sweep_recipe(
     if not budgets:
         raise ValueError("sweep needs at least one budget, e.g. --budgets 4,3.5,3")
     config = _with_cache(recipe, out_dir)
+    check_references(recipe)
+    loss_fn, output_fn = recipe_functions(recipe)
     float_net = float_model(recipe)
     train, test = recipe_loaders(recipe)
-    fp_acc = evaluate(float_net, test, description="evaluate float")
-    analysis = analyze(copy.deepcopy(float_net), calib_data=train, config=config)
+    fp_acc = evaluate(float_net, test, output_fn=output_fn, description="evaluate float")
+    analysis = analyze(detached_copy(float_net), calib_data=train, loss_fn=loss_fn, config=config)
     points: list[tuple[str, str, Plan]] = [
         (f"search @ {b:g}", "hetero", search_plan(analysis, b, config)) for b in budgets
     ]
@@ -382,8 +692,10 @@ def sweep_recipe(
     shown = recipe.budget if recipe.budget in budgets else budgets[0]
     shown_model: tuple[nn.Module, RunResult] | None = None
     for label, kind, plan in points:
-        model = copy.deepcopy(float_net)
-        ptq_acc, q_acc, qat_s = quantize_and_finetune(model, plan, recipe, train, test, float_net)
+        model = detached_copy(float_net)
+        ptq_acc, q_acc, qat_s = quantize_and_finetune(
+            model, plan, recipe, train, test, float_net, loss_fn=loss_fn, output_fn=output_fn
+        )
         entry = {
             "label": label,
             "kind": kind,

@@ -2,13 +2,29 @@
 
 A recipe is settings only. Unknown keys fail with the nearest valid key named; ``--set section.key=value``
 overrides any value from the command line.
+
+The model and the data are either built in (``[model] name = "spikformer-tiny"``, ``[data] name = "digits"``)
+or the user's own, named as ``"package.module:function"``:
+
+* ``[model] factory = "mymodels:build"``: ``build(**kwargs)`` returns the float ``nn.Module``; every other
+  ``[model]`` key is a keyword argument, except ``loss`` and ``output_fn``, themselves
+  ``"package.module:function"`` references: ``loss(outputs, targets)`` (default cross-entropy) and
+  ``output_fn(outputs) -> [B, classes]`` scores (default: the outputs when they are 2-D).
+* ``[data] factory = "mydata:loaders"``: ``loaders(**kwargs)`` returns ``(train, test)``, re-iterable
+  collections of ``(inputs, targets)`` batches; every other ``[data]`` key is a keyword argument.
+
+References are imported lazily (:func:`resolve`), with the current directory on ``sys.path`` as
+``python -m`` has it, so a ``mymodels.py`` beside the recipe's caller works.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
+import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +41,9 @@ TOP_KEYS = ("description", "fp_checkpoint", "model", "data", "train", "quant", "
 # [quant]: the budget plus QuantConfig's own fields ([search] and [qat] are sections of their own)
 QUANT_KEYS = ("budget", *(f.name for f in fields(QuantConfig) if f.name not in ("search", "qat")))
 DATA_LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
+# [model] keys that are not keyword arguments of the model's builder
+MODEL_KEYS = ("name", "factory", "loss", "output_fn")
+_REFERENCE = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*")
 
 
 @dataclass(frozen=True)
@@ -40,11 +59,32 @@ class Recipe:
     fp_checkpoint: Path | None
 
     @property
+    def model_factory(self) -> str | None:
+        """``"package.module:function"`` building the user's model, or None for a zoo model."""
+        return self.model.get("factory")
+
+    @property
+    def data_factory(self) -> str | None:
+        """``"package.module:function"`` returning the user's ``(train, test)``; None for a dataset name."""
+        return self.data.get("factory")
+
+    @property
     def model_name(self) -> str:
-        return self.model["name"]
+        """The zoo model's name, or the factory reference of a user model."""
+        return self.model.get("name") or self.model["factory"]
+
+    @property
+    def data_name(self) -> str:
+        """The built-in dataset's name, or the factory reference of the user's data."""
+        return self.data.get("name") or self.data["factory"]
 
     def model_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model.items() if k != "name"}
+        """Keyword arguments of ``build_model`` (zoo) or of the model factory."""
+        return {k: v for k, v in self.model.items() if k not in MODEL_KEYS}
+
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments of the data factory (every ``[data]`` key but ``factory``)."""
+        return {k: v for k, v in self.data.items() if k != "factory"}
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -108,19 +148,86 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def check_reference(value: Any, what: str) -> str:
+    """``value`` when it reads ``"package.module:function"``, else a one-line ValueError naming ``what``."""
+    if not isinstance(value, str) or not _REFERENCE.fullmatch(value.strip()):
+        raise ValueError(f"{what} must be 'package.module:function', got {value!r}")
+    return value.strip()
+
+
+def _cwd_on_path() -> None:
+    # as `python -m` does: the current directory first, so the user's own mymodels.py is importable
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def resolve(reference: str, what: str = "reference") -> Callable[..., Any]:
+    """The callable named by ``"package.module:function"`` (``function`` may be dotted: ``mod:Class.build``).
+
+    The module is imported with the current directory on ``sys.path``. Every failure is one ValueError line
+    naming ``what`` (e.g. ``"[model] factory"``): a malformed reference, a module that is not found or fails
+    to import, a missing attribute (with the nearest name), or an attribute that is not callable.
+    """
+    reference = check_reference(reference, what)
+    module_name, attr = reference.split(":")
+    _cwd_on_path()
+    importlib.invalidate_caches()  # a file written since the last import is seen
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        parts = module_name.split(".")
+        if err.name in {".".join(parts[: i + 1]) for i in range(len(parts))}:
+            raise ValueError(
+                f"{what} {reference!r}: no module named {err.name!r} (looked in the current directory "
+                f"{os.getcwd()} and sys.path)"
+            ) from None
+        raise ValueError(f"{what} {reference!r}: importing {module_name} failed ({err})") from None
+    except Exception as err:  # the user's module raised while importing: still their error, one line
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{what} {reference!r}: importing {module_name} failed ({type(err).__name__}: {detail})"
+        ) from None
+    obj: Any = module
+    for i, part in enumerate(attr.split(".")):
+        if not hasattr(obj, part):
+            where = module_name if i == 0 else f"{module_name}:{'.'.join(attr.split('.')[:i])}"
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{what} {reference!r}: {where} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{what} {reference!r} is not callable (a value of type {type(obj).__name__})")
+    return obj
+
+
 def _suggest(key: str, known: tuple[str, ...] | list[str], where: str) -> ValueError:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean {where}{close[0]}?)" if close else f" (known: {', '.join(known)})"
     return ValueError(f"unknown key {where}{key}{hint}")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; every error is one line naming the bad key."""
+def load_recipe(
+    name_or_path: str, overrides: list[str] | tuple[str, ...] = (), *, model: str | None = None
+) -> Recipe:
+    """Read, override and validate a recipe; every error is one line naming the bad key.
+
+    ``model`` (``"package.module:function"``, the CLI's ``--model``) replaces the recipe's model: ``[model]``
+    becomes ``factory = model`` with the recipe's ``loss`` and ``output_fn`` kept and its other keys (the
+    old model's arguments) dropped, and so is ``fp_checkpoint`` (the old model's weights). ``overrides``
+    apply after it, so ``--set model.key=value`` adds keyword arguments and ``--set fp_checkpoint=FILE``
+    loads weights into the new model.
+    """
     path = find_recipe(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: invalid TOML ({err})") from None
+    if model is not None:
+        kept = {k: v for k, v in dict(raw.get("model") or {}).items() if k in ("loss", "output_fn")}
+        raw["model"] = {"factory": check_reference(model, "--model"), **kept}
+        raw.pop("fp_checkpoint", None)
     for item in overrides:
         keys, value = parse_override(item)
         node = raw
@@ -133,8 +240,23 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if key not in TOP_KEYS:
             raise _suggest(key, TOP_KEYS, "")
     for section in ("model", "data"):
-        if "name" not in raw.get(section, {}):
-            raise ValueError(f"{path}: [{section}] needs a name")
+        table = raw.get(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: {section} must be a [{section}] section")
+        if "name" in table and "factory" in table:
+            raise ValueError(
+                f"{path}: [{section}] takes name (built in) or factory (your own), not both"
+            )
+        if "name" not in table and "factory" not in table:
+            example = "mymodels:build" if section == "model" else "mydata:loaders"
+            raise ValueError(
+                f"{path}: [{section}] needs a name (built in) or a factory = \"{example}\" (your own)"
+            )
+        if "factory" in table:
+            check_reference(table["factory"], f"[{section}] factory")
+    for key in ("loss", "output_fn"):
+        if key in raw["model"]:
+            check_reference(raw["model"][key], f"[model] {key}")
     quant = dict(raw.get("quant", {}))
     for key in quant:
         if key not in QUANT_KEYS:
@@ -149,8 +271,10 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
     if ckpt is not None:
         ckpt = Path(ckpt)
         if not ckpt.is_absolute():
-            # relative to the repository that holds the recipes folder, so it works from any cwd
-            ckpt = path.resolve().parent.parent / ckpt
+            # a recipe in a recipes/ folder: relative to the repository holding that folder; any other
+            # recipe file: relative to its own folder; either way the same from any cwd
+            folder = path.resolve().parent
+            ckpt = (folder.parent if folder.name == "recipes" else folder) / ckpt
     return Recipe(
         name=path.stem,
         path=path,

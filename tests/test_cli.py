@@ -123,13 +123,19 @@ def test_sweep_writes_pareto(tiny):
         (["inspect", "missing.safetensors"], "error:"),
         (["quantize", "missing.safetensors"], "no checkpoint at"),
         (["sweep", "digits-spikformer", "--budgets", "4,x"], "--budgets must be numbers"),
+        (["run", "digits-spikformer", "--model", "nosuch_xyz:build"], "no module named 'nosuch_xyz'"),
+        (["run", "digits-spikformer", "--model", "json:dumsp"], "json has no attribute 'dumsp'"),
+        (["quantize", "missing.safetensors", "--model", "json:loads"], "needs --data package.module:"),
+        (["quantize", "missing.safetensors", "--loss", "json"], "--loss must be 'package.module:function'"),
+        (["export", "missing.safetensors", "--data", "digits"], "--data takes package.module:function"),
+        (["inspect", "missing.safetensors", "--model", "json:loads"], "error:"),
     ],
 )
 def test_user_errors_are_one_line(args, fragment):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert fragment in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_unreachable_budget_is_a_user_error(tiny):
