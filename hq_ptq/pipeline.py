@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -31,13 +30,13 @@ from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
 from hq_ptq.distributed import is_active, is_main, rank
 from hq_ptq.files import atomic_write_text
-from hq_ptq.model_io import OutputFn, call, describe
+from hq_ptq.model_io import OutputFn, describe
 from hq_ptq.models import build_model
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
 from hq_ptq.recipe import DATA_LOADER_KEYS, Recipe, resolve
-from hq_ptq.snn import detached_copy, reset_states
-from hq_ptq.train import TrainConfig, TrainResult, cosine_lr, evaluate, random_shift, train_float
+from hq_ptq.snn import detached_copy
+from hq_ptq.train import TrainResult, evaluate, random_shift, train_float
 
 log = logging.getLogger(__name__)
 
@@ -171,67 +170,6 @@ def _shift(recipe: Recipe) -> int:
     return shift
 
 
-def train_user_model(
-    model: nn.Module,
-    train_batches: Iterable,
-    test_batches: Iterable | None = None,
-    config: TrainConfig = TrainConfig(),
-    *,
-    loss_fn: LossFn | None = None,
-    output_fn: OutputFn | None = None,
-) -> TrainResult:
-    """Float training of a user's model, :func:`hq_ptq.train.train_float`'s schedule (AdamW, cosine with
-    warm-up, gradient clipping) without its zoo assumptions: batches reach the model through
-    :func:`hq_ptq.model_io.call`, the loss is ``loss_fn`` (default cross-entropy with the config's label
-    smoothing), neurons are reset before every forward and nothing is augmented."""
-    torch.manual_seed(config.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=config.lr,
-    )
-    steps_per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
-    if steps_per_epoch == 0:
-        raise ValueError("the training data holds no batch")
-    total = config.epochs * steps_per_epoch if steps_per_epoch else None
-    warmup = int(config.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: cosine_lr(s, total, warmup) if total else 1.0
-    )
-    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    start = time.perf_counter()
-    model.train()
-    running = float("nan")
-    try:
-        with progress.task("train", total=total) as update:
-            for epoch in range(config.epochs):
-                for inputs, targets in train_batches:
-                    reset_states(model)
-                    loss = loss_fn(call(model, inputs), targets)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if config.grad_clip:
-                        nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    opt.step()
-                    sched.step()
-                    value = loss.item()
-                    running = value if math.isnan(running) else 0.9 * running + 0.1 * value
-                    update(epoch=epoch + 1, loss=f"{running:.3f}")
-                if not math.isfinite(running):
-                    raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {running})")
-                log.info("epoch %d loss %.4f", epoch + 1, running)
-    finally:
-        reset_states(model)  # no membrane of the last batch (with its graph) stays behind
-    seconds = time.perf_counter() - start
-    model.eval()
-    acc = evaluate(model, test_batches, output_fn=output_fn) if test_batches is not None else None
-    return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs)
-
-
 def is_reference(value: str | None) -> bool:
     """True when ``value`` reads as ``"package.module:function"`` rather than a name."""
     return value is not None and ":" in value
@@ -315,7 +253,7 @@ def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, Tr
     if is_user_recipe(recipe):
         loss_fn, output_fn = recipe_functions(recipe)
         config = replace(recipe.train, shift_augment=_shift(recipe))
-        result = train_user_model(model, train, test, config, loss_fn=loss_fn, output_fn=output_fn)
+        result = train_float(model, train, test, config, loss_fn=loss_fn, output_fn=output_fn)
     else:
         result = train_float(model, train, test, recipe.train)
     meta = {

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,12 +121,22 @@ def train_float(
     test_batches: Batches | None = None,
     config: TrainConfig = TrainConfig(),
     *,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    output_fn: OutputFn | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with AdamW + cosine; returns test accuracy when test data is given."""
+    """Train ``model`` in place with AdamW + cosine; returns test accuracy when test data is given.
+
+    Batches reach the model as :mod:`hq_ptq.model_io` says, spiking neurons are reset before every
+    forward, and the loss is ``loss_fn(outputs, targets)`` (default: cross-entropy with the config's label
+    smoothing). ``config.shift_augment`` shifts zoo-style ``[T, B, C, H, W]`` frames; leave it 0 for any
+    other input. Accuracy is read through ``output_fn`` (see :func:`evaluate`).
+    """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
     # no weight decay on BN/bias vectors, the usual transformer recipe
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
@@ -133,32 +144,41 @@ def train_float(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0}],
         lr=config.lr,
     )
-    steps_per_epoch = len(train_batches)
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    steps_per_epoch = len(train_batches) if hasattr(train_batches, "__len__") else None
+    if steps_per_epoch == 0:
+        raise ValueError("the training data holds no batch")
+    total = config.epochs * steps_per_epoch if steps_per_epoch else None
+    warmup = int(config.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+    # without a length the schedule is unknown: constant learning rate
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup) if total else 1.0)
+    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     start = time.perf_counter()
     model.train()
     running = float("nan")
-    with progress.task("train", total=total) as update:
-        for epoch in range(config.epochs):
-            for inputs, targets in train_batches:
-                inputs = random_shift(inputs, config.shift_augment, gen)
-                loss = loss_fn(model(inputs), targets)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(params, config.grad_clip)
-                opt.step()
-                sched.step()
-                running = loss.item() if math.isnan(running) else 0.9 * running + 0.1 * loss.item()
-                update(epoch=epoch + 1, loss=f"{running:.3f}")
-            if not math.isfinite(running):
-                raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {running})")
-            log.info("epoch %d loss %.4f", epoch + 1, running)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, running)
+    try:
+        with progress.task("train", total=total) as update:
+            for epoch in range(config.epochs):
+                for inputs, targets in train_batches:
+                    if config.shift_augment:
+                        inputs = random_shift(inputs, config.shift_augment, gen)
+                    reset_states(model)
+                    loss = loss_fn(call(model, inputs), targets)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if config.grad_clip:
+                        nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    opt.step()
+                    sched.step()
+                    value = loss.item()
+                    running = value if math.isnan(running) else 0.9 * running + 0.1 * value
+                    update(epoch=epoch + 1, loss=f"{running:.3f}")
+                if not math.isfinite(running):
+                    raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {running})")
+                log.info("epoch %d loss %.4f", epoch + 1, running)
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, running)
+    finally:
+        reset_states(model)  # no membrane of the last batch (with its graph) stays behind
     seconds = time.perf_counter() - start
-    acc = evaluate(model, test_batches) if test_batches is not None else None
+    acc = evaluate(model, test_batches, output_fn=output_fn) if test_batches is not None else None
     return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs)
