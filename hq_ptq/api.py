@@ -36,7 +36,7 @@ from hq_ptq.sensitivity import (
     sensitivity_table,
     weight_traces,
 )
-from hq_ptq.snn import detached_copy, reset_states, stable_surrogates
+from hq_ptq.snn import detached_copy, eval_mode, reset_states, stable_surrogates
 from hq_ptq.swap import (
     find_layers,
     layer_quant,
@@ -188,10 +188,8 @@ def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: L
     """One forward on the first calibration batch, so inputs the model cannot take fail naming their shape
     instead of deep inside the Hessian pass."""
     inputs, targets = batch
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             reset_states(model)
             try:
                 outputs = call(model, inputs)
@@ -215,8 +213,6 @@ def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: L
                 )
     finally:
         reset_states(model)
-        for m, flag in modes.items():
-            m.training = flag
 
 
 def measure_traces(

@@ -142,16 +142,7 @@ def load_float(
             f"{path} has format version {md.get('format_version')}, this hq_ptq reads {FORMAT_VERSION}"
         )
     config = dict(json.loads(md["model_config"]))
-    model = build_model(config.pop("name"), **config)
-    state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match model {model.hq_config['name']}: "
-            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
-        )
-    model.eval()
-    return model, json.loads(md.get("meta", "{}"))
+    return _load_into(build_model(config.pop("name"), **config), Path(path))
 
 
 __all__ = ["save_float", "load_float", "read_metadata"]

@@ -67,7 +67,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from hq_ptq.files import atomic_write
-from hq_ptq.model_io import call, describe, tensors
+from hq_ptq.model_io import call, describe, rebuild, tensors
 from hq_ptq.snn import (
     MultiStepLeaky,
     explicit_membranes,
@@ -192,17 +192,6 @@ def _export_state(model: nn.Module) -> Iterator[None]:
 # the structures of inputs and outputs
 
 
-def _rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:
-    """``template`` with its tensors replaced, in order, by the items of ``flat``."""
-    if isinstance(template, torch.Tensor):
-        return next(flat)
-    if isinstance(template, dict):
-        return {k: _rebuild(v, flat) for k, v in template.items()}
-    if isinstance(template, (tuple, list)):
-        return type(template)(_rebuild(v, flat) for v in template)
-    return template
-
-
 def _input_names(x: Any, suffix: str = "") -> list[str]:
     """Graph input names: ``x`` for one tensor, else ``x_<i>`` (``x_<key>`` for dict entries)."""
     if isinstance(x, torch.Tensor):
@@ -259,7 +248,7 @@ class _Flat(nn.Module):
         self._template = template
 
     def forward(self, *flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(_flat_outputs(call(self.model, _rebuild(self._template, iter(flat)))))
+        return tuple(_flat_outputs(call(self.model, rebuild(self._template, iter(flat)))))
 
 
 class _StepGraph(nn.Module):
@@ -286,7 +275,7 @@ class _StepGraph(nn.Module):
         for layer, mem in zip(self._layers, mems, strict=True):
             layer.initial_mem = mem
         steps = iter([x_t.unsqueeze(self._time_dim) for x_t in xs])
-        out = _flat_outputs(call(self.model, _rebuild(self._template, steps)))
+        out = _flat_outputs(call(self.model, rebuild(self._template, steps)))
         return (*out, *[layer.final_mem for layer in self._layers])
 
 
@@ -363,7 +352,7 @@ def _step_layers(
             layer.register_forward_hook(lambda *_, n=name: order.append(n)) for name, layer in layers
         ]
         try:
-            first = _rebuild(x, iter([t.narrow(time_dim, 0, 1) for t in tensors(x)]))
+            first = rebuild(x, iter([t.narrow(time_dim, 0, 1) for t in tensors(x)]))
             _probe(model, first)
         finally:
             for h in hooks:

@@ -25,7 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["OutputFn", "call", "class_scores", "describe", "first_tensor", "map_tensors", "tensors"]
+__all__ = [
+    "OutputFn", "call", "class_scores", "describe", "first_tensor", "map_tensors", "rebuild", "tensors",
+]
 
 OutputFn = Callable[[Any], torch.Tensor]
 
@@ -57,15 +59,21 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return next(tensors(value), None)
 
 
+def rebuild(template: Any, flat: Iterator[torch.Tensor]) -> Any:
+    """``template`` with its tensors replaced, in order, by the items of ``flat`` (the inverse of
+    :func:`tensors`); everything that is not a tensor is kept."""
+    if isinstance(template, torch.Tensor):
+        return next(flat)
+    if isinstance(template, dict):
+        return {k: rebuild(v, flat) for k, v in template.items()}
+    if isinstance(template, (tuple, list)):
+        return type(template)(rebuild(v, flat) for v in template)
+    return template
+
+
 def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``value`` with ``fn`` applied to every tensor inside it, the structure kept (tuples stay tuples)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
+    return rebuild(value, (fn(t) for t in tensors(value)))
 
 
 def describe(value: Any) -> str:

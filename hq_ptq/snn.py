@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "detached_copy",
+    "eval_mode",
     "BACKEND_ENV",
     "MultiStepLeaky",
     "TimeFolded",
@@ -625,7 +626,7 @@ def to_multistep(
     reference = _stepwise_outputs(model, example_input)
     converted = _multistep_child(model, False, backend)
     try:
-        with _eval_mode(converted), torch.no_grad():
+        with eval_mode(converted), torch.no_grad():
             got = converted(example_input)
         same = _same_outputs(got, reference)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
@@ -662,7 +663,8 @@ def _behind_custom_forward(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode within the block; each one's own flag restored on exit."""
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -682,7 +684,7 @@ def _stepwise_outputs(model: nn.Module, x: torch.Tensor) -> object:
         if isinstance(m, snn.Leaky)
     ]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             reset_states(model)
             steps = []
             for x_t in x.unbind(0):
