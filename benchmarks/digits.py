@@ -12,7 +12,6 @@ random shifts, QAT RNG). Timings are wall-clock seconds. Results go to benchmark
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from hq_ptq.api import analyze, search_plan
 from hq_ptq.files import atomic_write_text
 from hq_ptq.pipeline import float_model, quantize_and_finetune, recipe_loaders, run_recipe, train_recipe
 from hq_ptq.recipe import load_recipe
+from hq_ptq.snn import detached_copy
 from hq_ptq.train import evaluate
 
 
@@ -35,7 +35,7 @@ def quality_bar(recipe, budgets: list[float], seeds: list[int], overrides: list[
     float_net = float_model(recipe)
     train, test = recipe_loaders(recipe)
     fp_acc = evaluate(float_net, test)
-    analysis = analyze(copy.deepcopy(float_net), calib_data=train, config=recipe.quant)
+    analysis = analyze(detached_copy(float_net), calib_data=train, config=recipe.quant)
     points = []
     for budget in budgets:
         plan = search_plan(analysis, budget, recipe.quant)
@@ -45,7 +45,7 @@ def quality_bar(recipe, budgets: list[float], seeds: list[int], overrides: list[
             seeded_train, _ = recipe_loaders(r)
             t0 = time.perf_counter()
             ptq, qat, _ = quantize_and_finetune(
-                copy.deepcopy(float_net), plan, r, seeded_train, test, float_net
+                detached_copy(float_net), plan, r, seeded_train, test, float_net
             )
             runs.append(
                 {"seed": seed, "ptq_accuracy": ptq, "accuracy": qat, "seconds": time.perf_counter() - t0}

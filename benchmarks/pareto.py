@@ -27,7 +27,6 @@ for a full run without --out) and a Pareto PNG (accuracy against average bits).
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import logging
@@ -58,6 +57,7 @@ from hq_ptq.pipeline import float_model, quantize_and_finetune, recipe_loaders
 from hq_ptq.plan import Plan
 from hq_ptq.recipe import Recipe, load_recipe
 from hq_ptq.search import allocate, homogeneous_plan
+from hq_ptq.snn import detached_copy
 from hq_ptq.train import evaluate, random_shift
 
 log = logging.getLogger("hq_ptq.bench")
@@ -158,7 +158,7 @@ def _measure_plan(
     ptq_accs, accs, qat_secs, energies = [], [], [], []
     size = None
     for i, (seed, r) in enumerate(seeded if qat else seeded[:1]):
-        model = copy.deepcopy(float_net)
+        model = detached_copy(float_net)
         # a row without QAT is the same call with 0 steps (plan applied, BN re-estimated, evaluated)
         run = r if qat else replace(r, quant=replace(r.quant, qat=replace(r.quant.qat, steps=0)))
         ptq, acc, secs = quantize_and_finetune(model, plan, run, _train_loader(r), test, float_net)
@@ -187,7 +187,7 @@ def _measure_plan(
 
 
 def _torchao_row(float_net, test, bits: int, protected: list[str], recipe: Recipe, fp_pickle: int) -> dict:
-    model = copy.deepcopy(float_net)
+    model = detached_copy(float_net)
     q = recipe.quant
     fixed = {n: 8 for n in protected}
     res = torchao_weight_only(model, bits, fixed=fixed, include=q.include, exclude=q.exclude)
@@ -246,7 +246,7 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
         })
 
         t0 = time.perf_counter()
-        analysis = analyze(copy.deepcopy(float_net), calib_data=_train_loader(base), config=config)
+        analysis = analyze(detached_copy(float_net), calib_data=_train_loader(base), config=config)
         analysis_s = time.perf_counter() - t0
         log.info("sensitivity analysis (%s) in %.1fs", analysis.metric, analysis_s)
 
@@ -273,7 +273,7 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
         # products), to see what the Hutchinson analysis buys and what a fast search costs
         t0 = time.perf_counter()
         fisher_cfg = replace(greedy_cfg, search=replace(greedy_cfg.search, metric="fisher"))
-        fisher = analyze(copy.deepcopy(float_net), calib_data=_train_loader(base), config=fisher_cfg)
+        fisher = analyze(detached_copy(float_net), calib_data=_train_loader(base), config=fisher_cfg)
         plans.append((f"ours Fisher greedy @ {cb:g}", "ours-fisher", search_plan(fisher, cb, fisher_cfg),
                       time.perf_counter() - t0))
 

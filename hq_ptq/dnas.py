@@ -22,7 +22,6 @@ plan.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -40,7 +39,7 @@ from hq_ptq.config import QuantConfig
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import cycle_batches
 from hq_ptq.schemes import quantized_weight
-from hq_ptq.snn import reset_states
+from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.swap import LAYER_MAP, find_layers, swap_layers
 
 __all__ = ["DNASConfig", "MixedQuantLayer", "decode_plan", "dnas_search", "relax"]
@@ -301,7 +300,7 @@ def dnas_search(
         raise ValueError(f"budget must be a positive number of bits, got {budget}")
     start = time.perf_counter()
     cands = allowed_candidates(config)
-    net = copy.deepcopy(model)
+    net = detached_copy(model)
     names = find_layers(net, config.include, config.exclude)
     protected = protected_layers(names, config)
     sizes = {n: net.get_submodule(n).weight.numel() for n in names}
