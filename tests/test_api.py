@@ -10,7 +10,7 @@ from torch import nn
 import hq_ptq
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.models import build_model
-from hq_ptq.schemes import quantized_weight
+from hq_ptq.schemes import quantized_weight, weight_codes
 from hq_ptq.snn import reset_states
 from hq_ptq.swap import quant_layers
 
@@ -57,12 +57,23 @@ def test_quantize_with_calibration_and_qat_changes_weights():
     model = _cnn()
     data = _batches()
     cfg = QuantConfig(search=SearchConfig(max_samples=8, rel_tol=0.5), qat=QATConfig(steps=3))
+    before = {
+        n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    }
     hq_ptq.quantize(model, budget=3.0, calib_data=data, train_data=data, config=cfg)
+    # the plan alone keeps the float weights; only the QAT steps move them
+    after = quant_layers(model)
+    assert set(after) == set(before)
+    assert all(not torch.equal(after[n].weight.detach(), w) for n, w in before.items())
     plan = hq_ptq.get_plan(model)
     assert plan.meta["metric"] == "hessian"
     assert all(v > 0 for v in plan.meta["traces"].values())
     assert plan.avg_bits <= 3.0 + 1e-9
-    assert "gap" in plan.meta and plan.meta["gap"] >= 0
+    # the greedy-vs-MILP check: MILP Ω ≤ greedy Ω and gap = (Ω_greedy − Ω_milp) / Ω_milp
+    omega_greedy, omega_milp = plan.meta["omega_total"], plan.meta["omega_milp"]
+    assert omega_greedy == pytest.approx(plan.omega_total, rel=1e-12)
+    assert omega_milp <= omega_greedy * (1 + 1e-12)
+    assert plan.meta["gap"] == pytest.approx((omega_greedy - omega_milp) / max(omega_milp, 1e-12), abs=1e-12)
 
 
 def test_plan_round_trip_reproduces_the_model():
@@ -151,10 +162,20 @@ def test_spikformer_tiny_end_to_end():
     assert {c.scheme for c in plan.layers} <= {"uniform", "pot"}
     layers = quant_layers(model)
     for c in plan.layers:
-        w = quantized_weight(layers[c.name])
-        # each output channel holds at most 2^bits distinct levels
-        assert w.flatten(1).unique(dim=1).shape[1] > 0
-        assert max(len(row.unique()) for row in w.flatten(1)) <= 2**c.bits
+        w = quantized_weight(layers[c.name]).detach().flatten(1)
+        _, scale = weight_codes(layers[c.name])
+        r = w / scale[:, None]  # each channel's weights in units of its own scale
+        n = 2 ** (c.bits - 1) - 1
+        if c.scheme == "pot":
+            # per channel: 0 and ±scale·2^-k, k < 2^(b-1)-1, so at most 2^(b-1) distinct magnitudes
+            assert max(len(row.abs().unique()) for row in r) <= 2 ** (c.bits - 1), c
+            mags = r.abs()[r != 0]
+            k = -torch.log2(mags)
+            assert torch.equal(k, k.round()) and k.min() >= 0 and k.max() <= n - 1, c
+        else:
+            # uniform: integer multiples of the scale in [-(2^(b-1)-1), 2^(b-1)-1]
+            torch.testing.assert_close(r, r.round(), rtol=0, atol=1e-4)
+            assert r.abs().max() <= n + 1e-4, c
 
 
 def _bn_cnn() -> nn.Module:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 from typer.testing import CliRunner
@@ -37,14 +39,18 @@ def test_every_row_and_column(run):
     assert set(rows) == expected
     for r in results["rows"]:
         for col in COLUMNS:
-            assert r[col] is not None and r[col] == r[col], (r["label"], col)  # present, not NaN
+            assert isinstance(r[col], int | float) and math.isfinite(r[col]), (r["label"], col)
         assert 0 <= r["accuracy"] <= 1 and r["size_bytes"] > 0 and r["energy_uj"] > 0
     assert rows["FP32"]["avg_bits"] == 32 and rows["FP32"]["compression"] == 1.0
     # fine-tuned rows: one accuracy per seed, mean and std; the same QAT step count everywhere
     for label in expected - {"FP32", "uniform 8-bit", "torchao int8", "torchao int4"}:
         r = rows[label]
         assert len(r["qat_accuracy"]) == 2 and r["seeds"] == [0, 1], label
-        assert r["qat_std"] >= 0 and r["qat_seconds"] > 0, label
+        # mean ± sample std over the seeds' accuracies, and the row's accuracy is that mean
+        assert r["qat_mean"] == pytest.approx(statistics.mean(r["qat_accuracy"]), abs=1e-12), label
+        assert r["qat_std"] == pytest.approx(statistics.stdev(r["qat_accuracy"]), abs=1e-12), label
+        assert r["accuracy"] == r["qat_mean"], label
+        assert math.isfinite(r["qat_seconds"]) and r["qat_seconds"] > 0, label
         # protected first/last layers at uniform 8 for every hq_ptq row
         assert r["plan"][0] == "uniform8" and r["plan"][-1] == "uniform8", label
     assert "qat_accuracy" not in rows["uniform 8-bit"]
