@@ -15,13 +15,13 @@ pytest.importorskip("qonnx")
 pytest.importorskip("onnxruntime")
 
 from hq_ptq.export import (  # noqa: E402
-    _run,
     export_info,
     export_onnxruntime,
     export_qonnx,
     run_export,
     verify_export,
 )
+from hq_ptq.export.runtime import _run  # noqa: E402
 from hq_ptq.models import build_model  # noqa: E402
 from hq_ptq.models.layers import SeqMaxPool, conv2d_bn  # noqa: E402
 from hq_ptq.snn import MultiStepLeaky, explicit_membranes  # noqa: E402

@@ -1,0 +1,307 @@
+"""Checking an export file against the PyTorch model: the torch reference (outputs, every neuron call's
+spikes, step files' final membranes), the pairing of the graph's spike tensors with neuron calls by
+module scope, and :func:`verify_export`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hq_ptq.export.runtime import _check_backend, _io_info, _run
+from hq_ptq.export.trace import _check_example, _drive_steps, _export_state, _flat_outputs, _StepGraph
+from hq_ptq.export.write import export_info
+from hq_ptq.model_io import call
+from hq_ptq.snn import MultiStepLeaky, explicit_membranes, is_spiking_neuron
+
+log = logging.getLogger("hq_ptq.export")  # the package's one logger, as before the split
+
+
+def _recorded_neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The neurons whose calls verification records: every MultiStepLeaky and every snnTorch neuron
+    outside one (plain ``snn.Leaky`` driven by the model's own loop)."""
+    wrapped = {id(m.lif) for m in model.modules() if isinstance(m, MultiStepLeaky)}
+    return [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, MultiStepLeaky) or (is_spiking_neuron(m) and id(m) not in wrapped)
+    ]
+
+
+def _torch_reference(
+    model: nn.Module, x: Any, states: list[dict[str, Any]] | None, time_dim: int
+) -> tuple[list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray | None]], dict[str, np.ndarray]]:
+    """PyTorch outputs; ``(neuron name, spikes, reset)`` per neuron call in call order (MultiStepLeaky:
+    spikes ``[T, ...]``; a per-step snnTorch neuron: spikes ``[B, ...]`` and the pending reset it computed
+    from the membrane it started from, its ``reset`` attribute, when it has one); and for step files the
+    final membranes of the model driven step by step."""
+    calls: list[tuple[str, np.ndarray, np.ndarray | None]] = []
+
+    def recorder(name: str) -> Any:
+        def record(module: nn.Module, _inp: object, out: object) -> None:
+            spk = out[0] if isinstance(out, tuple) else out
+            reset = getattr(module, "reset", None)
+            if isinstance(module, MultiStepLeaky) or not isinstance(reset, torch.Tensor):
+                reset = None
+            elif reset.shape != spk.shape:
+                reset = None
+            calls.append((
+                name,
+                (spk != 0).cpu().numpy(),
+                None if reset is None else (reset != 0).cpu().numpy(),
+            ))
+
+        return record
+
+    with _export_state(model), explicit_membranes(model) as layers:
+        hooks = [m.register_forward_hook(recorder(name)) for name, m in _recorded_neurons(model)]
+        try:
+            outputs = _flat_outputs(call(model, x))
+        finally:
+            for h in hooks:
+                h.remove()
+        mems: dict[str, np.ndarray] = {}
+        if states:  # the step graph's reference: the same model driven one step at a time in PyTorch
+            by_name = dict(layers)
+            step = _StepGraph(model, x, time_dim, [by_name[s["neuron"]] for s in states])
+            _, final = _drive_steps(step, x, time_dim, [s["shape"] for s in states])
+            mems = {s["name"]: m.cpu().numpy() for s, m in zip(states, final, strict=True)}
+    return [o.cpu().numpy() for o in outputs], calls, mems
+
+
+# TorchScript names a node's output after the module scopes it ran in, the k-th call of a module
+# getting the suffix _k on its scope: /blocks.0/attn/q_lif/Greater_1_output_0, /lif1_2/Greater_output_0
+_SPIKE_NAME = re.compile(r"^/(?P<scope>.+)/Greater(?:_(?P<k>\d+))?_output_0$")
+_CALL_SUFFIX = re.compile(r"^(?P<base>.+)_(?P<k>\d+)$")
+
+
+def _resolve_scope(parts: list[str], modules: Mapping[str, nn.Module]) -> tuple[str, tuple[int, ...]] | None:
+    """The qualified name of the module a TorchScript scope path names, and the call index of each part.
+
+    A part is the module's name relative to an enclosing scope (``seq.1`` inside ``blocks.0/seq``), with
+    ``_k`` appended for the k-th call of that module.
+    """
+    current, calls = "", []
+    for part in parts:
+        options = [(part, 0)]
+        m = _CALL_SUFFIX.match(part)
+        if m:
+            options.append((m["base"], int(m["k"])))
+        found = None
+        for name, k in options:
+            prefix = current
+            while found is None:
+                candidate = f"{prefix}.{name}" if prefix else name
+                if candidate in modules and (not current or candidate.startswith(current + ".")):
+                    found = (candidate, k)
+                if not prefix:
+                    break
+                prefix = prefix.rpartition(".")[0]
+            if found is not None:
+                break
+        if found is None:
+            return None
+        current = found[0]
+        calls.append(found[1])
+    return current, tuple(calls)
+
+
+def _match_spikes(
+    model: nn.Module,
+    calls: list[tuple[str, np.ndarray, np.ndarray | None]],
+    got: Mapping[str, np.ndarray],
+    mode: str,
+    scope_prefix: str,
+) -> tuple[dict[str, tuple[int, int, int, int]], list[str]]:
+    """Pair the graph's spike tensors with the neurons' calls by module scope and call order.
+
+    Returns ``{neuron: (mismatches, compared, spikes in the graph, spikes in PyTorch)}`` for every neuron
+    whose calls could be paired, and the names of the others. Unrolled graphs: a neuron's Greater nodes,
+    sorted by (call suffixes of its scope, index in the scope), are its per-step spikes in call order (T
+    per MultiStepLeaky call, one per call of a per-step neuron). A per-step snnTorch neuron whose pending
+    reset does not merge with its previous spike (``reset_delay=False``: the reset is taken after the
+    in-step reset) has a reset node per call too, before the spike (the first call's folds away): both
+    are checked. Step graphs: one or two per layer and step (the pending reset recomputed from the
+    carried-in membrane, which is the previous step's spike, then this step's spike); both are checked.
+    """
+    ref: dict[str, list[np.ndarray]] = {}
+    resets: dict[str, list[np.ndarray | None]] = {}
+    for name, spk, reset in calls:
+        ref.setdefault(name, []).append(spk)
+        resets.setdefault(name, []).append(reset)
+    kinds = {name: isinstance(m, MultiStepLeaky) for name, m in _recorded_neurons(model)}
+    modules = dict(model.named_modules())
+    groups: dict[str, list[tuple[tuple[int, ...], np.ndarray]]] = {name: [] for name in ref}
+    for tensor, value in got.items():
+        m = _SPIKE_NAME.match(tensor)
+        if m is None:
+            continue
+        parts = m["scope"].split("/")
+        if scope_prefix:
+            if parts[0] != scope_prefix:
+                continue
+            parts = parts[1:]
+        resolved = _resolve_scope(parts, modules) if parts else None
+        if resolved is None:
+            continue
+        owner, key = resolved
+        while owner and owner not in ref:
+            owner = owner.rpartition(".")[0]
+        if owner in ref:
+            groups[owner].append(((*key, int(m["k"] or 0)), value))
+    paired: dict[str, tuple[int, int, int, int]] = {}
+    for name, spikes in ref.items():
+        graph = [v for _, v in sorted(groups[name], key=lambda kv: kv[0])]
+        result = (
+            _compare_unrolled(spikes, resets[name], graph, kinds.get(name, False)) if mode == "unrolled"
+            else _compare_step(spikes, graph)
+        )
+        if result is not None:
+            paired[name] = result
+    return paired, [name for name in ref if name not in paired]
+
+
+def _compare_unrolled(
+    spikes: list[np.ndarray], resets: list[np.ndarray | None], graph: list[np.ndarray], multistep: bool
+) -> tuple[int, int, int, int] | None:
+    steps = [s for call_spikes in spikes for s in call_spikes] if multistep else list(spikes)
+    graph = [g[0] for g in graph]  # run_export's [calls=1, ...]
+    expected: list[tuple[np.ndarray, bool]] = [(s, True) for s in steps]  # (value, is a spike)
+    if not multistep and len(graph) in (2 * len(steps) - 1, 2 * len(steps)) and len(graph) > len(steps):
+        if any(r is None for r in resets):
+            return None
+        expected = [e for r, s in zip(resets, steps, strict=True) for e in ((r, False), (s, True))]
+        expected = expected[len(expected) - len(graph):]  # the first call's reset is a folded constant
+    if len(graph) != len(expected):
+        return None
+    pairs = list(zip(graph, expected, strict=True))
+    if any(g.shape != e.shape for g, (e, _) in pairs):
+        return None
+    mismatches = sum(int((g.astype(bool) != e).sum()) for g, (e, _) in pairs)
+    count_graph = sum(int(g.astype(bool).sum()) for g, (_, spike) in pairs if spike)
+    return mismatches, sum(e.size for e, _ in expected), count_graph, sum(int(s.sum()) for s in steps)
+
+
+def _compare_step(spikes: list[np.ndarray], graph: list[np.ndarray]) -> tuple[int, int, int, int] | None:
+    if len(spikes) != 1 or len(graph) not in (1, 2):
+        return None
+    spk = spikes[0]
+    if any(g.shape != spk.shape for g in graph):
+        return None
+    mismatches = compared = 0
+    if len(graph) == 2:
+        shifted = np.concatenate([np.zeros_like(spk[:1]), spk[:-1]])
+        mismatches += int((graph[0].astype(bool) != shifted).sum())
+        compared += spk.size
+    mismatches += int((graph[-1].astype(bool) != spk).sum())
+    compared += spk.size
+    return mismatches, compared, int(graph[-1].astype(bool).sum()), int(spk.sum())
+
+
+def verify_export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    inputs: Any,
+    *,
+    backend: str = "qonnx",
+) -> dict[str, Any]:
+    """Compare an exported file with the PyTorch model on ``inputs`` (use inputs unseen at export).
+
+    Every output tensor is compared with the model's (called on the same inputs, from reset neuron
+    states). Spikes are compared element by element wherever the graph's ``Greater`` outputs can be
+    paired with a neuron's calls through their module scopes: the t-th step of a ``MultiStepLeaky``,
+    the k-th call of a per-step ``snn.Leaky`` inside the model's own loop. Neurons that cannot be paired
+    (dynamo-traced names, a neuron whose graph holds another number of spike nodes than it has calls)
+    are listed as not compared; they never count as mismatches. A step graph holds two spike tensors per
+    layer and step (the pending reset recomputed from the carried-in membrane, and the new spike), so it
+    compares twice as many spikes; both must match.
+
+    Args:
+        model: the model that was exported (same weights and quantizers).
+        path: the exported file.
+        inputs: the structure and shapes the file was exported for (step files: any number of steps).
+        backend: ``"qonnx"`` or ``"onnxruntime"``.
+
+    Returns:
+        ``{"backend", "executor", "mode", "output_errors" ({output name: max abs error}),
+        "max_abs_output_error" (over all outputs), "max_abs_logit_error" (the same number, the name
+        kept for format-1 callers), "spike_compare" ("elementwise": every neuron paired, "partial", or
+        "not compared"), "spike_mismatches" (over the paired neurons; None when none was paired),
+        "spikes_compared", "spikes_not_compared" (neuron names), "spike_count_torch",
+        "spike_count_export" (spikes of the paired neurons; when none was paired, the model's total
+        and the total of the file's Greater outputs, which are not comparable), "seconds"}``.
+        ``executor`` says what ran the file: ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx
+        backend, quantizer nodes evaluated once by qonnx, the rest one onnxruntime session without
+        optimizations) or ``"qonnx"`` (qonnx's ``execute_onnx``, for graphs that cannot be folded, e.g.
+        activation quantizers). Step files add ``"max_abs_state_error"`` and ``"max_rel_state_error"``:
+        final membranes against the model driven step by step in PyTorch.
+
+    Raises:
+        ValueError / FileNotFoundError: as :func:`run_export`, or a model whose outputs do not match the
+        file's in number or shape.
+    """
+    _check_backend(backend)
+    info = _io_info(export_info(path))
+    x = _check_example(model, inputs, "inputs")
+    start = time.perf_counter()
+    got, executor = _run(path, x, backend, spikes=True)
+    seconds = time.perf_counter() - start
+    ref_outputs, calls, ref_mems = _torch_reference(model, x, info.get("states"), info.get("time_dim", 0))
+    names = [o["name"] for o in info["outputs"]]
+    if len(ref_outputs) != len(names):
+        raise ValueError(
+            f"the model returns {len(ref_outputs)} tensors but {path} has {len(names)} outputs "
+            f"({', '.join(names)}); verify with the model that was exported"
+        )
+    errors: dict[str, float] = {}
+    for name, ref in zip(names, ref_outputs, strict=True):
+        out = got["outputs"][name]
+        if out.shape != ref.shape:
+            raise ValueError(
+                f"output {name!r} has shape {list(out.shape)} in {path} but {list(ref.shape)} from the model"
+            )
+        diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+        errors[name] = float(diff.max()) if diff.size else 0.0
+    paired, unpaired = _match_spikes(model, calls, got["spikes"], info["mode"], info["scope_prefix"])
+    if paired:
+        how = "elementwise" if not unpaired else "partial"
+        mismatches: int | None = sum(p[0] for p in paired.values())
+        compared = sum(p[1] for p in paired.values())
+        count_export = sum(p[2] for p in paired.values())
+        count_torch = sum(p[3] for p in paired.values())
+    else:
+        how, mismatches, compared = "not compared", None, 0
+        count_torch = int(sum(spk.sum() for _, spk, _ in calls))
+        count_export = int(sum(s.astype(bool).sum() for s in got["spikes"].values()))
+    if unpaired:
+        log.warning("cannot pair the graph's spike tensors with neuron(s) %s; their spikes are not compared "
+                    "(the outputs are)", ", ".join(unpaired))
+    report: dict[str, Any] = {
+        "backend": backend,
+        "executor": executor,
+        "mode": info["mode"],
+        "output_errors": errors,
+        "max_abs_output_error": max(errors.values()),
+        "max_abs_logit_error": max(errors.values()),
+        "spike_compare": how,
+        "spike_mismatches": mismatches,
+        "spikes_compared": compared,
+        "spikes_not_compared": unpaired,
+        "spike_count_torch": count_torch,
+        "spike_count_export": count_export,
+        "seconds": seconds,
+    }
+    if info["mode"] == "step":
+        errs = {name: np.abs(got["states"][name] - ref).max() for name, ref in ref_mems.items()}
+        report["max_abs_state_error"] = float(max(errs.values()))
+        report["max_rel_state_error"] = float(
+            max(err / max(float(np.abs(ref_mems[name]).max()), 1e-12) for name, err in errs.items())
+        )
+    log.info("verify %s (%s): %s", path, backend, report)
+    return report
