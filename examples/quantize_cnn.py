@@ -49,7 +49,8 @@ def main(out_dir: str | Path | None = None, tiny: bool = False) -> dict:
     train_float(model, train, config=TrainConfig(epochs=2 if tiny else 40, lr=3e-3, label_smoothing=0.0))
     float_acc = evaluate(model, test)
     print(f"float accuracy: {100 * float_acc:.2f}%")
-    search = hq_ptq.SearchConfig(max_samples=8, rel_tol=0.5) if tiny else hq_ptq.SearchConfig()
+    tiny_search = hq_ptq.SearchConfig(hutchinson_probes=8, hutchinson_rel_tol=0.5)
+    search = tiny_search if tiny else hq_ptq.SearchConfig()
     hq_ptq.quantize(
         model,
         budget=3.0,

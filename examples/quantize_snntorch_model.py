@@ -66,7 +66,7 @@ def main(out_dir: str | Path | None = None, tiny: bool = False) -> dict:
     float_acc = evaluate(model, test)
     print(f"float accuracy: {100 * float_acc:.2f}%")
 
-    tiny_search = hq_ptq.SearchConfig(max_samples=4, rel_tol=0.9, calib_batches=2)
+    tiny_search = hq_ptq.SearchConfig(hutchinson_probes=4, hutchinson_rel_tol=0.9, calib_batches=2)
     search = tiny_search if tiny else hq_ptq.SearchConfig()
     hq_ptq.quantize(
         model,

@@ -132,7 +132,7 @@ def in_python(out: Path, train_data, test_data, budget: float, qat_steps: int) -
     print(f"(a) float accuracy {100 * fp_acc:.2f}%")
 
     config = hq_ptq.QuantConfig(
-        search=hq_ptq.SearchConfig(metric="hessian", calib_batches=2, max_samples=16),
+        search=hq_ptq.SearchConfig(metric="hessian", calib_batches=2, hutchinson_probes=16),
         qat=hq_ptq.QATConfig(steps=qat_steps),
     )
     hq_ptq.quantize(  # in place: Conv2d/Linear become Brevitas layers, BN re-estimated, QAT fine-tuned
@@ -186,7 +186,7 @@ budget = {budget}
 [search]
 metric = "hessian"
 calib_batches = 2
-max_samples = 16
+hutchinson_probes = 16
 
 [qat]
 steps = {qat_steps}

@@ -6,7 +6,6 @@ model ─► swap (Brevitas layers) ─► sensitivity (Hutchinson / Fisher / we
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import logging
 import warnings
@@ -23,25 +22,23 @@ from hq_ptq import progress
 from hq_ptq.config import QuantConfig
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
 from hq_ptq.model_io import OutputFn, call, describe, tensors
-from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
-from hq_ptq.schemes import SCHEMES
 from hq_ptq.search import allocate
 from hq_ptq.sensitivity import (
-    cached_traces,
     fill_dead_layers,
-    fingerprint,
     fisher_traces,
     hutchinson_traces,
     sensitivity_table,
     weight_traces,
 )
+from hq_ptq.sensitivity_cache import cached_traces, fingerprint
 from hq_ptq.snn import detached_copy, eval_mode, reset_states, stable_surrogates
+from hq_ptq.space import Candidate, candidates, protected_layers, settle_protection, yielding_layers
+from hq_ptq.state import SEARCH_ATTR, apply_plan
 from hq_ptq.swap import (
     find_layers,
-    layer_quant,
     quant_layers,
-    set_layer_quant,
     swap_layers,
     weight_error,
 )
@@ -51,106 +48,6 @@ log = logging.getLogger(__name__)
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-PLAN_ATTR = "hq_plan"
-
-
-def candidates(config: QuantConfig) -> list[tuple[str, int]]:
-    """Every (scheme, bits) the search may choose, from the allowed schemes and bit widths."""
-    out = []
-    for name in config.search.schemes:
-        if name not in SCHEMES:
-            raise ValueError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}")
-        for b in SCHEMES[name].bits:
-            if not config.search.bits or b in config.search.bits:
-                out.append((name, b))
-    supported = sorted({b for name in config.search.schemes for b in SCHEMES[name].bits})
-    unknown = [b for b in config.search.bits if b not in supported]
-    if unknown:
-        raise ValueError(
-            f"search.bits {unknown} not supported by schemes {list(config.search.schemes)}; "
-            f"choose from {supported}"
-        )
-    if not out:
-        raise ValueError(
-            f"no candidate left: schemes {config.search.schemes} allow none of bits {config.search.bits}"
-        )
-    return out
-
-
-Candidate = tuple[str, int]
-
-
-def protected_layers(names: list[str], config: QuantConfig) -> dict[str, Candidate]:
-    """Layers held at ``protect_scheme``/``protect_bits``: the globs in ``protect`` plus first and last."""
-    s = config.search
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in s.protect)]
-    if s.protect_first_last and len(names) > 2:
-        chosen += [names[0], names[-1]]
-    return {n: (s.protect_scheme, s.protect_bits) for n in dict.fromkeys(chosen)}
-
-
-def yielding_layers(names: list[str], config: QuantConfig) -> tuple[str, ...]:
-    """The protected layers that may be released into the search (see :func:`settle_protection`): the
-    default first/last layers. Layers named by ``search.protect`` globs never yield: the user asked."""
-    s = config.search
-    if not (s.protect_first_last and len(names) > 2):
-        return ()
-    asked = {n for n in names if any(fnmatch.fnmatchcase(n, g) for g in s.protect)}
-    return tuple(n for n in dict.fromkeys([names[0], names[-1]]) if n not in asked)
-
-
-def _fewest_bits(config: QuantConfig) -> int:
-    return min(b for _, b in candidates(config))
-
-
-def _most_bits(config: QuantConfig) -> int:
-    return max(b for _, b in candidates(config))
-
-
-def settle_protection(
-    protected: dict[str, Candidate],
-    yielding: Iterable[str],
-    sizes: dict[str, int],
-    budget: float,
-    config: QuantConfig,
-) -> tuple[dict[str, Candidate], list[str]]:
-    """The layers protected at ``budget`` and those released into the search: ``(protected, released)``.
-
-    Rule: protection never makes a budget unreachable on its own. While the smallest reachable average
-    (protected layers at their bits, every other layer at the fewest allowed bits) is above the budget,
-    the largest still-protected layer among ``yielding`` (the default first/last layers) is released and
-    searched like any other layer (:func:`search_plan` warns naming it). Layers protected by
-    ``search.protect`` are kept.
-
-    Raises:
-        ValueError: the budget is unreachable even so; the message gives the reachable range and the knobs.
-    """
-    kept = dict(protected)
-    released: list[str] = []
-    total = sum(sizes.values())
-    bits = [b for _, b in candidates(config)]
-
-    def reach() -> tuple[float, float]:
-        fixed = sum(sizes[n] * b for n, (_, b) in kept.items())
-        free = sum(n for name, n in sizes.items() if name not in kept)
-        return (fixed + free * min(bits)) / total, (fixed + free * max(bits)) / total
-
-    for name in sorted(yielding, key=lambda n: -sizes[n]):
-        if reach()[0] <= budget + 1e-9:
-            break
-        del kept[name]
-        released.append(name)
-    lo, hi = reach()
-    if lo > budget + 1e-9:
-        s = config.search
-        held = f" with {sorted(kept)} held at {s.protect_scheme} {s.protect_bits} bits" if kept else ""
-        raise ValueError(
-            f"budget {budget:g} average bits is unreachable: schemes {list(s.schemes)} with "
-            f"{'bits ' + str(list(s.bits)) if s.bits else 'all their bit widths'}{held} reach "
-            f"[{lo:.4g}, {hi:.4g}] average bits; raise the budget or change search.bits, search.schemes, "
-            "search.protect, search.protect_first_last or search.protect_bits"
-        )
-    return kept, released
 
 
 MAX_BUDGET = 32.0  # average bits of a float32 model: a larger budget is a typo, not a request
@@ -232,7 +129,7 @@ def measure_traces(
     local = calib if shard is None else shard.take(calib)
 
     def compute() -> dict[str, float]:
-        total = len(calib) if metric == "fisher" else config.search.max_samples
+        total = len(calib) if metric == "fisher" else config.search.hutchinson_probes
         # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
         with stable_surrogates(model), progress.task(f"sensitivity ({metric})", total=total) as update:
             seen = [0]
@@ -250,9 +147,9 @@ def measure_traces(
                 layers,
                 local,
                 loss_fn,
-                rel_tol=config.search.rel_tol,
-                max_samples=config.search.max_samples,
-                min_samples=min(8, config.search.max_samples),
+                rel_tol=config.search.hutchinson_rel_tol,
+                max_samples=config.search.hutchinson_probes,
+                min_samples=min(8, config.search.hutchinson_probes),
                 seed=config.seed,
                 reset=reset_states,
                 progress=tick,
@@ -270,7 +167,7 @@ def measure_traces(
         metric=metric,
         n_batches=len(calib),
         seed=config.seed,
-        extra=f"{digest_hex}:{config.search.max_samples}:{config.search.rel_tol}",
+        extra=f"{digest_hex}:{config.search.hutchinson_probes}:{config.search.hutchinson_rel_tol}",
     )
     path = Path(config.cache_dir) / f"traces-{fp}.json"
     # rank 0 alone reads and writes the cache; the others follow its hit or miss
@@ -403,9 +300,9 @@ def quantize(
             forward hq_ptq runs, so no membrane carries over between batches.
         budget: parameter-weighted average weight bits over the quantized layers.
         calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
-            is applied, for re-estimating BatchNorm statistics (``config.recalibrate_bn`` batches); drawn
-            once, so a generator is fine. Without it the data-free weight metric is used and BatchNorm
-            keeps the float model's statistics.
+            is applied, for re-estimating BatchNorm statistics (``config.bn_recalibration_batches``
+            batches); drawn once, so a generator is fine. Without it the data-free weight metric is used
+            and BatchNorm keeps the float model's statistics.
         train_data: iterable of ``(inputs, targets)`` batches for QAT (re-iterated); without it, no QAT.
         loss_fn: ``loss_fn(outputs, targets)`` for the sensitivity analysis and QAT; cross-entropy by default.
         output_fn: ``output_fn(outputs) -> [B, classes]`` class scores, used for distillation. Default: the
@@ -438,7 +335,7 @@ def quantize(
     settle_protection(protected_layers(names, config), yielding_layers(names, config), sizes, budget, config)
     calib = None
     if calib_data is not None:
-        calib = _take(calib_data, max(config.search.calib_batches, config.recalibrate_bn))
+        calib = _take(calib_data, max(config.search.calib_batches, config.bn_recalibration_batches))
         _check_forward(model, calib[0], loss_fn)
     else:
         warnings.warn(
@@ -460,8 +357,8 @@ def quantize(
         )
         plan = search_plan(analysis, budget, config)
         apply_plan(model, plan)
-        if calib is not None and config.recalibrate_bn:
-            recalibrate_bn(model, calib, config.recalibrate_bn)
+        if calib is not None and config.bn_recalibration_batches:
+            recalibrate_bn(model, calib, config.bn_recalibration_batches)
         if qat:
             finetune(
                 model,
@@ -487,7 +384,7 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
     grads = [(p, p.requires_grad) for p in model.parameters()]
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     missing = object()
-    plan = model.__dict__.get(PLAN_ATTR, missing)
+    plan = model.__dict__.get(SEARCH_ATTR, missing)
 
     def restore() -> None:
         for module, kids in children:
@@ -501,9 +398,9 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
         for module, flag in training:
             module.training = flag
         if plan is missing:
-            model.__dict__.pop(PLAN_ATTR, None)
+            model.__dict__.pop(SEARCH_ATTR, None)
         else:
-            model.__dict__[PLAN_ATTR] = plan
+            model.__dict__[SEARCH_ATTR] = plan
         reset_states(model)
 
     return restore
@@ -513,22 +410,6 @@ def _check_weights(model: nn.Module) -> None:
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"parameter {name} has NaN or Inf values; fix the model before quantizing")
-
-
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Give every layer of ``plan`` its (scheme, bits), swapping float layers first; returns the model."""
-    missing = [c.name for c in plan.layers if c.name not in dict(model.named_modules())]
-    if missing:
-        raise ValueError(f"plan names layers the model does not have: {', '.join(missing[:5])}")
-    layers = quant_layers(model)
-    to_swap = [c.name for c in plan.layers if c.name not in layers]
-    if to_swap:
-        swap_layers(model, include=tuple(to_swap), scheme="uniform", bits=8)
-        layers = quant_layers(model)
-    for choice in plan.layers:
-        set_layer_quant(layers[choice.name], choice.scheme, choice.bits)
-    setattr(model, PLAN_ATTR, plan)
-    return model
 
 
 def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
@@ -576,22 +457,3 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
             m.train(training)
     log.info("re-estimated %d BatchNorm layers' statistics on %d batches", len(norms), used)
     return used
-
-
-def get_plan(model: nn.Module) -> Plan:
-    """The plan a quantized model carries, read back from its layers (scores from the search when known)."""
-    layers = quant_layers(model)
-    if not layers:
-        raise ValueError("model has no hq_ptq-quantized layers; call hq_ptq.quantize or apply_plan first")
-    stored: Plan | None = getattr(model, PLAN_ATTR, None)
-    known = {c.name: c for c in stored.layers} if stored is not None else {}
-    choices = []
-    for name, layer in layers.items():
-        scheme, bits = layer_quant(layer)
-        sens = known[name].sensitivity if name in known else None
-        choices.append(
-            LayerChoice(name=name, scheme=scheme, bits=bits, params=layer.weight.numel(), sensitivity=sens)
-        )
-    if stored is None:
-        return Plan(layers=tuple(choices), method="manual")
-    return Plan(layers=tuple(choices), budget=stored.budget, method=stored.method, meta=stored.meta)

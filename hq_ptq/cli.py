@@ -128,7 +128,9 @@ def run_cmd(
     other [model] keys and fp_checkpoint go: the factory returns the trained model, or --set
     fp_checkpoint=FILE loads weights into it).
     """
-    result = _run(recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model)
+    result = _run_recipe(
+        recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model
+    )
     if result is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
     r, result, out = result
@@ -154,7 +156,7 @@ def run_cmd(
         console.print(f"resumed: QAT continued from step {result.qat_resumed_from} of its checkpoint")
 
 
-def _run(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None):
+def _run_recipe(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None):
     """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
 
     Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
@@ -416,23 +418,6 @@ def export_cmd(
     )
 
 
-def _pareto_module():
-    """benchmarks/pareto.py of the source checkout, imported by path (benchmarks/ is not installed)."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"hq-ptq bench runs {path}, which is missing; run it from a source checkout")
-    name = "hq_ptq_bench_pareto"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @app.command("bench")
 @user_errors
 def bench_cmd(
@@ -441,21 +426,32 @@ def bench_cmd(
     seeds: Annotated[str | None, typer.Option(help="Comma-separated QAT seeds (default 0,1,2)")] = None,
     out: Annotated[
         Path | None,
-        typer.Option(help="Folder for JSON, Markdown, PNG (default: benchmarks/results, docs/BENCHMARKS.md)"),
+        typer.Option(help="Folder for JSON, Markdown, PNG (default: ./benchmarks/results)"),
     ] = None,
     qat_steps: Annotated[int | None, typer.Option(help="Common QAT steps of every row (default 40)")] = None,
     dnas_steps: Annotated[int | None, typer.Option(help="Differentiable-search steps (default 150)")] = None,
     set_: SetOption = None,
+    write_docs: Annotated[
+        bool,
+        typer.Option(help="Also rewrite the recipe's block of --docs and the plot beside it (full runs)"),
+    ] = False,
+    docs: Annotated[
+        Path, typer.Option(help="The BENCHMARKS.md that --write-docs rewrites")
+    ] = Path("docs/BENCHMARKS.md"),
 ) -> None:
-    """Pareto benchmark: our search vs homogeneous, uniform-only MP, torchao and DNAS; same QAT and seeds."""
-    bench = _pareto_module()
+    """Pareto benchmark: our search vs homogeneous, uniform-only MP, torchao and DNAS; same QAT and seeds.
+
+    Writes JSON, Markdown and PNG to --out only; docs/BENCHMARKS.md is rewritten only with --write-docs.
+    """
+    import hq_ptq.bench as bench
+
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else None
     except ValueError:
         raise ValueError(f"--seeds must be integers separated by commas, got {seeds!r}") from None
     results, paths = bench.bench(
         recipe, quick=quick, seeds=seed_list, out=out, qat_steps=qat_steps, dnas_steps=dnas_steps,
-        overrides=set_ or [],
+        overrides=set_ or [], write_docs=write_docs, docs=docs,
     )
     fp = results["fp_accuracy"]
     table = Table(title=f"{results['recipe']}: accuracy against average bits (float {_pct(fp)})")
@@ -471,7 +467,9 @@ def bench_cmd(
     for c in results["claims"]:
         mark = {True: "[green]holds[/green]", False: "[red]fails[/red]", None: "measured"}[c["holds"]]
         console.print(f"{c['claim']}: {mark}. {c['detail']}", highlight=False)
-    console.print("files: " + ", ".join(str(p) for p in paths.values()))
+    console.print("files: " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+    if "doc" not in paths:
+        console.print(f"{docs} left alone (pass --write-docs to rewrite its block)", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,15 +6,50 @@ Plain data only (no torch): each has ``to_dict``/``from_dict`` so recipes, repor
 from __future__ import annotations
 
 import difflib
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 METRICS = ("hessian", "fisher", "weight")
 METHODS = ("greedy", "milp")
 
+# old key -> new key, for the one-line error that names the new key (recipes, --set, from_dict, keyword args)
+RENAMED = {
+    "search.max_samples": "search.hutchinson_probes",
+    "search.rel_tol": "search.hutchinson_rel_tol",
+    "quant.recalibrate_bn": "quant.bn_recalibration_batches",
+    "qat.freeze_bn": "qat.keep_bn_statistics",
+}
+
+
+def check_renamed(section: str, keys: Any) -> None:
+    """A one-line ValueError when one of ``keys`` is an old name of a ``section`` key."""
+    for key in keys:
+        new = RENAMED.get(f"{section}.{key}")
+        if new is not None:
+            raise ValueError(f"{section}.{key} was renamed {new}")
+
+
+def _renamed_kwargs(section: str):
+    """Class decorator: an old keyword argument to the dataclass's ``__init__`` names the new one."""
+
+    def wrap(cls: type) -> type:
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            check_renamed(section, kwargs)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = __init__
+        return cls
+
+    return wrap
+
 
 def _check_keys(cls: type, data: dict[str, Any], section: str) -> None:
     names = [f.name for f in fields(cls)]
+    check_renamed(section, data)
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
@@ -30,6 +65,7 @@ def _tuple(value: Any) -> tuple:
     return tuple(value)
 
 
+@_renamed_kwargs("search")
 @dataclass(frozen=True)
 class SearchConfig:
     """How sensitivities are measured and bits allocated.
@@ -48,8 +84,10 @@ class SearchConfig:
     protect_scheme: str = "uniform"
     protect_bits: int = 8
     calib_batches: int = 4
-    max_samples: int = 64
-    rel_tol: float = 0.05
+    # Hutchinson trace estimation (metric "hessian"): at most this many probes, stopping earlier once every
+    # layer's relative standard error is at most hutchinson_rel_tol
+    hutchinson_probes: int = 64
+    hutchinson_rel_tol: float = 0.05
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schemes", _tuple(self.schemes))
@@ -61,12 +99,13 @@ class SearchConfig:
             raise ValueError(f"search.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.schemes:
             raise ValueError("search.schemes is empty: allow at least one of 'uniform', 'pot'")
-        if self.calib_batches < 1 or self.max_samples < 1:
-            raise ValueError("search.calib_batches and search.max_samples must be >= 1")
-        if not 0 < self.rel_tol < 1:
-            raise ValueError(f"search.rel_tol must be in (0, 1), got {self.rel_tol}")
+        if self.calib_batches < 1 or self.hutchinson_probes < 1:
+            raise ValueError("search.calib_batches and search.hutchinson_probes must be >= 1")
+        if not 0 < self.hutchinson_rel_tol < 1:
+            raise ValueError(f"search.hutchinson_rel_tol must be in (0, 1), got {self.hutchinson_rel_tol}")
 
 
+@_renamed_kwargs("qat")
 @dataclass(frozen=True)
 class QATConfig:
     """Short quantization-aware fine-tuning: CE + distillation from the float teacher, cosine LR."""
@@ -79,10 +118,11 @@ class QATConfig:
     # Polyak average of weights and scales, loaded at the end; 0 turns it off. Averages out the last
     # steps' noise, which on small data decides the outcome more than the loss does.
     ema_decay: float = 0.0
-    # Keep BatchNorm running statistics at the float model's values during QAT (BN in eval mode), the usual
-    # QAT practice: re-estimating them from a few small batches of a half-trained quantized model adds noise.
+    # Keep BatchNorm running statistics fixed during QAT (BN in eval mode), the usual QAT practice: at the
+    # values re-estimated after the plan is applied (quant.bn_recalibration_batches), or the float model's
+    # when that is 0. Updating them from a few small batches of a half-trained quantized model adds noise.
     # On digits at 3.5 bits: mean drop over 3 seeds 0.28 -> 0.19 points; 0.00 over 5 (docs/BENCHMARKS.md).
-    freeze_bn: bool = True
+    keep_bn_statistics: bool = True
     # write a resumable checkpoint every this many steps (and after the last) when a run has an output
     # folder; 0 turns it off
     checkpoint_every: int = 50
@@ -102,6 +142,7 @@ class QATConfig:
             raise ValueError(f"qat.temperature must be > 0, got {self.temperature}")
 
 
+@_renamed_kwargs("quant")
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything ``hq_ptq.quantize`` needs besides the model, the budget and the data."""
@@ -117,13 +158,17 @@ class QuantConfig:
     # statistics; on a fashion subset this alone took uniform 3-bit from 80.65% to 83.75% before QAT
     # (power-of-two 3-bit: 83.00% -> 83.45%), on digits the 3-bit plan's PTQ accuracy from 95.56% to 98.67%
     # (mean of 5 seeds), with the same accuracy after QAT. QAT then starts from, and keeps, these values.
-    recalibrate_bn: int = 8
+    # (hq_ptq.recalibrate_bn does the re-estimation.)
+    bn_recalibration_batches: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _tuple(self.include))
         object.__setattr__(self, "exclude", _tuple(self.exclude))
-        if self.recalibrate_bn < 0:
-            raise ValueError(f"quant.recalibrate_bn must be >= 0 batches (0: off), got {self.recalibrate_bn}")
+        if self.bn_recalibration_batches < 0:
+            raise ValueError(
+                "quant.bn_recalibration_batches must be >= 0 batches (0: off), "
+                f"got {self.bn_recalibration_batches}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

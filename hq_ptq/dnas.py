@@ -33,13 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hq_ptq import progress
-from hq_ptq.api import candidates as allowed_candidates
-from hq_ptq.api import protected_layers
 from hq_ptq.config import QuantConfig
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import cycle_batches
 from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import detached_copy, reset_states
+from hq_ptq.space import candidates as allowed_candidates
+from hq_ptq.space import protected_layers
 from hq_ptq.swap import LAYER_MAP, find_layers, swap_layers
 
 __all__ = ["DNASConfig", "MixedQuantLayer", "decode_plan", "dnas_search", "relax"]

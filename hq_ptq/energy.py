@@ -48,9 +48,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS = ("spike", "count", "mac")
-
-
 @dataclass(frozen=True)
 class EnergyConstants:
     """Energy per operation in picojoules; see ``docs/ENERGY.md`` for the sources.

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
 from hq_ptq.schemes import SCHEMES, dequantize, weight_codes
+from hq_ptq.state import apply_plan, get_plan
 from hq_ptq.swap import layer_quant, quant_layers
 
 __all__ = [
@@ -196,8 +197,6 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     Raises:
         ValueError: the model has no hq_ptq-quantized layers, or state of an unsupported dtype.
     """
-    from hq_ptq.api import get_plan
-
     plan = get_plan(model)  # raises a readable ValueError for an unquantized model
     layers = quant_layers(model)
     aliases = _module_aliases(model, layers)
@@ -395,8 +394,6 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
         CheckpointError: not a file, not an hq_ptq packed checkpoint, unsupported version, checksum
             mismatch (truncated or altered file), or a model whose layers do not match.
     """
-    from hq_ptq.api import apply_plan
-
     md, tensors, _ = _read(path)
     parsed = _parse(path, md, tensors)
     plan: Plan = parsed["plan"]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.api import analyze, apply_plan, check_budget, get_plan, recalibrate_bn, search_plan
+from hq_ptq.api import analyze, check_budget, recalibrate_bn, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig
 from hq_ptq.data import make_loaders
@@ -36,6 +36,7 @@ from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
 from hq_ptq.recipe import DATA_LOADER_KEYS, Recipe, resolve
 from hq_ptq.snn import detached_copy
+from hq_ptq.state import apply_plan, get_plan
 from hq_ptq.train import TrainResult, evaluate, random_shift, train_float
 
 log = logging.getLogger(__name__)
@@ -365,8 +366,8 @@ def _quantize_and_finetune(
     output_fn: OutputFn | None = None,
 ) -> tuple[float, float, float, int]:
     apply_plan(model, plan)
-    if recipe.quant.recalibrate_bn:
-        recalibrate_bn(model, train, recipe.quant.recalibrate_bn)
+    if recipe.quant.bn_recalibration_batches:
+        recalibrate_bn(model, train, recipe.quant.bn_recalibration_batches)
     ptq_acc = _evaluate(model, test, "evaluate PTQ", output_fn)
     if recipe.quant.qat.steps == 0:
         return ptq_acc, ptq_acc, 0.0, 0

@@ -20,7 +20,7 @@ from typing import Any
 
 from hq_ptq.files import atomic_write_text
 
-__all__ = ["PLAN_VERSION", "LayerChoice", "Plan"]
+__all__ = ["PLAN_VERSION", "LayerChoice", "LayerQuant", "Plan"]
 
 PLAN_VERSION = 1
 
@@ -36,6 +36,19 @@ def _as_int(value: Any, what: str) -> int:
         return operator.index(value)
     except TypeError:
         raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The quantization state of one quantized layer, carried by the layer itself (``layer.hq_quant``).
+
+    The only home of a layer's scheme, bits and search score: :mod:`hq_ptq.swap` writes it when it
+    attaches or changes a quantizer, and :func:`hq_ptq.state.get_plan` reads the plan back from it.
+    """
+
+    scheme: str
+    bits: int
+    sensitivity: float | None = None
 
 
 @dataclass(frozen=True)

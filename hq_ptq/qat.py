@@ -328,7 +328,7 @@ def finetune(
     if teacher is not None:
         teacher.eval()
     model.train()
-    if config.freeze_bn:
+    if config.keep_bn_statistics:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()

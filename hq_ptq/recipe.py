@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, section_from_dict
+from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_renamed, section_from_dict
 from hq_ptq.train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -258,6 +258,7 @@ def load_recipe(
         if key in raw["model"]:
             check_reference(raw["model"][key], f"[model] {key}")
     quant = dict(raw.get("quant", {}))
+    check_renamed("quant", quant)
     for key in quant:
         if key not in QUANT_KEYS:
             raise _suggest(key, QUANT_KEYS, "quant.")

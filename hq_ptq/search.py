@@ -39,13 +39,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hq_ptq.config import METHODS
 from hq_ptq.plan import LayerChoice, Plan
 
-__all__ = ["METHODS", "allocate", "homogeneous_plan", "monotone_table"]
+__all__ = ["allocate", "homogeneous_plan", "monotone_table"]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("greedy", "milp")
 
 Candidate = tuple[str, int]
 Table = Mapping[str, Mapping[Candidate, float]]

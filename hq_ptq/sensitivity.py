@@ -8,7 +8,7 @@ where ``H_l`` is the diagonal block of the loss Hessian for the layer's weight a
 its number of elements. Three trace metrics are provided: Hutchinson (``"hessian"``), the
 empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"weight"``). Traces are
 cached in JSON keyed by a fingerprint of the model weights and the analysis options, because
-the Hessian pass is the expensive part.
+the Hessian pass is the expensive part (:mod:`hq_ptq.sensitivity_cache`).
 
 Spiking nets: snnTorch surrogates are differentiable twice, but the "Hessian" is then the
 Jacobian of a pseudo-gradient. It is not symmetric and its trace can be negative. Hutchinson is
@@ -18,14 +18,10 @@ still unbiased for that trace; :func:`hutchinson_traces` reports its magnitude (
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq.distributed import Shard
-from hq_ptq.files import atomic_write_text
 from hq_ptq.model_io import call, map_tensors
 
 logger = logging.getLogger(__name__)
@@ -45,8 +40,6 @@ ProgressFn = Callable[[int, int], None]
 Candidate = tuple[str, int]
 Table = dict[str, dict[Candidate, float]]
 
-METRICS = ("hessian", "fisher", "weight")
-CACHE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -512,25 +505,6 @@ def weight_traces(layers: Mapping[str, nn.Module]) -> dict[str, float]:
     return {name: 1.0 for name in layers}
 
 
-def compute_traces(
-    metric: str,
-    model: nn.Module,
-    layers: Mapping[str, nn.Module],
-    batches: Iterable[Batch] | None = None,
-    loss_fn: LossFn | None = None,
-    **kwargs: Any,
-) -> dict[str, float]:
-    """Dispatch on ``metric`` in ``METRICS``; kwargs go to the chosen function."""
-    if metric == "weight":
-        return weight_traces(layers)
-    if metric not in METRICS:
-        raise ValueError(f"unknown sensitivity metric {metric!r}; choose one of {list(METRICS)}")
-    if batches is None:
-        raise ValueError(f"metric {metric!r} needs calibration batches; pass batches or use 'weight'")
-    fn = hutchinson_traces if metric == "hessian" else fisher_traces
-    return fn(model, layers, batches, loss_fn, **kwargs)
-
-
 # ------------------------------------------------------------------------------------------------
 # sensitivity table
 
@@ -564,129 +538,3 @@ def sensitivity_table(
             row[(scheme, bits)] = float(traces[name]) * err
         table[name] = row
     return table
-
-
-# ------------------------------------------------------------------------------------------------
-# cache
-
-
-def _candidate_key(c: Candidate) -> str:
-    return f"{c[0]}:{int(c[1])}"
-
-
-def _parse_candidate_key(key: str) -> Candidate:
-    scheme, sep, bits = key.rpartition(":")
-    if not sep or not scheme:
-        raise ValueError(f"bad candidate key {key!r} in cache; expected 'scheme:bits'")
-    return scheme, int(bits)
-
-
-def table_to_json(
-    table: Table | None,
-    traces: Mapping[str, float],
-    path: str | os.PathLike[str],
-    meta: Mapping[str, Any] | None = None,
-) -> None:
-    """Write traces, table (``"scheme:bits"`` keys) and meta to ``path`` atomically."""
-    doc = {
-        "version": CACHE_VERSION,
-        "meta": dict(meta or {}),
-        "traces": {n: float(t) for n, t in traces.items()},
-        "table": {
-            n: {_candidate_key(c): float(v) for c, v in row.items()} for n, row in (table or {}).items()
-        },
-    }
-    atomic_write_text(Path(path), json.dumps(doc, indent=1, sort_keys=False))
-
-
-def table_from_json(path: str | os.PathLike[str]) -> tuple[Table, dict[str, float], dict[str, Any]]:
-    """Read a file written by :func:`table_to_json`; returns ``(table, traces, meta)``."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sensitivity cache {str(p)!r} not found; compute it first")
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-        if doc.get("version") != CACHE_VERSION:
-            raise ValueError(f"version {doc.get('version')!r} != {CACHE_VERSION}")
-        traces = {str(n): float(t) for n, t in doc["traces"].items()}
-        table = {
-            str(n): {_parse_candidate_key(k): float(v) for k, v in row.items()}
-            for n, row in doc["table"].items()
-        }
-        meta = dict(doc["meta"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ValueError(f"sensitivity cache {str(p)!r} is malformed ({exc}); delete it") from None
-    return table, traces, meta
-
-
-def fingerprint(
-    model: nn.Module,
-    layer_names: Iterable[str],
-    metric: str,
-    n_batches: int,
-    seed: int,
-    **options: Any,
-) -> str:
-    """Hex digest identifying a trace computation.
-
-    Covers the layer names and weight shapes, the bytes of every parameter and buffer of ``model``
-    (BatchNorm statistics change the Hessian too), the metric, batch count, seed and any extra
-    ``options`` (rel_tol, sample caps, a data-set tag, ...; JSON-able or str-able values).
-    """
-    modules = dict(model.named_modules())
-    h = hashlib.blake2b(digest_size=16)
-    header: dict[str, Any] = {
-        "version": CACHE_VERSION,
-        "metric": metric,
-        "n_batches": int(n_batches),
-        "seed": int(seed),
-        "options": options,
-        "layers": [],
-    }
-    for name in layer_names:
-        if name not in modules:
-            raise KeyError(f"layer {name!r} is not a submodule of the model; check the layer names")
-        w = getattr(modules[name], "weight", None)
-        header["layers"].append([name, list(w.shape) if isinstance(w, torch.Tensor) else None])
-    h.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for key, t in model.state_dict(keep_vars=False).items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        h.update(key.encode())
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        flat = t.detach().reshape(-1).contiguous().cpu()
-        # Raw bytes: exact and fast; view as uint8 also handles dtypes numpy lacks (bf16).
-        if flat.numel():
-            h.update(flat.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cached_traces(
-    path: str | os.PathLike[str],
-    fingerprint: str,
-    compute: Callable[[], dict[str, float]],
-    *,
-    table: Callable[[dict[str, float]], Table] | None = None,
-    meta: Mapping[str, Any] | None = None,
-) -> dict[str, float]:
-    """Load traces from ``path`` if its fingerprint matches, else ``compute()`` and save them.
-
-    ``table`` (optional) builds the Omega table from the traces so the saved JSON can be
-    inspected; ``meta`` adds fields to the saved meta. A malformed or stale cache is recomputed.
-    """
-    p = Path(path)
-    if p.is_file():
-        try:
-            _, traces, old_meta = table_from_json(p)
-        except ValueError as exc:
-            logger.warning("%s; recomputing", exc)
-        else:
-            if old_meta.get("fingerprint") == fingerprint:
-                logger.info("sensitivity traces loaded from %s", p)
-                return traces
-            logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
-    traces = dict(compute())
-    full_meta = {**dict(meta or {}), "fingerprint": fingerprint}
-    table_to_json(table(traces) if table is not None else None, traces, p, full_meta)
-    logger.info("sensitivity traces saved to %s", p)
-    return traces

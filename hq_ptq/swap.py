@@ -1,8 +1,9 @@
 """Attach hq_ptq weight quantizers to any model: swap Conv1d/Conv2d/Linear for Brevitas layers in place.
 
 Swapped layers quantize weights only (no input/output/bias quantization, ``return_quant_tensor=False``),
-share the original ``weight``/``bias`` Parameters, and carry their scheme as plain attributes
-``hq_scheme``/``hq_bits`` (read with :func:`layer_quant`, changed with :func:`set_layer_quant`).
+share the original ``weight``/``bias`` Parameters, and carry their quantization state as one frozen record,
+``layer.hq_quant`` (:class:`hq_ptq.plan.LayerQuant`: scheme, bits, search score), written only here
+(:func:`swap_layers`, :func:`set_layer_quant`) and read with :func:`layer_state` / :func:`layer_quant`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from torch import nn
 
+from hq_ptq.plan import LayerQuant
 from hq_ptq.schemes import quantized_weight, weight_quant
 
 __all__ = [
     "LAYER_MAP",
     "find_layers",
     "layer_quant",
+    "layer_state",
     "quant_layers",
     "set_layer_quant",
     "swap_layers",
@@ -38,8 +41,7 @@ LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: qnn.QuantLinear,
 }
 
-SCHEME_ATTR = "hq_scheme"
-BITS_ATTR = "hq_bits"
+QUANT_ATTR = "hq_quant"
 
 
 def _as_globs(globs: str | Iterable[str], what: str) -> tuple[str, ...]:
@@ -56,7 +58,9 @@ def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
 
 
 def _is_hq_layer(module: nn.Module) -> bool:
-    return isinstance(module, QuantWeightBiasInputOutputLayer) and hasattr(module, SCHEME_ATTR)
+    return isinstance(module, QuantWeightBiasInputOutputLayer) and isinstance(
+        getattr(module, QUANT_ATTR, None), LayerQuant
+    )
 
 
 def find_layers(
@@ -150,8 +154,7 @@ def swap_layers(
     for name, module in modules:
         if name in targets and type(module) in LAYER_MAP and id(module) not in replaced:
             new = _quant_layer_like(module, injector)
-            setattr(new, SCHEME_ATTR, scheme)
-            setattr(new, BITS_ATTR, int(bits))
+            setattr(new, QUANT_ATTR, LayerQuant(scheme, int(bits)))
             _init_scales(new)
             replaced[id(module)] = new
             swapped.append(name)
@@ -177,14 +180,24 @@ def _check_hq_layer(layer: nn.Module) -> None:
         )
 
 
-def layer_quant(layer: nn.Module) -> tuple[str, int]:
-    """The layer's ``(scheme, bits)``.
+def layer_state(layer: nn.Module) -> LayerQuant:
+    """The layer's quantization record (scheme, bits, search score).
 
     Raises:
         ValueError: the layer was not swapped by hq_ptq.
     """
     _check_hq_layer(layer)
-    return getattr(layer, SCHEME_ATTR), getattr(layer, BITS_ATTR)
+    return getattr(layer, QUANT_ATTR)
+
+
+def layer_quant(layer: nn.Module) -> tuple[str, int]:
+    """The layer's ``(scheme, bits)``, read from :func:`layer_state`.
+
+    Raises:
+        ValueError: the layer was not swapped by hq_ptq.
+    """
+    state = layer_state(layer)
+    return state.scheme, state.bits
 
 
 def _new_proxy(layer: nn.Module, injector: type) -> nn.Module:
@@ -195,8 +208,8 @@ def _new_proxy(layer: nn.Module, injector: type) -> nn.Module:
     return proxy
 
 
-def set_layer_quant(layer: nn.Module, scheme: str, bits: int) -> None:
-    """Give an hq_ptq quant layer a new ``scheme``/``bits`` in place.
+def set_layer_quant(layer: nn.Module, scheme: str, bits: int, sensitivity: float | None = None) -> None:
+    """Give an hq_ptq quant layer a new ``scheme``/``bits`` in place (and the search score that chose it).
 
     The quantizer is rebuilt, so its scale is re-initialised from the current weight statistics
     (a learned scale is not carried over), and its parameters are new objects: build the optimizer
@@ -209,8 +222,7 @@ def set_layer_quant(layer: nn.Module, scheme: str, bits: int) -> None:
     injector = weight_quant(scheme, bits)
     layer.weight_quant = _new_proxy(layer, injector)
     layer._cached_sub_tensor_slice_list_modules = None  # Brevitas caches submodules of the old proxy
-    setattr(layer, SCHEME_ATTR, scheme)
-    setattr(layer, BITS_ATTR, int(bits))
+    setattr(layer, QUANT_ATTR, LayerQuant(scheme, int(bits), sensitivity))
     _init_scales(layer)
 
 

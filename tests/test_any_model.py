@@ -21,10 +21,11 @@ from snntorch import utils
 from torch import nn
 
 import hq_ptq
-from hq_ptq import api
+from hq_ptq import api, state
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.snn import detached_copy, reset_states, to_multistep
+from hq_ptq.state import SEARCH_ATTR
 from hq_ptq.swap import quant_layers
 
 T = 3
@@ -81,7 +82,7 @@ def _vectors(n: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor
 
 def _config(**qat) -> QuantConfig:
     return QuantConfig(search=SearchConfig(metric="fisher", calib_batches=2), qat=QATConfig(**qat),
-                       recalibrate_bn=2)
+                       bn_recalibration_batches=2)
 
 
 def _state(model: nn.Module) -> tuple[list, dict, list]:
@@ -96,7 +97,7 @@ def _assert_untouched(model: nn.Module, before: tuple[list, dict, list]) -> None
     assert list(state) == list(before[1])
     assert all(torch.equal(state[k], before[1][k]) for k in state)
     assert flags == before[2]
-    assert not hasattr(model, api.PLAN_ATTR)
+    assert not hasattr(model, SEARCH_ATTR)
 
 
 # ------------------------------------------------------------------------------------------ 1. state
@@ -185,7 +186,7 @@ def test_snntorch_sigmoid_surrogate_does_not_turn_the_analysis_into_nan():
 def test_a_layer_that_never_fires_does_not_abort_the_run(metric):
     torch.manual_seed(0)
     model = OwnLoopNet(dead=True)
-    config = QuantConfig(search=SearchConfig(metric=metric, calib_batches=2, max_samples=8))
+    config = QuantConfig(search=SearchConfig(metric=metric, calib_batches=2, hutchinson_probes=8))
     # `fc` sees only zero spikes; `hidden` gets a surrogate gradient of ~1e-13 through the silent neurons
     with pytest.warns(UserWarning, match=r"zero for layers \['hidden', 'fc'\]"):
         hq_ptq.quantize(model, 4.0, calib_data=_images(), config=config)
@@ -277,7 +278,7 @@ def test_a_failed_quantize_leaves_the_model_exactly_as_given(stage, monkeypatch)
     elif stage == "search":
         monkeypatch.setattr(api, "allocate", _boom)
     elif stage == "apply":
-        monkeypatch.setattr(api, "set_layer_quant", _boom)
+        monkeypatch.setattr(state, "set_layer_quant", _boom)
     elif stage == "recalibrate":
         monkeypatch.setattr(api, "recalibrate_bn", _boom)
     elif stage == "qat":
@@ -390,7 +391,7 @@ def test_one_shot_generator_serves_analysis_and_batchnorm():
 def test_get_plan_of_a_hand_made_plan_is_valid_json():
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     hq_ptq.apply_plan(model, Plan((LayerChoice("0", "pot", 4, 128), LayerChoice("2", "uniform", 3, 64))))
-    model.__dict__.pop(api.PLAN_ATTR)
+    model.__dict__.pop(SEARCH_ATTR)
     text = json.dumps(hq_ptq.get_plan(model).to_dict(), allow_nan=False)
     assert json.loads(text)["layers"][0]["sensitivity"] is None
     assert len(quant_layers(model)) == 2

@@ -56,7 +56,8 @@ def test_data_free_quantize_warns_and_respects_budget():
 def test_quantize_with_calibration_and_qat_changes_weights():
     model = _cnn()
     data = _batches()
-    cfg = QuantConfig(search=SearchConfig(max_samples=8, rel_tol=0.5), qat=QATConfig(steps=3))
+    search = SearchConfig(hutchinson_probes=8, hutchinson_rel_tol=0.5)
+    cfg = QuantConfig(search=search, qat=QATConfig(steps=3))
     before = {
         n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
     }
@@ -133,7 +134,8 @@ def test_snntorch_sequential_with_init_hidden():
 
     model = Over_time(net)
     data = [(torch.rand(4, 6, 1, 8, 8) * 3, torch.randint(0, 4, (6,))) for _ in range(2)]
-    cfg = QuantConfig(search=SearchConfig(max_samples=8, rel_tol=0.5, protect_first_last=False))
+    search = SearchConfig(hutchinson_probes=8, hutchinson_rel_tol=0.5, protect_first_last=False)
+    cfg = QuantConfig(search=search)
     hq_ptq.quantize(model, budget=3.0, calib_data=data, config=cfg)
     plan = hq_ptq.get_plan(model)
     assert len(plan.layers) == 3 and plan.avg_bits <= 3.0 + 1e-9
@@ -153,7 +155,7 @@ def test_spikformer_tiny_end_to_end():
         for x, _ in data:
             model(x)
     cfg = QuantConfig(
-        search=SearchConfig(max_samples=4, rel_tol=0.9, calib_batches=2),
+        search=SearchConfig(hutchinson_probes=4, hutchinson_rel_tol=0.9, calib_batches=2),
         qat=QATConfig(steps=2),
     )
     hq_ptq.quantize(model, budget=3.5, calib_data=data, train_data=data, config=cfg)
@@ -222,8 +224,8 @@ def test_recalibrate_bn_averages_the_quantized_models_batch_statistics():
     with pytest.raises(ValueError, match="at least one batch"):
         hq_ptq.recalibrate_bn(model, data, 0)
     assert torch.equal(bn.running_mean, before)  # left untouched
-    with pytest.raises(ValueError, match="recalibrate_bn"):
-        QuantConfig(recalibrate_bn=-1)
+    with pytest.raises(ValueError, match="bn_recalibration_batches"):
+        QuantConfig(bn_recalibration_batches=-1)
 
 
 def test_quantize_recalibrates_bn_when_asked():
@@ -231,8 +233,8 @@ def test_quantize_recalibrates_bn_when_asked():
     runs = {}
     for batches in (0, 2):
         model = _bn_cnn()
-        search = SearchConfig(max_samples=8, protect_first_last=False)
-        cfg = QuantConfig(search=search, recalibrate_bn=batches)
+        search = SearchConfig(hutchinson_probes=8, protect_first_last=False)
+        cfg = QuantConfig(search=search, bn_recalibration_batches=batches)
         hq_ptq.quantize(model, budget=3.0, calib_data=data, config=cfg)
         runs[batches] = model[1].running_mean.clone()
     assert torch.equal(runs[0], torch.zeros(8))  # never trained: the float model's initial statistics

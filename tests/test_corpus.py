@@ -21,7 +21,7 @@ from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import reset_states
 from hq_ptq.swap import layer_quant, quant_layers
 
-FAST = QuantConfig(search=SearchConfig(max_samples=16), qat=QATConfig(steps=3))
+FAST = QuantConfig(search=SearchConfig(hutchinson_probes=16), qat=QATConfig(steps=3))
 
 
 def _outputs(model: torch.nn.Module, inputs) -> list[torch.Tensor]:

@@ -28,7 +28,7 @@ def recipe(tmp_path_factory, tiny_recipe) -> Path:
         root / "tiny.toml",
         train={"shift_augment": 1},
         quant={"budget": 3.5, "seed": 11},
-        search={"metric": "hessian", "calib_batches": 2, "max_samples": 10},
+        search={"metric": "hessian", "calib_batches": 2, "hutchinson_probes": 10},
         qat={"steps": 6, "lr": 1e-3},
     )
     train_recipe(load_recipe(str(path)))

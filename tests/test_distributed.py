@@ -13,13 +13,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from hq_ptq.api import analyze, apply_plan
+from hq_ptq.api import analyze
 from hq_ptq.cli import app
 from hq_ptq.config import QATConfig
 from hq_ptq.distributed import Shard, all_gather_object, launch
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune
 from hq_ptq.sensitivity import fisher_traces, hutchinson_estimates
+from hq_ptq.state import apply_plan
 
 runner = CliRunner()
 
@@ -176,7 +177,7 @@ def test_run_nproc_2_finds_the_single_process_plan(tmp_path, monkeypatch, tiny_r
     recipe = tiny_recipe(
         tmp_path / "tiny.toml",
         quant={"seed": 7},
-        search={"metric": "hessian", "calib_batches": 3, "max_samples": 12},
+        search={"metric": "hessian", "calib_batches": 3, "hutchinson_probes": 12},
         qat={"checkpoint_every": 1},
     )
     one, two = tmp_path / "one", tmp_path / "two"

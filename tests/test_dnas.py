@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hq_ptq.api import candidates
 from hq_ptq.config import QuantConfig, SearchConfig
 from hq_ptq.dnas import DNASConfig, MixedQuantLayer, decode_plan, dnas_search, relax
 from hq_ptq.schemes import quantized_weight
+from hq_ptq.space import candidates
 from hq_ptq.swap import LAYER_MAP, find_layers
 
 CANDS = [("uniform", 2), ("uniform", 4), ("uniform", 8), ("pot", 3)]

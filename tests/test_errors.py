@@ -8,6 +8,7 @@ checkpoint loader (the packed-checkpoint loader is fuzzed in test_pack.py).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -23,7 +24,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import hq_ptq
-from hq_ptq.api import analyze, apply_plan, search_plan
+from hq_ptq.api import analyze, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.cli import app
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
@@ -31,6 +32,7 @@ from hq_ptq.models import build_model
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import finetune, load_checkpoint, save_checkpoint
 from hq_ptq.recipe import load_recipe
+from hq_ptq.state import apply_plan
 
 runner = CliRunner()
 
@@ -138,6 +140,46 @@ def test_misspelled_recipe_keys_suggest_the_right_one():
         msg = _fails("unknown key", load_recipe, "digits-spikformer", [override])
         assert fragment in msg, msg
     _fails("qat.checkpoint_every must be >= 0", load_recipe, "digits-spikformer", ["qat.checkpoint_every=-1"])
+
+
+RENAMES = [  # (old key, value, new key)
+    ("search.max_samples", 8, "search.hutchinson_probes"),
+    ("search.rel_tol", 0.5, "search.hutchinson_rel_tol"),
+    ("quant.recalibrate_bn", 2, "quant.bn_recalibration_batches"),
+    ("qat.freeze_bn", False, "qat.keep_bn_statistics"),
+]
+
+
+@pytest.mark.parametrize(("old", "value", "new"), RENAMES)
+def test_renamed_keys_name_the_new_key(old, value, new, tmp_path):
+    want = f"{old} was renamed {new}"
+    section, key = old.split(".")
+    toml = str(value).lower() if isinstance(value, bool) else str(value)
+    # --set
+    assert _fails(re.escape(want), load_recipe, "digits-spikformer", [f"{old}={toml}"]) == want
+    # a recipe file
+    recipe = tmp_path / "old.toml"
+    recipe.write_text(_with_key(load_recipe("digits-spikformer").path.read_text(), section, key, toml))
+    assert _fails(re.escape(want), load_recipe, str(recipe)) == want
+    # QuantConfig.from_dict
+    data = {key: value} if section == "quant" else {section: {key: value}}
+    assert _fails(re.escape(want), QuantConfig.from_dict, data) == want
+    # keyword arguments to the dataclasses
+    cls = {"search": SearchConfig, "qat": QATConfig, "quant": QuantConfig}[section]
+    assert _fails(re.escape(want), cls, **{key: value}) == want
+    assert dataclasses.replace(cls(), **{new.split(".")[1]: value}) == cls(**{new.split(".")[1]: value})
+    # the CLI: exit code 2, the one line, no traceback
+    result = runner.invoke(app, ["run", "digits-spikformer", "--out", str(tmp_path / "out"), "--set",
+                                 f"{old}={toml}"])
+    assert result.exit_code == 2 and want in " ".join(result.output.split()), result.output
+    assert "Traceback" not in result.output
+
+
+def _with_key(text: str, section: str, key: str, value: str) -> str:
+    """``text`` with ``key = value`` added at the top of its ``[section]`` table."""
+    header = f"[{section}]\n"
+    assert header in text, section
+    return text.replace(header, f"{header}{key} = {value}\n", 1)
 
 
 # ------------------------------------------------------------------------------------------------

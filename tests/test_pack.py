@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 from torch import nn
 
-from hq_ptq.api import apply_plan, get_plan
 from hq_ptq.checkpoint import save_float
 from hq_ptq.models import build_model
 from hq_ptq.pack import CheckpointError, inspect, load, pack_bits, save, unpack_bits
 from hq_ptq.plan import LayerChoice, Plan
+from hq_ptq.state import apply_plan, get_plan
 from hq_ptq.swap import find_layers, quant_layers
 
 UNIFORM_BITS = (2, 3, 4, 5, 6, 8)

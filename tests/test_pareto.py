@@ -1,17 +1,23 @@
-"""The Pareto benchmark (benchmarks/pareto.py, `hq-ptq bench`) end to end on a tiny recipe, and its pieces."""
+"""The Pareto benchmark (hq_ptq.bench: `hq-ptq bench`, benchmarks/pareto.py) end to end on a tiny recipe."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from hq_ptq.cli import _pareto_module, app
+import hq_ptq.bench as pareto
+from hq_ptq.bench.render import BEGIN, END, _qat_text, update_doc
+from hq_ptq.cli import app
 
-pareto = _pareto_module()
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 COLUMNS = ("avg_bits", "ptq_accuracy", "accuracy", "size_bytes", "compression", "energy_uj", "energy_ratio",
@@ -20,18 +26,22 @@ COLUMNS = ("avg_bits", "ptq_accuracy", "accuracy", "size_bytes", "compression", 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_recipe):
+    """One tiny benchmark; ``docs`` points at a copy of docs/BENCHMARKS.md (and its plots), never written."""
     root = tmp_path_factory.mktemp("pareto")
+    docs = root / "docs"
+    shutil.copytree(REPO / "docs", docs)
     recipe = tiny_recipe(root / "tiny.toml", train={"epochs": 4}, quant={"budget": 3.5}, qat={"steps": 150})
     # no float checkpoint yet: the benchmark trains one (pipeline.float_model)
     # fewer homogeneous rows and budgets than a real run (time); every family and column is there
     settings = pareto.BenchSettings(seeds=(0, 1), qat_steps=2, dnas_steps=2, budgets=(3.5, 3.0),
                                     homogeneous=(("uniform", 8), ("uniform", 4), ("pot", 4), ("uniform", 2)))
-    results, paths = pareto.bench(str(recipe), out=root / "out", command="pytest", settings=settings)
-    return results, paths
+    results, paths = pareto.bench(str(recipe), out=root / "out", command="pytest", settings=settings,
+                                  docs=docs / "BENCHMARKS.md")
+    return results, paths, docs
 
 
 def test_every_row_and_column(run):
-    results, _ = run
+    results, _, _ = run
     rows = {r["label"]: r for r in results["rows"]}
     expected = {"FP32", "uniform 8-bit", "uniform 4-bit", "pot 4-bit", "uniform 2-bit",
                 "uniform-only MP @ 3.5", "ours greedy @ 3.5", "ours greedy @ 3", "ours MILP @ 3.5",
@@ -67,7 +77,7 @@ def test_every_row_and_column(run):
 
 
 def test_torchao_rows_name_the_layers_it_refuses(run):
-    results, _ = run
+    results, _, _ = run
     rows = {r["label"]: r for r in results["rows"]}
     for bits in (8, 4):
         r = rows[f"torchao int{bits}"]
@@ -83,7 +93,7 @@ def test_torchao_rows_name_the_layers_it_refuses(run):
 
 
 def test_claims_and_files(run):
-    results, paths = run
+    results, paths, _ = run
     kinds = [c["claim"] for c in results["claims"]]
     assert any("best homogeneous" in k for k in kinds)
     assert any("uniform-only MP" in k for k in kinds)
@@ -100,27 +110,83 @@ def test_claims_and_files(run):
     assert "Command: `pytest`" in text and "CPU time of the process" in text
     assert saved["recipe_config"]["quant"]["qat"]["steps"] == 2 and "QAT settings: lr" in text
     # re-rendering the saved JSON reproduces the Markdown without measuring anything
-    again = pareto.render(paths["json"], out=paths["json"].parent / "again")
+    again = pareto.render_saved(paths["json"], out=paths["json"].parent / "again")
     assert again["md"].read_text() == text
+
+
+def test_without_write_docs_the_docs_are_left_alone(run):
+    _, paths, docs = run
+    for name in ("BENCHMARKS.md", "pareto-digits.png", "pareto-fashion.png"):
+        assert (docs / name).read_bytes() == (REPO / "docs" / name).read_bytes(), name
+    assert sorted(p.name for p in docs.iterdir()) == sorted(p.name for p in (REPO / "docs").iterdir())
+    assert all(p.parent == paths["json"].parent for p in paths.values())
+
+
+def test_write_docs_replaces_the_generated_block(run, tmp_path):
+    results, paths, docs = run
+    name, data = results["recipe"], results["data"]["name"]
+    doc = shutil.copy(docs / "BENCHMARKS.md", tmp_path / "BENCHMARKS.md")
+    before = doc.read_text()
+    # a stale block of this recipe, as a previous run would have left it
+    update_doc(doc, name, "stale numbers\n")
+    assert "stale numbers" in doc.read_text()
+    # re-rendering the fixture's JSON with the docs writes what a --write-docs run writes, without measuring
+    written = pareto.render_saved(paths["json"], out=tmp_path / "out", docs=doc)
+    assert set(written) == {"json", "png", "doc"} and written["doc"] == doc
+    assert written["png"] == tmp_path / f"pareto-{data}.png" and written["png"].read_bytes()[:4] == b"\x89PNG"
+    text = doc.read_text()
+    b, e = f"<!-- pareto:{name}:begin -->", f"<!-- pareto:{name}:end -->"
+    block = text[text.index(b):text.index(e)]
+    assert "stale numbers" not in text and text.count(b) == 1
+    assert "| row | avg bits |" in block and f"![accuracy against average bits](pareto-{data}.png)" in block
+    # everything outside this recipe's block is as it was
+    assert text[:text.index(b)] + text[text.index(e) + len(e):] == before.replace(END, "\n\n" + END, 1)
+    with pytest.raises(ValueError, match="full runs"):
+        pareto.write_outputs(results, tmp_path / "q", quick=True, docs=doc)
+    with pytest.raises(FileNotFoundError, match="source checkout"):
+        pareto.bench("digits-spikformer", write_docs=True, docs=tmp_path / "missing.md")
+
+
+def test_script_renders_into_its_out_folder(run, tmp_path):
+    # benchmarks/pareto.py is a front end of hq_ptq.bench: --render re-writes a saved run, docs untouched
+    _, paths, _ = run
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "pareto.py"), "--render", str(paths["json"]), "--out",
+         str(tmp_path)], capture_output=True, text=True, check=True,
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())
+    assert "left alone (pass --write-docs" in proc.stdout
+    assert (tmp_path / paths["md"].name).read_text() == paths["md"].read_text()
 
 
 def test_update_doc_replaces_only_its_block(tmp_path):
     doc = tmp_path / "B.md"
-    doc.write_text(f"# B\n\nother\n\n{pareto.BEGIN}\nintro\n{pareto.END}\n\ntail\n")
-    pareto.update_doc(doc, "r1", "one\n")
-    pareto.update_doc(doc, "r2", "two\n")
-    pareto.update_doc(doc, "r1", "ONE\n")
+    doc.write_text(f"# B\n\nother\n\n{BEGIN}\nintro\n{END}\n\ntail\n")
+    update_doc(doc, "r1", "one\n")
+    update_doc(doc, "r2", "two\n")
+    update_doc(doc, "r1", "ONE\n")
     text = doc.read_text()
     assert text.count("<!-- pareto:r1:begin -->") == 1 and "ONE" in text and "one" not in text
-    assert text.index("intro") < text.index("ONE") < text.index("two") < text.index(pareto.END)
+    assert text.index("intro") < text.index("ONE") < text.index("two") < text.index(END)
     assert text.startswith("# B\n\nother") and text.endswith("tail\n")
     with pytest.raises(ValueError, match="markers"):
         (tmp_path / "C.md").write_text("no markers")
-        pareto.update_doc(tmp_path / "C.md", "r1", "x")
+        update_doc(tmp_path / "C.md", "r1", "x")
 
 
 def test_bench_help_and_bad_seeds():
     result = runner.invoke(app, ["bench", "--help"])
     assert result.exit_code == 0 and "--quick" in result.output and "--seeds" in result.output
+    assert "--write-docs" in result.output
     result = runner.invoke(app, ["bench", "digits-spikformer", "--seeds", "a,b"])
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+def test_qat_settings_read_results_written_before_the_renames():
+    # committed results say freeze_bn / recalibrate_bn; they render with today's names
+    old = {"recipe_config": {"quant": {"qat": {"lr": 2e-4, "freeze_bn": True}, "recalibrate_bn": 8}}}
+    new = {"recipe_config": {"quant": {"qat": {"lr": 2e-4, "keep_bn_statistics": True},
+                                       "bn_recalibration_batches": 8}}}
+    want = " QAT settings: lr 0.0002, keep_bn_statistics True. BatchNorm statistics re-estimated after " \
+           "quantization: 8 batches."
+    assert _qat_text(old) == _qat_text(new) == want

@@ -53,9 +53,9 @@ def _quantized_net_and_data():
     return net, data
 
 
-def test_default_freezes_bn_running_statistics_and_freeze_bn_false_updates_them():
-    assert QATConfig().freeze_bn is True
-    default, unfrozen = QATConfig(steps=3, lr=1e-2), QATConfig(steps=3, lr=1e-2, freeze_bn=False)
+def test_default_keeps_bn_running_statistics_and_keep_bn_statistics_false_updates_them():
+    assert QATConfig().keep_bn_statistics is True
+    default, unfrozen = QATConfig(steps=3, lr=1e-2), QATConfig(steps=3, lr=1e-2, keep_bn_statistics=False)
     for config, frozen in ((default, True), (unfrozen, False)):
         net, data = _quantized_net_and_data()
         mean, var = net[1].running_mean.clone(), net[1].running_var.clone()

@@ -32,7 +32,7 @@ def recipe(tmp_path_factory, tiny_recipe) -> Path:
         root / "tiny.toml",
         train={"shift_augment": 1},
         quant={"seed": 3},
-        search={"metric": "hessian", "calib_batches": 2, "max_samples": 8},
+        search={"metric": "hessian", "calib_batches": 2, "hutchinson_probes": 8},
         qat={"steps": STEPS, "checkpoint_every": EVERY, "lr": 1e-3, "ema_decay": 0.5},
     )
     train_recipe(load_recipe(str(path)))
@@ -135,7 +135,12 @@ def _is_write(call: ast.Call) -> bool:
     if isinstance(f, ast.Attribute):
         if f.attr in WRITERS:
             return True
-        return f.attr == "save" and isinstance(f.value, ast.Name) and f.value.id in ("torch", "onnx", "np")
+        saves = f.attr == "save" and isinstance(f.value, ast.Name) and f.value.id in ("torch", "onnx", "np")
+        # into memory, not a file: torch.save(obj, io.BytesIO()) (to measure a size)
+        dest = call.args[1] if len(call.args) > 1 else None
+        dest = dest.value if isinstance(dest, ast.NamedExpr) else dest
+        in_memory = dest is not None and ast.unparse(dest).startswith("io.BytesIO(")
+        return saves and not in_memory
     if isinstance(f, ast.Name) and f.id == "open":
         modes = [k.value for k in call.keywords if k.arg == "mode"] + call.args[1:2]
         target = ast.unparse(call.args[0]) if call.args else ""
@@ -163,6 +168,8 @@ def _unsafe_writes(text: str) -> list[int]:
 def test_every_artifact_writer_goes_through_atomic_write():
     assert _unsafe_writes("Path(p).write_text('x')\ntorch.save(s, p)\nopen(p, mode='wb')") == [1, 2, 3]
     assert _unsafe_writes("atomic_write(p, lambda tmp: torch.save(s, tmp))\nopen(os.devnull, 'w')") == []
+    in_memory = "torch.save(s, io.BytesIO())\ntorch.save(s, b := io.BytesIO())\ntorch.save(s, b)"
+    assert _unsafe_writes(in_memory) == [3]
     package = Path(hq_ptq.__file__).parent
     offenders = {
         str(source.relative_to(package)): _unsafe_writes(source.read_text())

@@ -12,18 +12,14 @@ from torch import nn
 from torch.func import functional_call
 
 from hq_ptq.sensitivity import (
-    cached_traces,
-    compute_traces,
     fill_dead_layers,
-    fingerprint,
     fisher_traces,
     hutchinson_estimates,
     hutchinson_traces,
     sensitivity_table,
-    table_from_json,
-    table_to_json,
     weight_traces,
 )
+from hq_ptq.sensitivity_cache import cached_traces, fingerprint, table_from_json, table_to_json
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +194,8 @@ def test_layer_without_gradient_measures_zero(metric, dead):
     model = _WithDeadLayer()
     layers = {"fc": model.fc, dead: getattr(model, dead)}
     kwargs = {"max_samples": 8} if metric == "hessian" else {}
-    traces = compute_traces(metric, model, layers, _mlp_batches(1), **kwargs)
+    measure = hutchinson_traces if metric == "hessian" else fisher_traces
+    traces = measure(model, layers, _mlp_batches(1), **kwargs)
     assert traces[dead] == 0.0 and traces["fc"] > 0
 
 
@@ -243,14 +240,11 @@ def test_bad_inputs_raise():
         hutchinson_traces(model, layers, _mlp_batches(1), hvps_per_batch=0)
     with pytest.raises(ValueError, match="min_samples"):
         hutchinson_traces(model, layers, _mlp_batches(1), min_samples=10, max_samples=5)
-    with pytest.raises(ValueError, match="unknown sensitivity metric"):
-        compute_traces("hawq", model, layers, _mlp_batches(1))
 
 
 def test_weight_traces_are_ones():
     model = _mlp()
     assert weight_traces({"0": model[0], "2": model[2]}) == {"0": 1.0, "2": 1.0}
-    assert compute_traces("weight", model, {"0": model[0]}) == {"0": 1.0}
 
 
 def _uniform_error(layer: nn.Module, scheme: str, bits: int) -> float:
