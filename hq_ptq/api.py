@@ -37,6 +37,7 @@ from hq_ptq.snn import detached_copy, eval_mode, reset_states, stable_surrogates
 from hq_ptq.space import Candidate, candidates, protected_layers, settle_protection, yielding_layers
 from hq_ptq.state import SEARCH_ATTR, apply_plan
 from hq_ptq.swap import (
+    QUANT_ATTR,
     find_layers,
     quant_layers,
     swap_layers,
@@ -305,9 +306,10 @@ def quantize(
             and BatchNorm keeps the float model's statistics.
         train_data: iterable of ``(inputs, targets)`` batches for QAT (re-iterated); without it, no QAT.
         loss_fn: ``loss_fn(outputs, targets)`` for the sensitivity analysis and QAT; cross-entropy by default.
-        output_fn: ``output_fn(outputs) -> [B, classes]`` class scores, used for distillation. Default: the
-            outputs themselves when they are ``[B, classes]``; for any other output distillation is off
-            (with a warning) and QAT uses ``loss_fn`` alone.
+        output_fn: ``output_fn(outputs) -> [B, classes]`` class scores, used for distillation. Default: with
+            the default cross-entropy, the outputs themselves when they are ``[B, classes]``. For any other
+            output, or a ``loss_fn`` of your own without ``output_fn``, distillation is off (with a
+            warning) and QAT uses ``loss_fn`` alone.
         config: search and QAT settings.
 
     Returns:
@@ -335,7 +337,9 @@ def quantize(
     settle_protection(protected_layers(names, config), yielding_layers(names, config), sizes, budget, config)
     calib = None
     if calib_data is not None:
-        calib = _take(calib_data, max(config.search.calib_batches, config.bn_recalibration_batches))
+        # drawn once, as many batches as the analysis and the BatchNorm re-estimation need
+        bn = config.bn_recalibration_batches if _batchnorms(model) else 0
+        calib = _take(calib_data, max(config.search.calib_batches, bn))
         _check_forward(model, calib[0], loss_fn)
     else:
         warnings.warn(
@@ -376,34 +380,55 @@ def quantize(
     return model
 
 
+# plain attributes hq_ptq sets on layers it quantizes: the layer's record, and Brevitas' submodule cache
+_LAYER_ATTRS = (QUANT_ATTR, "_cached_sub_tensor_slice_list_modules")
+
+
 def _snapshot(model: nn.Module) -> Callable[[], None]:
     """A function that puts ``model`` back as it is now: module tree (so swapped layers go back to the
-    user's own modules), state_dict values, parameters' requires_grad, training flags and the plan."""
-    children = [(m, dict(m._modules)) for m in model.modules()]
-    training = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    user's own modules), each layer's quantization record (a model quantized before keeps its plan),
+    state_dict values, parameters' requires_grad and gradients, training flags and the search report."""
     missing = object()
-    plan = model.__dict__.get(SEARCH_ATTR, missing)
+    modules = list(model.modules())
+    children = [(m, dict(m._modules)) for m in modules]
+    attrs = [(m, {a: m.__dict__.get(a, missing) for a in _LAYER_ATTRS}) for m in modules]
+    training = [(m, m.training) for m in modules]
+    params = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report = model.__dict__.get(SEARCH_ATTR, missing)
+
+    def put(obj: object, name: str, value: object) -> None:
+        if value is missing:
+            obj.__dict__.pop(name, None)
+        else:
+            obj.__dict__[name] = value
 
     def restore() -> None:
         for module, kids in children:
             module._modules.clear()
             module._modules.update(kids)
+        for module, saved in attrs:
+            for name, value in saved.items():
+                put(module, name, value)
         with torch.no_grad():
             for key, value in model.state_dict(keep_vars=True).items():
                 value.copy_(state[key])
-        for p, flag in grads:
+        for p, flag, grad in params:
             p.requires_grad_(flag)
+            p.grad = grad
         for module, flag in training:
             module.training = flag
-        if plan is missing:
-            model.__dict__.pop(SEARCH_ATTR, None)
-        else:
-            model.__dict__[SEARCH_ATTR] = plan
+        put(model, SEARCH_ATTR, report)
         reset_states(model)
 
     return restore
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers whose running statistics :func:`recalibrate_bn` re-estimates."""
+    return [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
 
 
 def _check_weights(model: nn.Module) -> None:
@@ -424,9 +449,7 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
     """
     if batches < 1:
         raise ValueError(f"recalibrate_bn needs at least one batch, got batches={batches}")
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = _batchnorms(model)
     if not norms:
         return 0
     it = iter(data)

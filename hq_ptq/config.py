@@ -99,8 +99,10 @@ class SearchConfig:
             raise ValueError(f"search.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.schemes:
             raise ValueError("search.schemes is empty: allow at least one of 'uniform', 'pot'")
-        if self.calib_batches < 1 or self.hutchinson_probes < 1:
-            raise ValueError("search.calib_batches and search.hutchinson_probes must be >= 1")
+        if self.calib_batches < 1:
+            raise ValueError(f"search.calib_batches must be >= 1, got {self.calib_batches}")
+        if self.hutchinson_probes < 2:  # a standard error needs two probes
+            raise ValueError(f"search.hutchinson_probes must be >= 2, got {self.hutchinson_probes}")
         if not 0 < self.hutchinson_rel_tol < 1:
             raise ValueError(f"search.hutchinson_rel_tol must be in (0, 1), got {self.hutchinson_rel_tol}")
 

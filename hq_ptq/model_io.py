@@ -12,9 +12,10 @@ Inputs. Every batch is ``(inputs, targets)``. ``inputs`` is whatever the model t
 Outputs. The model may return anything its ``loss_fn(outputs, targets)`` understands: ``[B, classes]``
 logits, a ``[T, B, classes]`` spike record, a ``(spikes, membranes)`` tuple, multi-label scores. Where
 hq_ptq needs class scores (accuracy, distillation from the float model) it reads them through
-``output_fn(outputs) -> [B, classes]``; the default is the outputs themselves when they are a 2-D tensor.
-Without an ``output_fn``, outputs of any other shape are used by the loss only: distillation is switched
-off (with a warning) rather than applied to something that is not a logit.
+``output_fn(outputs) -> [B, classes]``; the default is the outputs themselves when they are a 2-D tensor
+(for distillation only with the default cross-entropy loss: with a loss of your own, 2-D outputs need not
+be logits). Otherwise the outputs are used by the loss only: distillation is switched off (with a
+warning) rather than applied to something that is not a logit.
 """
 
 from __future__ import annotations

@@ -246,8 +246,10 @@ def finetune(
         train_data: ``(inputs, targets)`` batches, re-iterated as often as needed.
         config: QAT settings.
         teacher: float model to distil from (KL on softened class scores). Distillation needs class scores:
-            ``output_fn(outputs)`` when given, else outputs that are ``[B, classes]``; for other outputs
-            (a spike record, a tuple) it is switched off with a warning and the task loss alone trains.
+            ``output_fn(outputs)`` when given, else, with the default cross-entropy loss, outputs that are
+            ``[B, classes]``. Otherwise (a spike record, a tuple, or a loss of your own without
+            ``output_fn``: a ``[B, 1]`` regression output is no logit) it is switched off with a warning
+            and the task loss alone trains.
         loss_fn: task loss ``loss_fn(outputs, targets)``, cross-entropy by default.
         output_fn: ``outputs -> [B, classes]`` scores for distillation (see :mod:`hq_ptq.model_io`).
         augment: ``augment(inputs)`` applied to every training batch.
@@ -263,6 +265,8 @@ def finetune(
     """
     if config.steps == 0:
         return QATResult(steps=0, final_loss=float("nan"), seconds=0.0)
+    # cross-entropy (the default) says the outputs are logits; with another loss only output_fn says so
+    outputs_are_logits = loss_fn is None or output_fn is not None
     loss_fn = loss_fn or F.cross_entropy
     shard = current_shard()
     world = 1 if shard is None else shard.world
@@ -357,11 +361,15 @@ def finetune(
             outputs = call(net, inputs)
             loss = loss_fn(outputs, targets)
             if teacher is not None and config.distill_weight > 0:
-                scores = class_scores(outputs, output_fn)
+                scores = class_scores(outputs, output_fn) if outputs_are_logits else None
                 if scores is None:
+                    why = (
+                        f"the model returns {describe(outputs)}, not [batch, classes] logits"
+                        if outputs_are_logits or class_scores(outputs, None) is None
+                        else f"with your own loss_fn, outputs {describe(outputs)} need not be logits"
+                    )
                     warnings.warn(
-                        f"QAT distillation is off: the model returns {describe(outputs)}, not [batch, "
-                        "classes] logits; pass output_fn to distil from the float model",
+                        f"QAT distillation is off: {why}; pass output_fn to distil from the float model",
                         stacklevel=2,
                     )
                     teacher = None

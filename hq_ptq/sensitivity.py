@@ -408,7 +408,8 @@ def hutchinson_traces(
     noisy = [n for n, e in est.items() if e.rel_stderr > rel_tol]
     if noisy:
         logger.info(
-            "hutchinson did not reach rel_tol=%.3g in %d probes for %s; raise max_samples for tighter traces",
+            "hutchinson did not reach rel_tol=%.3g in %d probes for %s; raise search.hutchinson_probes for "
+            "tighter traces",
             rel_tol,
             max_samples,
             noisy,

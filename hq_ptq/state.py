@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from hq_ptq.plan import LayerChoice, Plan
-from hq_ptq.swap import layer_state, quant_layers, set_layer_quant, swap_layers
+from hq_ptq.schemes import weight_quant
+from hq_ptq.swap import LAYER_MAP, layer_state, quant_layers, set_layer_quant, swap_layers
 
 __all__ = ["SEARCH_ATTR", "SearchReport", "apply_plan", "get_plan"]
 
@@ -36,13 +37,21 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """Give every layer of ``plan`` its (scheme, bits), swapping float layers first; returns the model.
 
     Raises:
-        ValueError: the plan names a layer the model does not have, or one that is not a Conv/Linear.
+        ValueError: the plan names a layer the model does not have or one that is not a Conv/Linear, or
+            a scheme/bits that does not exist; checked before any layer changes.
     """
+    # every check before the first layer is swapped, so a refused plan leaves the model as it was
     modules = dict(model.named_modules())
     missing = [c.name for c in plan.layers if c.name not in modules]
     if missing:
         raise ValueError(f"plan names layers the model does not have: {', '.join(missing[:5])}")
     layers = quant_layers(model)
+    odd = [c.name for c in plan.layers if c.name not in layers and type(modules[c.name]) not in LAYER_MAP]
+    if odd:
+        kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in odd[:5])
+        raise ValueError(f"plan names layers that are not Conv1d/Conv2d/Linear: {kinds}")
+    for choice in plan.layers:
+        weight_quant(choice.scheme, choice.bits)  # raises on an unknown scheme or bits
     to_swap = [c.name for c in plan.layers if c.name not in layers]
     if to_swap:
         swap_layers(model, include=tuple(to_swap), scheme="uniform", bits=8)

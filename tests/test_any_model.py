@@ -395,3 +395,81 @@ def test_get_plan_of_a_hand_made_plan_is_valid_json():
     text = json.dumps(hq_ptq.get_plan(model).to_dict(), allow_nan=False)
     assert json.loads(text)["layers"][0]["sensitivity"] is None
     assert len(quant_layers(model)) == 2
+
+
+# ------------------------------------------------------------------------------------------ review findings
+
+
+def test_a_failed_requantize_keeps_the_first_plan_and_its_quantizers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    hq_ptq.quantize(model, 8.0, config=QuantConfig(search=SearchConfig(protect_first_last=False)))
+    first = hq_ptq.get_plan(model)
+    bits = {n: float(layer.quant_weight().bit_width) for n, layer in quant_layers(model).items()}
+    x = _vectors(1)[0][0]
+    with torch.no_grad():
+        before = model(x)
+
+    def interrupted(first_batch=_vectors(seed=1)[0]):
+        yield first_batch
+        raise KeyboardInterrupt
+
+    config = QuantConfig(search=SearchConfig(schemes=("pot",), protect_first_last=False),
+                         qat=QATConfig(steps=3))
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.simplefilter("ignore")
+        hq_ptq.quantize(model, 3.0, train_data=interrupted(), config=config)
+    assert hq_ptq.get_plan(model).layers == first.layers  # the record agrees with the quantizer again
+    assert {n: float(layer.quant_weight().bit_width) for n, layer in quant_layers(model).items()} == bits
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_a_failed_quantize_restores_gradients():
+    model = StatefulNet()
+    x, y = _vectors(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    reset_states(model)
+    with warnings.catch_warnings(), pytest.raises(FloatingPointError):
+        warnings.simplefilter("ignore")
+        hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1),
+                        loss_fn=lambda out, t: F.cross_entropy(out, t) * (math.nan if model.training else 1),
+                        config=_config(steps=2))
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+
+
+def test_apply_plan_checks_everything_before_changing_a_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    not_a_layer = Plan((LayerChoice("0", "uniform", 4, 16), LayerChoice("1", "uniform", 4, 4)))
+    bad_bits = Plan((LayerChoice("0", "uniform", 4, 16), LayerChoice("2", "uniform", 99, 8)))
+    with pytest.raises(ValueError, match=r"not Conv1d/Conv2d/Linear: 1 \(BatchNorm1d\)"):
+        hq_ptq.apply_plan(model, not_a_layer)
+    with pytest.raises(ValueError, match="does not support bits=99"):
+        hq_ptq.apply_plan(model, bad_bits)
+    assert [type(m) for m in model] == [nn.Linear, nn.BatchNorm1d, nn.Linear]
+
+
+def test_no_distillation_on_2d_outputs_of_a_custom_loss_without_output_fn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+    data = [(x, x.sum(1, keepdim=True)) for x, _ in _vectors()]  # a regression: [B, 1] is no logit
+    with pytest.warns(UserWarning, match=r"with your own loss_fn, outputs \(5, 1\) need not be logits"):
+        hq_ptq.quantize(model, 4.0, calib_data=data, train_data=data, loss_fn=F.mse_loss,
+                        config=_config(steps=2))
+
+
+def test_probe_count_and_calibration_draw():
+    with pytest.raises(ValueError, match="hutchinson_probes must be >= 2, got 1"):
+        SearchConfig(hutchinson_probes=1)
+    drawn = []
+
+    def counting():
+        for batch in _vectors(12):
+            drawn.append(batch)
+            yield batch
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))  # no BatchNorm: no BN batches
+    config = QuantConfig(search=SearchConfig(metric="fisher"))
+    hq_ptq.quantize(model, 4.0, calib_data=counting(), config=config)
+    assert len(drawn) == SearchConfig().calib_batches
