@@ -210,18 +210,30 @@ def analyze(
     """
     config = config or QuantConfig()
     _check_weights(model)
-    cands = candidates(config)
+    candidates(config)
     names = find_layers(model, config.include, config.exclude)
     calib = _take(calib_data, config.search.calib_batches) if calib_data is not None else None
     if calib is not None:
         _check_forward(model, calib[0], loss_fn)
+    return _score(model, names, calib, loss_fn, config)
+
+
+def _score(
+    model: nn.Module,
+    names: list[str],
+    calib: list[tuple[Any, Any]] | None,
+    loss_fn: LossFn | None,
+    config: QuantConfig,
+) -> Analysis:
+    """:func:`analyze` after its checks (``quantize`` has made them already): traces, swap, score table."""
+    cands = candidates(config)
     metric, measured = measure_traces(model, names, calib, loss_fn, config)
     traces, dead = fill_dead_layers(measured)
     if dead:
         warnings.warn(
             f"{metric} traces are zero for layers {dead}: no gradient reached them on the calibration data "
             "(neurons that never fire?); they rank as the least sensitive layers",
-            stacklevel=2,
+            stacklevel=3,
         )
     protected = protected_layers(names, config)
     swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
@@ -353,12 +365,9 @@ def quantize(
 
     restore = _snapshot(model)
     try:
-        analysis = analyze(
-            model,
-            calib_data=calib[: config.search.calib_batches] if calib else None,
-            loss_fn=loss_fn,
-            config=config,
-        )
+        # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
+        first = calib[: config.search.calib_batches] if calib else None
+        analysis = _score(model, names, first, loss_fn, config)
         plan = search_plan(analysis, budget, config)
         apply_plan(model, plan)
         if calib is not None and config.bn_recalibration_batches:
