@@ -121,10 +121,10 @@ def measure_traces(
     config: QuantConfig,
 ) -> tuple[str, dict[str, float]]:
     """Per-layer mean Hessian (or Fisher) trace on the float model; returns ``(metric, traces)``."""
-    metric = config.search.metric if calib is not None else "weight"
+    metric = config.search.metric if calib is not None else "data_free"
     modules = dict(model.named_modules())
     layers = {n: modules[n] for n in layer_names}
-    if metric == "weight":
+    if metric == "data_free":
         return metric, weight_traces(layers)
     shard = current_shard()
     local = calib if shard is None else shard.take(calib)
@@ -314,7 +314,7 @@ def quantize(
         budget: parameter-weighted average weight bits over the quantized layers.
         calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
             is applied, for re-estimating BatchNorm statistics (``config.bn_recalibration_batches``
-            batches); drawn once, so a generator is fine. Without it the data-free weight metric is used
+            batches); drawn once, so a generator is fine. Without it the data-free metric ("data_free") is used
             and BatchNorm keeps the float model's statistics.
         train_data: iterable of ``(inputs, targets)`` batches for QAT (re-iterated); without it, no QAT.
         loss_fn: ``loss_fn(outputs, targets)`` for the sensitivity analysis and QAT; cross-entropy by default.
@@ -355,7 +355,7 @@ def quantize(
         _check_forward(model, calib[0], loss_fn)
     else:
         warnings.warn(
-            "hq_ptq.quantize without calib_data uses the data-free weight metric; pass calib_data for "
+            "hq_ptq.quantize without calib_data uses the data-free metric; pass calib_data for "
             "Hessian-aware sensitivity and train_data for QAT recovery",
             stacklevel=2,
         )

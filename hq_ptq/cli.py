@@ -249,7 +249,7 @@ def quantize_cmd(
         ),
     ] = None,
     qat_steps: Annotated[int, typer.Option(help="QAT steps (0: post-training only)")] = 150,
-    metric: Annotated[str, typer.Option(help="hessian, fisher or weight")] = "hessian",
+    metric: Annotated[str, typer.Option(help="hessian, fisher or data_free")] = "hessian",
     model: ModelOption = None,
     loss: Annotated[
         str | None,

@@ -10,7 +10,7 @@ import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METRICS = ("hessian", "fisher", "weight")
+METRICS = ("hessian", "fisher", "data_free")
 METHODS = ("greedy", "milp")
 
 # old key -> new key, for the one-line error that names the new key (recipes, --set, from_dict, keyword args)
@@ -93,6 +93,8 @@ class SearchConfig:
         object.__setattr__(self, "schemes", _tuple(self.schemes))
         object.__setattr__(self, "bits", tuple(int(b) for b in _tuple(self.bits)))
         object.__setattr__(self, "protect", _tuple(self.protect))
+        if self.metric == "weight":  # the old name of the data-free metric (Hessian taken as identity)
+            raise ValueError("search.metric 'weight' was renamed 'data_free'")
         if self.metric not in METRICS:
             raise ValueError(f"search.metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if self.method not in METHODS:

@@ -6,7 +6,7 @@ The sensitivity of layer ``l`` to candidate ``c = (scheme, bits)`` is
 
 where ``H_l`` is the diagonal block of the loss Hessian for the layer's weight and ``n_l``
 its number of elements. Three trace metrics are provided: Hutchinson (``"hessian"``), the
-empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"weight"``). Traces are
+empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"data_free"``: the Hessian taken as identity). Traces are
 cached in JSON keyed by a fingerprint of the model weights and the analysis options, because
 the Hessian pass is the expensive part (:mod:`hq_ptq.sensitivity_cache`).
 
@@ -485,7 +485,7 @@ def fill_dead_layers(traces: Mapping[str, float]) -> tuple[dict[str, float], lis
     data), not an error, but a zero would make every candidate of the layer free and send it to the
     fewest bits, although it may fire on other inputs. So a dead layer gets the smallest trace measured
     on a live layer: it ranks as the least sensitive layer, and its candidates are still ordered by
-    their weight error. When no layer is live, every trace becomes 1.0, the data-free weight metric.
+    their weight error. When no layer is live, every trace becomes 1.0, the data-free metric.
     """
     top = max(traces.values(), default=0.0)
     dead = [n for n, t in traces.items() if t <= DEAD_RELATIVE * top]

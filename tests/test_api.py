@@ -49,7 +49,7 @@ def test_data_free_quantize_warns_and_respects_budget():
     # first and last are protected at uniform 8 bits by default
     assert (plan.layers[0].scheme, plan.layers[0].bits) == ("uniform", 8)
     assert (plan.layers[-1].scheme, plan.layers[-1].bits) == ("uniform", 8)
-    assert plan.meta["metric"] == "weight"
+    assert plan.meta["metric"] == "data_free"
     model(torch.randn(2, 1, 8, 8))
 
 
@@ -98,7 +98,7 @@ def test_unreachable_budget_names_range():
             _cnn(),
             budget=1.0,
             calib_data=_batches(),
-            config=QuantConfig(search=SearchConfig(metric="weight")),
+            config=QuantConfig(search=SearchConfig(metric="data_free")),
         )
 
 

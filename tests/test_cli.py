@@ -93,7 +93,7 @@ def test_quantize_checkpoint(tiny):
             "--qat-steps",
             "0",
             "--metric",
-            "weight",
+            "data_free",
         ],
     )
     assert result.exit_code == 0, result.output

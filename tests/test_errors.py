@@ -81,7 +81,7 @@ def test_budget_out_of_range():
 
 def test_unknown_scheme_or_bits():
     def cfg(**search) -> QuantConfig:
-        return QuantConfig(search=SearchConfig(metric="weight", **search))
+        return QuantConfig(search=SearchConfig(metric="data_free", **search))
 
     _fails("unknown scheme 'log2'; known: uniform, pot", analyze, _net(), config=cfg(schemes="uniform,log2"))
     bits7 = r"search.bits \[7\] not supported by schemes \['uniform', 'pot'\]; choose from \[2, 3, 4, 5, 6, 8"
@@ -173,6 +173,15 @@ def test_renamed_keys_name_the_new_key(old, value, new, tmp_path):
                                  f"{old}={toml}"])
     assert result.exit_code == 2 and want in " ".join(result.output.split()), result.output
     assert "Traceback" not in result.output
+
+
+def test_renamed_metric_value_names_the_new_one(tmp_path):
+    want = "search.metric 'weight' was renamed 'data_free'"
+    assert _fails(re.escape(want), load_recipe, "digits-spikformer", ["search.metric=weight"]) == want
+    assert _fails(re.escape(want), SearchConfig, metric="weight") == want
+    assert SearchConfig(metric="data_free").metric == "data_free"
+    result = runner.invoke(app, ["quantize", "x.pt", "--metric", "weight"])
+    assert result.exit_code == 2 and want in " ".join(result.output.split()), result.output
 
 
 def _with_key(text: str, section: str, key: str, value: str) -> str:

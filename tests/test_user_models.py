@@ -162,7 +162,7 @@ def test_quantize_a_user_checkpoint(trained, tmp_path):
     state = load_float(root / "fp.safetensors", model=build())[0].state_dict()
     torch.save(state, tmp_path / "fp.pt")
     for source, extra in ((root / "fp.safetensors", ("--qat-steps", "1", "--metric", "fisher")),
-                          (tmp_path / "fp.pt", ("--qat-steps", "0", "--metric", "weight"))):
+                          (tmp_path / "fp.pt", ("--qat-steps", "0", "--metric", "data_free"))):
         out = tmp_path / f"{source.stem}.hqpt.safetensors"
         result = cli("quantize", source, "--model", f"{PKG}:build", "--data", f"{PKG}:loaders",
                      "--loss", f"{PKG}:loss", "--output-fn", f"{PKG}:scores", "--budget", "4", "--out", out,
@@ -171,7 +171,7 @@ def test_quantize_a_user_checkpoint(trained, tmp_path):
         assert len(quant_layers(load(out, model=build()))) == 3
     missing = cli("quantize", root / "fp.safetensors", "--model", f"{PKG}:build")
     assert missing.exit_code == 2 and "needs --data package.module:function" in missing.output
-    zoo_only = cli("quantize", root / "fp.safetensors", "--data", f"{PKG}:loaders", "--metric", "weight")
+    zoo_only = cli("quantize", root / "fp.safetensors", "--data", f"{PKG}:loaders", "--metric", "data_free")
     assert zoo_only.exit_code == 2 and f"holds a model built by {PKG}:build" in zoo_only.output
 
 
@@ -222,7 +222,7 @@ def test_a_module_in_the_current_directory(tmp_path, monkeypatch):
         None,  # no fp_checkpoint: the factory's model is used as it comes
         model={"factory": "mymodels:build", "loss": "mymodels:loss", "output_fn": "mymodels:scores"},
         data={"factory": "mymodels:loaders"},
-        search={"metric": "weight"},
+        search={"metric": "data_free"},
         qat={"steps": 0},
     )
     result = cli("run", recipe, "--out", tmp_path / "run", "--no-export")
