@@ -106,3 +106,20 @@ def make_config(cls: type[C], defaults: Mapping[str, Any], overrides: Mapping[st
         if key not in fields:
             raise _unknown(f"{cls.__name__} setting", key, fields)
     return cls(**{**defaults, **overrides})
+
+
+def register_presets(
+    model_cls: type[nn.Module], config_cls: type, presets: Mapping[str, Mapping[str, object]]
+) -> None:
+    """Register one builder per preset: ``build_model(name, **overrides)`` -> ``model_cls(config)``."""
+
+    def register(name: str) -> None:
+        @register_model(name)
+        def build(**overrides: object) -> nn.Module:
+            return model_cls(make_config(config_cls, presets[name], overrides))
+
+        build.__name__ = build.__qualname__ = name.replace("-", "_")
+        build.__module__ = model_cls.__module__
+
+    for name in presets:
+        register(name)

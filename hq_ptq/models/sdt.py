@@ -24,60 +24,39 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hq_ptq.models.layers import SeqMaxPool, check_input, conv2d_bn, lif, token_conv_bn
-from hq_ptq.models.registry import make_config, register_model
+from hq_ptq.models import layers
+from hq_ptq.models.layers import SeqMaxPool, conv2d_bn, lif, token_conv_bn
+from hq_ptq.models.registry import register_presets
 
 __all__ = ["SDTConfig", "SpikeDrivenTransformer"]
 
 
 @dataclass(frozen=True)
-class SDTConfig:
-    """Constructor settings of :class:`SpikeDrivenTransformer` (all JSON-serialisable)."""
+class SDTConfig(layers.TransformerConfig):
+    """Constructor settings of :class:`SpikeDrivenTransformer` (all JSON-serialisable).
 
-    img_size: int = 128
-    in_channels: int = 2
-    num_classes: int = 10
-    embed_dim: int = 256
-    num_heads: int = 8
-    depth: int = 2
-    mlp_ratio: float = 4.0
+    The shared ones (``img_size`` ... ``mlp_ratio``, with ``num_heads`` 8) come from
+    :class:`~hq_ptq.models.layers.TransformerConfig`.
+    """
+
     pooling_stat: str = "0111"  # DVS128 Gesture reference config; "0011" for 32-px inputs
     beta: float = 0.5  # spikingjelly tau = 2
     threshold: float = 1.0
     attn_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 8 or self.embed_dim % 8:
-            raise ValueError(
-                f"embed_dim must be a positive multiple of 8 (MS-SPS uses C/8), got {self.embed_dim}"
-            )
-        if self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+        layers.check_widths(self, "MS-SPS")
         if len(self.pooling_stat) != 4 or set(self.pooling_stat) - {"0", "1"}:
             raise ValueError(
                 f"pooling_stat must be 4 characters of '0'/'1' (one per MS-SPS stage), "
                 f"got {self.pooling_stat!r}"
             )
-        for key in ("img_size", "in_channels", "num_classes", "depth"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0 < self.beta <= 1:
-            raise ValueError(f"beta must be in (0, 1], got {self.beta}")
-        if self.threshold <= 0 or self.attn_threshold <= 0:
-            raise ValueError(
-                f"thresholds must be > 0, got threshold={self.threshold}, "
-                f"attn_threshold={self.attn_threshold}"
-            )
+        layers.check_sizes_and_neurons(self)
 
     @property
     def num_tokens(self) -> int:
         """Tokens for an ``img_size`` x ``img_size`` input."""
-        side = self.img_size
-        for _ in range(self.pooling_stat.count("1")):
-            side = (side - 1) // 2 + 1  # MaxPool2d(3, 2, padding=1)
-        return side * side
+        return layers.pooled_tokens(self.img_size, self.pooling_stat.count("1"))
 
 
 class MSSPS(nn.Module):
@@ -85,13 +64,10 @@ class MSSPS(nn.Module):
 
     def __init__(self, cfg: SDTConfig) -> None:
         super().__init__()
-        c = cfg.embed_dim
-        widths = [cfg.in_channels, c // 8, c // 4, c // 2, c]
-        self.convs = nn.ModuleList(conv2d_bn(widths[i], widths[i + 1]) for i in range(4))
-        self.lifs = nn.ModuleList(lif(cfg.beta, cfg.threshold) for _ in range(4))
+        self.convs, self.lifs = layers.sps_stages(cfg)
         self.pool_after = tuple(i for i, flag in enumerate(cfg.pooling_stat) if flag == "1")
         self.pool = SeqMaxPool()
-        self.rpe = conv2d_bn(c, c)
+        self.rpe = conv2d_bn(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(3):
@@ -114,16 +90,10 @@ class SDSA(nn.Module):
 
     def __init__(self, cfg: SDTConfig) -> None:
         super().__init__()
-        c = cfg.embed_dim
         self.shortcut_lif = lif(cfg.beta, cfg.threshold)
-        self.q = token_conv_bn(c, c, bias=False)
-        self.k = token_conv_bn(c, c, bias=False)
-        self.v = token_conv_bn(c, c, bias=False)
-        self.q_lif = lif(cfg.beta, cfg.threshold)
-        self.k_lif = lif(cfg.beta, cfg.threshold)
-        self.v_lif = lif(cfg.beta, cfg.threshold)
+        layers.add_qkv(self, cfg)
         self.kv_lif = lif(cfg.beta, cfg.attn_threshold)
-        self.proj = token_conv_bn(c, c)
+        self.proj = token_conv_bn(cfg.embed_dim, cfg.embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.shortcut_lif(x)
@@ -170,28 +140,20 @@ class SpikeDrivenTransformer(nn.Module):
 
     def __init__(self, config: SDTConfig | None = None) -> None:
         super().__init__()
-        self.config = cfg = config or SDTConfig()
-        self.patch_embed = MSSPS(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        cfg = config or SDTConfig()
+        layers.add_trunk(self, cfg, MSSPS(cfg), Block)
         self.head_lif = lif(cfg.beta, cfg.threshold)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.config.in_channels)
-        x = self.patch_embed(x.to(self.head.weight.dtype))
-        for block in self.blocks:
-            x = block(x)
-        x = self.head_lif(x.mean(-1))  # [T, B, C] spikes
+        x = self.head_lif(layers.encode(self, x).mean(-1))  # [T, B, C] spikes
         return self.head(x).mean(0)
 
 
 def _init_weights(m: nn.Module) -> None:
     # As the reference: truncated-normal conv weights, zero conv bias; Linear keeps PyTorch's default.
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    layers.trunc_normal_init(m, (nn.Conv1d, nn.Conv2d))
 
 
 _PRESETS: dict[str, dict[str, object]] = {
@@ -199,14 +161,4 @@ _PRESETS: dict[str, dict[str, object]] = {
     "sdt-tiny": dict(img_size=32, embed_dim=64, num_heads=4, depth=2, mlp_ratio=4.0, pooling_stat="0011"),
 }
 
-
-def _register(name: str) -> None:
-    @register_model(name)
-    def build(**overrides: object) -> SpikeDrivenTransformer:
-        return SpikeDrivenTransformer(make_config(SDTConfig, _PRESETS[name], overrides))
-
-    build.__name__ = build.__qualname__ = name.replace("-", "_")
-
-
-for _name in _PRESETS:
-    _register(_name)
+register_presets(SpikeDrivenTransformer, SDTConfig, _PRESETS)

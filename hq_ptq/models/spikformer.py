@@ -22,23 +22,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hq_ptq.models.layers import SeqMaxPool, check_input, conv2d_bn, lif, token_conv_bn
-from hq_ptq.models.registry import make_config, register_model
+from hq_ptq.models import layers
+from hq_ptq.models.layers import SeqMaxPool, conv2d_bn, lif, token_conv_bn
+from hq_ptq.models.registry import register_presets
 
 __all__ = ["Spikformer", "SpikformerConfig"]
 
 
 @dataclass(frozen=True)
-class SpikformerConfig:
-    """Constructor settings of :class:`Spikformer` (all JSON-serialisable)."""
+class SpikformerConfig(layers.TransformerConfig):
+    """Constructor settings of :class:`Spikformer` (all JSON-serialisable).
 
-    img_size: int = 128
-    in_channels: int = 2
-    num_classes: int = 10
-    embed_dim: int = 256
-    num_heads: int = 16
-    depth: int = 2
-    mlp_ratio: float = 4.0
+    The shared ones (``img_size`` ... ``mlp_ratio``) come from
+    :class:`~hq_ptq.models.layers.TransformerConfig`.
+    """
+
+    num_heads: int = 16  # keeps its place after embed_dim
     n_pool: int = 4
     # Pool after the FIRST n_pool stages instead of the last: the reference places them late, which runs
     # three 3x3 convs at full resolution; early pooling is ~4x cheaper and is what small CPU models use.
@@ -49,34 +48,15 @@ class SpikformerConfig:
     attn_threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.embed_dim < 8 or self.embed_dim % 8:
-            raise ValueError(
-                f"embed_dim must be a positive multiple of 8 (SPS uses C/8), got {self.embed_dim}"
-            )
-        if self.num_heads < 1 or self.embed_dim % self.num_heads:
-            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+        layers.check_widths(self, "SPS")
         if not 0 <= self.n_pool <= 4:
             raise ValueError(f"n_pool must be in 0..4 (SPS has 4 stages), got {self.n_pool}")
-        for key in ("img_size", "in_channels", "num_classes", "depth"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0 < self.beta <= 1:
-            raise ValueError(f"beta must be in (0, 1], got {self.beta}")
-        if self.threshold <= 0 or self.attn_threshold <= 0:
-            raise ValueError(
-                f"thresholds must be > 0, got threshold={self.threshold}, "
-                f"attn_threshold={self.attn_threshold}"
-            )
+        layers.check_sizes_and_neurons(self)
 
     @property
     def num_tokens(self) -> int:
         """Tokens for an ``img_size`` x ``img_size`` input."""
-        side = self.img_size
-        for _ in range(self.n_pool):
-            side = (side - 1) // 2 + 1  # MaxPool2d(3, 2, padding=1)
-        return side * side
+        return layers.pooled_tokens(self.img_size, self.n_pool)
 
 
 class SPS(nn.Module):
@@ -84,15 +64,12 @@ class SPS(nn.Module):
 
     def __init__(self, cfg: SpikformerConfig) -> None:
         super().__init__()
-        c = cfg.embed_dim
-        widths = [cfg.in_channels, c // 8, c // 4, c // 2, c]
-        self.convs = nn.ModuleList(conv2d_bn(widths[i], widths[i + 1]) for i in range(4))
-        self.lifs = nn.ModuleList(lif(cfg.beta, cfg.threshold) for _ in range(4))
+        self.convs, self.lifs = layers.sps_stages(cfg)
         # Pools sit after the last n_pool stages, as in the reference cifar10 (2 pools) and
         # cifar10dvs (4 pools) models, unless pool_early asks for the first ones.
         self.pool_after = tuple(range(cfg.n_pool)) if cfg.pool_early else tuple(range(4 - cfg.n_pool, 4))
         self.pool = SeqMaxPool()
-        self.rpe = conv2d_bn(c, c)
+        self.rpe = conv2d_bn(cfg.embed_dim, cfg.embed_dim)
         self.rpe_lif = lif(cfg.beta, cfg.threshold)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,17 +86,11 @@ class SSA(nn.Module):
 
     def __init__(self, cfg: SpikformerConfig) -> None:
         super().__init__()
-        c = cfg.embed_dim
         self.num_heads = cfg.num_heads
         self.scale = cfg.attn_scale
-        self.q = token_conv_bn(c, c, bias=False)
-        self.k = token_conv_bn(c, c, bias=False)
-        self.v = token_conv_bn(c, c, bias=False)
-        self.q_lif = lif(cfg.beta, cfg.threshold)
-        self.k_lif = lif(cfg.beta, cfg.threshold)
-        self.v_lif = lif(cfg.beta, cfg.threshold)
+        layers.add_qkv(self, cfg)
         self.attn_lif = lif(cfg.beta, cfg.attn_threshold)
-        self.proj = token_conv_bn(c, c)
+        self.proj = token_conv_bn(cfg.embed_dim, cfg.embed_dim)
         self.proj_lif = lif(cfg.beta, cfg.threshold)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,26 +141,19 @@ class Spikformer(nn.Module):
 
     def __init__(self, config: SpikformerConfig | None = None) -> None:
         super().__init__()
-        self.config = cfg = config or SpikformerConfig()
-        self.patch_embed = SPS(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        cfg = config or SpikformerConfig()
+        layers.add_trunk(self, cfg, SPS(cfg), Block)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes)
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.config.in_channels)
-        x = self.patch_embed(x.to(self.head.weight.dtype))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x.mean(-1).mean(0))  # Linear is affine: head(mean_T) == mean_T(head)
+        # Linear is affine: head(mean_T) == mean_T(head)
+        return self.head(layers.encode(self, x).mean(-1).mean(0))
 
 
 def _init_weights(m: nn.Module) -> None:
     # As the reference: truncated-normal Linear weights, zero bias; convs keep PyTorch's default.
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    layers.trunc_normal_init(m, (nn.Linear,))
 
 
 _PRESETS: dict[str, dict[str, object]] = {
@@ -200,14 +164,4 @@ _PRESETS: dict[str, dict[str, object]] = {
     ),
 }
 
-
-def _register(name: str) -> None:
-    @register_model(name)
-    def build(**overrides: object) -> Spikformer:
-        return Spikformer(make_config(SpikformerConfig, _PRESETS[name], overrides))
-
-    build.__name__ = build.__qualname__ = name.replace("-", "_")
-
-
-for _name in _PRESETS:
-    _register(_name)
+register_presets(Spikformer, SpikformerConfig, _PRESETS)
