@@ -8,6 +8,7 @@ so it is replaced by a check for the extracted files, and its download is blocke
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -41,17 +42,26 @@ class _Spec:
     expected_files: int  # what tonic counts as a complete copy (train split for DVSGesture)
     sensor_size: tuple[int, int]  # (H, W)
     layout: str  # where the files go, relative to data_dir; {folder} is the split folder
+    classes: tuple[str, ...] = ()  # empty: the sorted class folder names (N-Caltech101)
 
+
+GESTURE_CLASSES = ("hand clapping", "right hand wave", "left hand wave", "right arm cw",
+                   "right arm ccw", "left arm cw", "left arm ccw", "arm roll", "air drums",
+                   "air guitar", "other gestures")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 
 _GESTURE = _Spec(
     "dvs-gesture", "DVSGesture", ".npy", 100, (128, 128),
     "DVSGesture/{folder}/userNN_<lighting>/<label>.npy (extract ibmGestureTrain.tar.gz and "
     "ibmGestureTest.tar.gz into DVSGesture/)",
+    GESTURE_CLASSES,
 )
 _CIFAR = _Spec(
     "cifar10-dvs", "CIFAR10DVS", ".aedat4", 1000, (128, 128),
     "CIFAR10DVS/<class>/*.aedat4 for the classes airplane, automobile, bird, cat, deer, dog, "
     "frog, horse, ship, truck (extract CIFAR10DVS.zip and its per-class zips into CIFAR10DVS/)",
+    CIFAR10_CLASSES,
 )
 # N-Caltech101 recordings have no fixed size; tonic shifts x, y to start at 0 and they fit
 # 240 x 180 (the ATIS crop used by spikingjelly's NCaltech101).
@@ -224,8 +234,14 @@ class TonicFrames(Dataset):
         return torch.from_numpy(self.frames_numpy(index)), int(self.labels[index])
 
 
-def _finish(ds: TonicFrames, spec: _Spec, root: Path, split: str, cache: bool) -> Dataset:
-    """Optionally convert the whole split once and keep it in the disk cache (uint16 counts)."""
+def _tonic_split(spec: _Spec, src: Any, root: Path, split: str, order: np.ndarray,
+                 labels: np.ndarray, classes: tuple[str, ...], *, T: int, size: int | None,
+                 cache: bool) -> Dataset:
+    """The split as :class:`TonicFrames` over items ``order`` of ``src`` (the builders' shared tail).
+
+    With ``cache`` the whole split is converted once and kept in the disk cache (uint16 counts).
+    """
+    ds = TonicFrames(src, order, labels, spec.sensor_size, _check_T(T), _check_size(size), classes)
     if not cache:
         return ds
     key = dict(dataset=spec.name, split=split, source=str(root), n=len(ds), T=ds.T,
@@ -264,13 +280,6 @@ def _sorted_source(ds: Any, label_of: Callable[[Any], int]) -> tuple[np.ndarray,
     order = sorted(range(len(paths)), key=lambda i: (labels[i], paths[i]))
     order_arr = np.array(order, dtype=np.int64)
     return order_arr, labels[order_arr]
-
-
-GESTURE_CLASSES = ("hand clapping", "right hand wave", "left hand wave", "right arm cw",
-                   "right arm ccw", "left arm cw", "left arm ccw", "arm roll", "air drums",
-                   "air guitar", "other gestures")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
 
 
 @register_dataset(
@@ -313,20 +322,21 @@ def build_dvs_gesture(
     if labels.min() < 0 or labels.max() >= len(GESTURE_CLASSES):
         raise ValueError(f"DVSGesture labels must be 0..10, found {labels.min()}..{labels.max()} "
                          f"under {root}; file names must be <label>.npy")
-    ds = TonicFrames(src, order, labels, _GESTURE.sensor_size, _check_T(T), _check_size(size),
-                     GESTURE_CLASSES)
-    return _finish(ds, _GESTURE, root, split, cache)
+    return _tonic_split(_GESTURE, src, root, split, order, labels, GESTURE_CLASSES, T=T,
+                        size=size, cache=cache)
 
 
-@register_dataset(
-    "cifar10-dvs",
-    info=DatasetInfo(
-        name="cifar10-dvs", num_classes=10, sensor_size=(128, 128), frame_size=(128, 128),
-        default_T=16, classes=CIFAR10_CLASSES,
-        description="CIFAR10-DVS via tonic (90/10 per-class front split; needs data_dir, aedat)",
-    ),
-)
-def build_cifar10_dvs(
+def _class_folder_names(src: Any, root: Path) -> tuple[str, ...]:
+    """N-Caltech101's classes: tonic's targets there are the class folder names, sorted here."""
+    classes = tuple(sorted(set(src.targets)))
+    if len(classes) != 101:
+        logger.warning("n-caltech101: found %d class folders under %s, the full set has 101",
+                       len(classes), root)
+    return classes
+
+
+def build_front_split_dataset(
+    spec: _Spec,
     split: str,
     *,
     data_dir: str | Path | None = None,
@@ -336,63 +346,19 @@ def build_cifar10_dvs(
     download: bool = False,
     cache: bool = False,
 ) -> Dataset:
-    """CIFAR10-DVS: 10 classes; the first 90% of each class (sorted by file name) train.
+    """CIFAR10-DVS or N-Caltech101: the first 90% of each class (sorted by file name) train.
+
+    Registered once per dataset with ``spec`` bound (``functools.partial``), so both share this
+    signature and body.
 
     Args:
+        spec: which dataset (``_CIFAR`` or ``_CALTECH``).
         split: ``"train"`` or ``"test"``.
-        data_dir: folder containing ``CIFAR10DVS/<class>/*.aedat4``.
+        data_dir: folder containing ``CIFAR10DVS/<class>/*.aedat4`` or
+            ``NCALTECH101/Caltech101/<class>/*.bin``.
         T: equal-event-count frames per sample.
-        size: output side; None = 128.
-        train_ratio: fraction of each class used for training (front of the class).
-        download: let tonic download the archive when the files are missing.
-        cache: convert the split once and keep it in ``cache_dir()``.
-
-    Returns:
-        A dataset of ``(FloatTensor [T, 2, size, size], label)``.
-
-    Raises:
-        FileNotFoundError: when the files are missing (and ``download`` is False).
-        ImportError: when tonic or the ``aedat`` reader is not installed.
-    """
-    root = _resolve_root(_CIFAR, data_dir)
-    src = _open_tonic(_CIFAR, root, train=None, download=download)
-    if importlib.util.find_spec("aedat") is None:
-        raise ImportError("reading CIFAR10-DVS .aedat4 files needs the 'aedat' package, which "
-                          "tonic does not install; run pip install aedat")
-    order, labels = _sorted_source(src, int)
-    train_idx, test_idx = per_class_front_split(labels, train_ratio)
-    pick = train_idx if split == "train" else test_idx
-    ds = TonicFrames(src, order[pick], labels[pick], _CIFAR.sensor_size, _check_T(T),
-                     _check_size(size), CIFAR10_CLASSES)
-    return _finish(ds, _CIFAR, root, split, cache)
-
-
-@register_dataset(
-    "n-caltech101",
-    info=DatasetInfo(
-        name="n-caltech101", num_classes=101, sensor_size=(180, 240), frame_size=(128, 128),
-        default_T=16,
-        description="N-Caltech101 via tonic (90/10 per-class front split; needs data_dir)",
-    ),
-)
-def build_n_caltech101(
-    split: str,
-    *,
-    data_dir: str | Path | None = None,
-    T: int = 16,
-    size: int | None = 128,
-    train_ratio: float = 0.9,
-    download: bool = False,
-    cache: bool = False,
-) -> Dataset:
-    """N-Caltech101: classes are the sorted class folders (101 in the full set).
-
-    Args:
-        split: ``"train"`` or ``"test"``.
-        data_dir: folder containing ``NCALTECH101/Caltech101/<class>/*.bin``.
-        T: equal-event-count frames per sample.
-        size: output side (the 180x240 sensor is squeezed to ``size x size``); None keeps
-            180x240.
+        size: output side; None keeps the sensor size (128x128 for CIFAR10-DVS; N-Caltech101's
+            180x240 sensor is squeezed to ``size x size`` otherwise).
         train_ratio: fraction of each class used for training (front of the class).
         download: let tonic download the archive when the files are missing.
         cache: convert the split once and keep it in ``cache_dir()``.
@@ -402,18 +368,39 @@ def build_n_caltech101(
 
     Raises:
         FileNotFoundError: when the files are missing (and ``download`` is False).
-        ImportError: when tonic is not installed.
+        ImportError: when tonic (or, for CIFAR10-DVS, the ``aedat`` reader) is not installed.
     """
-    root = _resolve_root(_CALTECH, data_dir)
-    src = _open_tonic(_CALTECH, root, train=None, download=download)
-    classes = tuple(sorted(set(src.targets)))
-    if len(classes) != 101:
-        logger.warning("n-caltech101: found %d class folders under %s, the full set has 101",
-                       len(classes), root)
-    index = {c: i for i, c in enumerate(classes)}
-    order, labels = _sorted_source(src, index.__getitem__)
+    root = _resolve_root(spec, data_dir)
+    src = _open_tonic(spec, root, train=None, download=download)
+    if spec.ext == ".aedat4" and importlib.util.find_spec("aedat") is None:
+        raise ImportError("reading CIFAR10-DVS .aedat4 files needs the 'aedat' package, which "
+                          "tonic does not install; run pip install aedat")
+    if spec.classes:
+        classes, label_of = spec.classes, int
+    else:
+        classes = _class_folder_names(src, root)
+        label_of = {c: i for i, c in enumerate(classes)}.__getitem__
+    order, labels = _sorted_source(src, label_of)
     train_idx, test_idx = per_class_front_split(labels, train_ratio)
     pick = train_idx if split == "train" else test_idx
-    ds = TonicFrames(src, order[pick], labels[pick], _CALTECH.sensor_size, _check_T(T),
-                     _check_size(size), classes)
-    return _finish(ds, _CALTECH, root, split, cache)
+    return _tonic_split(spec, src, root, split, order[pick], labels[pick], classes, T=T,
+                        size=size, cache=cache)
+
+
+build_cifar10_dvs = register_dataset(
+    "cifar10-dvs",
+    info=DatasetInfo(
+        name="cifar10-dvs", num_classes=10, sensor_size=(128, 128), frame_size=(128, 128),
+        default_T=16, classes=CIFAR10_CLASSES,
+        description="CIFAR10-DVS via tonic (90/10 per-class front split; needs data_dir, aedat)",
+    ),
+)(functools.partial(build_front_split_dataset, _CIFAR))
+
+build_n_caltech101 = register_dataset(
+    "n-caltech101",
+    info=DatasetInfo(
+        name="n-caltech101", num_classes=101, sensor_size=(180, 240), frame_size=(128, 128),
+        default_T=16,
+        description="N-Caltech101 via tonic (90/10 per-class front split; needs data_dir)",
+    ),
+)(functools.partial(build_front_split_dataset, _CALTECH))

@@ -12,14 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hq_ptq.data.digits import images_to_saccade_frames
-from hq_ptq.data.registry import (
-    DatasetInfo,
-    EventFrames,
-    cached_arrays,
-    register_dataset,
-    subset_indices,
-)
+from hq_ptq.data.registry import EventFrames, register_dataset, split_subset
+from hq_ptq.data.saccades import cached_saccade_frames, saccade_dataset_info, saccade_options
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +83,9 @@ def read_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np
 
 @register_dataset(
     "fashion",
-    info=DatasetInfo(
-        name="fashion", num_classes=10, sensor_size=(32, 32), frame_size=(32, 32), default_T=8,
-        classes=CLASSES,
-        description="Fashion-MNIST moved along 3 saccades through a DVS emulator (local idx files)",
+    info=saccade_dataset_info(
+        "fashion", CLASSES,
+        "Fashion-MNIST moved along 3 saccades through a DVS emulator (local idx files)",
     ),
 )
 def build_fashion(
@@ -131,18 +124,16 @@ def build_fashion(
     """
     data_dir = Path(data_dir).expanduser().resolve()
     images, labels = read_fashion_mnist(data_dir, split)
-    n = train_subset if split == "train" else test_subset
-    idx = subset_indices(labels, None if n is None else int(n))
-    conv = dict(T=int(T), size=int(size), image_size=int(image_size),
-                threshold=float(threshold), steps_per_saccade=int(steps_per_saccade),
-                refractory_us=float(refractory_us), noise_rate_hz=float(noise_rate_hz),
-                eps=float(eps), seed=int(emulator_seed))
-    key = dict(conv, split=split, n=len(idx), source=str(data_dir))
+    idx = split_subset(labels, split, train_subset, test_subset)
+    options = saccade_options(T, size, image_size, threshold, steps_per_saccade, refractory_us,
+                              noise_rate_hz, eps, emulator_seed)
+    # Only the chosen subset of this split is converted, so the cache key names all three.
+    key = dict(options, split=split, n=len(idx), source=str(data_dir))
 
-    def build() -> dict[str, np.ndarray]:
+    def load_subset() -> tuple[np.ndarray, np.ndarray]:
         logger.info("converting %d Fashion-MNIST %s images to events", len(idx), split)
-        frames = images_to_saccade_frames(images[idx], scale=1.0 / 255.0, **conv)
-        return {"frames": frames, "labels": labels[idx]}
+        return images[idx], labels[idx]
 
-    arrays = cached_arrays("fashion", key, build, enabled=cache)
+    arrays = cached_saccade_frames("fashion", key, load_subset, options, scale=1.0 / 255.0,
+                                   cache=cache)
     return EventFrames(arrays["frames"], arrays["labels"], classes=CLASSES)

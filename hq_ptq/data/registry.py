@@ -342,3 +342,11 @@ def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
         np.arange(len(labels)), train_size=int(n), stratify=labels, random_state=_SUBSET_SEED
     )
     return np.sort(idx)
+
+
+def split_subset(
+    labels: np.ndarray, split: str, train_subset: int | None, test_subset: int | None
+) -> np.ndarray:
+    """:func:`subset_indices` of ``labels`` with the size the builder options ask for ``split``."""
+    n = train_subset if split == "train" else test_subset
+    return subset_indices(labels, None if n is None else int(n))
