@@ -21,6 +21,7 @@ from torch import nn
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
+from hq_ptq.errors import first_line
 from hq_ptq.model_io import OutputFn, call, describe, tensors
 from hq_ptq.plan import Plan
 from hq_ptq.qat import finetune
@@ -77,11 +78,6 @@ def _take(batches: Batches, n: int) -> list[tuple[Any, Any]]:
     return taken
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: LossFn | None) -> None:
     """One forward on the first calibration batch, so inputs the model cannot take fail naming their shape
     instead of deep inside the Hessian pass."""
@@ -94,14 +90,14 @@ def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: L
             except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
                 raise ValueError(
                     f"the model cannot take calibration inputs of shape {describe(inputs)} "
-                    f"({_first_line(err)}); give it data in the layout it expects"
+                    f"({first_line(err)}); give it data in the layout it expects"
                 ) from None
             try:
                 loss = (loss_fn or F.cross_entropy)(outputs, targets)
             except (RuntimeError, ValueError, IndexError, TypeError) as err:
                 raise ValueError(
                     f"the loss cannot compare model outputs of shape {describe(outputs)} with targets of "
-                    f"shape {describe(targets)} ({_first_line(err)}); check num_classes and the "
+                    f"shape {describe(targets)} ({first_line(err)}); check num_classes and the "
                     "labels, or pass the model's own loss_fn"
                 ) from None
             if isinstance(loss, torch.Tensor) and not torch.isfinite(loss).all():
@@ -314,8 +310,8 @@ def quantize(
         budget: parameter-weighted average weight bits over the quantized layers.
         calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
             is applied, for re-estimating BatchNorm statistics (``config.bn_recalibration_batches``
-            batches); drawn once, so a generator is fine. Without it the data-free metric ("data_free") is used
-            and BatchNorm keeps the float model's statistics.
+            batches); drawn once, so a generator is fine. Without it the data-free metric ("data_free") is
+            used and BatchNorm keeps the float model's statistics.
         train_data: iterable of ``(inputs, targets)`` batches for QAT (re-iterated); without it, no QAT.
         loss_fn: ``loss_fn(outputs, targets)`` for the sensitivity analysis and QAT; cross-entropy by default.
         output_fn: ``output_fn(outputs) -> [B, classes]`` class scores, used for distillation. Default: with

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write
 
 FORMAT = "hq_ptq.float"
@@ -84,7 +85,7 @@ def _state_dict_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and torch errors alike: the file is not what we can read
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        detail = first_line(err)
         raise ValueError(
             f"{path} is neither a safetensors file nor a torch.save state_dict ({detail})"
         ) from None

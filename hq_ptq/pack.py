@@ -45,6 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
 from hq_ptq.schemes import SCHEMES, dequantize, weight_codes
@@ -301,7 +302,7 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Tensor], i
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as err:
-        raise CheckpointError(f"{path}: corrupt tensor data ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: corrupt tensor data ({first_line(err)})") from None
     return md, tensors, len(data)
 
 
@@ -350,7 +351,7 @@ def _parse(path: str | os.PathLike, md: dict[str, str], tensors: dict[str, Tenso
             if pos != blob.numel():
                 raise ValueError(f"state.{dname} has {blob.numel() - pos} unindexed elements")
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError, RecursionError) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        msg = first_line(err)
         raise CheckpointError(f"{path}: malformed hq_ptq metadata ({msg})") from None
     return {"plan": plan, "layers": out_layers, "state": state, "config": config}
 
@@ -374,7 +375,7 @@ def _build(path: str | os.PathLike, config: dict[str, Any] | None, model: nn.Mod
     try:
         return build_model(name, **kwargs)
     except (ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot rebuild model {name!r} ({str(err).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: cannot rebuild model {name!r} ({first_line(err)})") from None
 
 
 def _mismatch(path: str | os.PathLike, what: str, names: list[str]) -> CheckpointError:
@@ -406,7 +407,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
     try:
         apply_plan(model, plan)
     except ValueError as err:  # e.g. a plan layer that is not a Conv/Linear in this model
-        raise CheckpointError(f"{path} does not match the model: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(f"{path} does not match the model: {first_line(err)}") from None
     layers = quant_layers(model)
     extra = sorted(set(layers) - set(plan.by_name))
     if extra:

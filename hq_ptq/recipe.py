@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_renamed, section_from_dict
+from hq_ptq.errors import first_line
 from hq_ptq.train import TrainConfig
 
 if sys.version_info >= (3, 11):
@@ -184,7 +185,7 @@ def resolve(reference: str, what: str = "reference") -> Callable[..., Any]:
             ) from None
         raise ValueError(f"{what} {reference!r}: importing {module_name} failed ({err})") from None
     except Exception as err:  # the user's module raised while importing: still their error, one line
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        detail = first_line(err)
         raise ValueError(
             f"{what} {reference!r}: importing {module_name} failed ({type(err).__name__}: {detail})"
         ) from None

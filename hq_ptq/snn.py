@@ -20,6 +20,7 @@ import torch
 from snntorch._neurons.neurons import SpikingNeuron
 from torch import nn
 
+from hq_ptq.errors import first_line
 from hq_ptq.lif import FusedLIF, heaviside_surrogate
 
 log = logging.getLogger(__name__)
@@ -630,7 +631,7 @@ def to_multistep(
             got = converted(example_input)
         same = _same_outputs(got, reference)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        same, reason = False, f"the converted model fails on it ({str(err).strip().splitlines()[0][:200]})"
+        same, reason = False, f"the converted model fails on it ({first_line(err)})"
     else:
         reason = "the converted model's outputs differ from the step-wise model's"
     if not same:
@@ -694,7 +695,7 @@ def _stepwise_outputs(model: nn.Module, x: torch.Tensor) -> object:
                 except (RuntimeError, ValueError, TypeError, IndexError) as err:
                     raise ValueError(
                         f"to_multistep: the step-wise model cannot take one time step of example_input, "
-                        f"shape {tuple(x_t.shape)} ({str(err).strip().splitlines()[0][:200]}); give "
+                        f"shape {tuple(x_t.shape)} ({first_line(err)}); give "
                         "example_input as [T, B, ...] of what the model takes per step"
                     ) from None
                 looped = sorted(n for n, c in calls.items() if c > 1)
