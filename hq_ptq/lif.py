@@ -29,6 +29,7 @@ back into ``FusedLIF.backward``, as it goes through the per-step graph of ``snn.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from snntorch import surrogate
@@ -250,13 +251,10 @@ class FusedLIF(torch.autograd.Function):
         grad_spk: torch.Tensor | None,
         grad_mem: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
-        mems, mem0, beta, thr, gain, first, spikes = ctx.saved_tensors
-        # resets[t] = the (detached) reset applied at step t, spikes[t] = the reset applied at t + 1
-        resets = _Resets(first, spikes.detach())
         if torch.is_grad_enabled():  # inside a create_graph=True backward: differentiable ops only
-            grads = _backward_differentiable(ctx, mems, mem0, beta, thr, gain, resets, grad_spk, grad_mem)
+            grads = _backward_differentiable(ctx, grad_spk, grad_mem)
         else:
-            grads = _backward_in_place(ctx, mems, mem0, beta, thr, gain, resets, grad_spk, grad_mem)
+            grads = _backward_in_place(ctx, grad_spk, grad_mem)
         return (*grads, None, None, None)
 
 
@@ -280,22 +278,22 @@ def _decay(beta: torch.Tensor, r: torch.Tensor, mode: int) -> torch.Tensor:
     return beta * (1 - r) if mode == RESET_ZERO else beta
 
 
+def _saved_state(ctx: torch.autograd.function.FunctionCtx) -> tuple[Any, ...]:
+    """``(mems, mem0, beta, thr, gain, resets, mode, spike_fn)`` as FusedLIF.forward left them on ``ctx``;
+    both backward paths start from the same state, so it is unpacked here once for either."""
+    mems, mem0, beta, thr, gain, first, spikes = ctx.saved_tensors
+    # resets[t] = the (detached) reset applied at step t, spikes[t] = the reset applied at t + 1
+    return mems, mem0, beta, thr, gain, _Resets(first, spikes.detach()), ctx.mode, ctx.spike_fn
+
+
 def _backward_differentiable(
-    ctx: torch.autograd.function.FunctionCtx,
-    mems: torch.Tensor,
-    mem0: torch.Tensor,
-    beta: torch.Tensor,
-    thr: torch.Tensor,
-    gain: torch.Tensor,
-    resets: _Resets,
-    grad_spk: torch.Tensor | None,
-    grad_mem: torch.Tensor | None,
+    ctx: torch.autograd.function.FunctionCtx, grad_spk: torch.Tensor | None, grad_mem: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
     # Whole-[T, ...] differentiable ops plus one linear scan (_DecayScan, itself twice differentiable),
     # so autograd records a dozen nodes, not a dozen per time step. mems is this node's own output, so
     # the surrogate's second derivative flows back through FusedLIF.backward once more. Resets are
     # constants, as in snn.Leaky.
-    mode, spike_fn = ctx.mode, ctx.spike_fn
+    mems, mem0, beta, thr, gain, resets, mode, spike_fn = _saved_state(ctx)
     need_x, need_mem0, need_beta, need_thr, need_gain = ctx.needs_input_grad[:5]
     surr = None
     if grad_spk is not None:
@@ -380,18 +378,10 @@ class _DecayScan(torch.autograd.Function):
 
 
 def _backward_in_place(
-    ctx: torch.autograd.function.FunctionCtx,
-    mems: torch.Tensor,
-    mem0: torch.Tensor,
-    beta: torch.Tensor,
-    thr: torch.Tensor,
-    gain: torch.Tensor,
-    resets: _Resets,
-    grad_spk: torch.Tensor | None,
-    grad_mem: torch.Tensor | None,
+    ctx: torch.autograd.function.FunctionCtx, grad_spk: torch.Tensor | None, grad_mem: torch.Tensor | None
 ) -> tuple[torch.Tensor | None, ...]:
     # The same recursion as _backward_differentiable, one step at a time into one [T, ...] buffer.
-    mode, spike_fn = ctx.mode, ctx.spike_fn
+    mems, mem0, beta, thr, gain, resets, mode, spike_fn = _saved_state(ctx)
     need_x, need_mem0, need_beta, need_thr, need_gain = ctx.needs_input_grad[:5]
     steps = mems.shape[0]
     g_all = torch.empty_like(mems)

@@ -330,6 +330,16 @@ def _evaluate(model: nn.Module, test, description: str, output_fn: OutputFn | No
     return evaluate(model, test, output_fn=output_fn, description=description) if is_main() else float("nan")
 
 
+@dataclass(frozen=True)
+class Finetuned:
+    """What :func:`quantize_and_finetune` measured."""
+
+    ptq_accuracy: float
+    accuracy: float  # after QAT (the PTQ accuracy when QAT has 0 steps)
+    qat_seconds: float
+    resumed_step: int  # the QAT step a resumed run started from; 0 for a fresh run
+
+
 def quantize_and_finetune(
     model: nn.Module,
     plan: Plan,
@@ -342,35 +352,18 @@ def quantize_and_finetune(
     resume: bool = False,
     loss_fn: LossFn | None = None,
     output_fn: OutputFn | None = None,
-) -> tuple[float, float, float]:
-    """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate -> (PTQ acc, QAT acc, QAT s).
+) -> Finetuned:
+    """Apply ``plan`` to a float ``model``, evaluate, fine-tune, evaluate.
 
     With ``checkpoint`` QAT writes resumable checkpoints there; ``resume`` continues from it when present.
     Under torch.distributed every rank fine-tunes (DDP) and rank 0 alone evaluates (the others get NaN).
     """
-    return _quantize_and_finetune(
-        model, plan, recipe, train, test, teacher, checkpoint, resume, loss_fn, output_fn
-    )[:3]
-
-
-def _quantize_and_finetune(
-    model: nn.Module,
-    plan: Plan,
-    recipe: Recipe,
-    train,
-    test,
-    teacher: nn.Module,
-    checkpoint: Path | None,
-    resume: bool,
-    loss_fn: LossFn | None = None,
-    output_fn: OutputFn | None = None,
-) -> tuple[float, float, float, int]:
     apply_plan(model, plan)
     if recipe.quant.bn_recalibration_batches:
         recalibrate_bn(model, train, recipe.quant.bn_recalibration_batches)
     ptq_acc = _evaluate(model, test, "evaluate PTQ", output_fn)
     if recipe.quant.qat.steps == 0:
-        return ptq_acc, ptq_acc, 0.0, 0
+        return Finetuned(ptq_acc, ptq_acc, 0.0, 0)
     # each rank shifts its own batches with its own stream; rank 0 (and one process) uses the seed itself
     gen = torch.Generator().manual_seed(recipe.quant.seed + rank())
     shift = _shift(recipe)  # zoo models on built-in data only
@@ -392,7 +385,7 @@ def _quantize_and_finetune(
         meta={"plan": [[c.name, c.scheme, c.bits] for c in plan.layers], "budget": plan.budget},
     )
     q_acc = _evaluate(model, test, "evaluate QAT", output_fn)
-    return ptq_acc, q_acc, result.seconds, result.start_step
+    return Finetuned(ptq_acc, q_acc, result.seconds, result.start_step)
 
 
 QAT_CHECKPOINT = "qat-checkpoint.pt"
@@ -435,20 +428,22 @@ def run_recipe(
     plan = search_plan(analysis, budget, config)
     seconds["search"] = time.perf_counter() - t0
     checkpoint = Path(out_dir) / QAT_CHECKPOINT if out_dir is not None else None
-    ptq_acc, q_acc, seconds["qat"], resumed = _quantize_and_finetune(
-        model, plan, recipe, train, test, teacher, checkpoint, resume, loss_fn, output_fn
+    tuned = quantize_and_finetune(
+        model, plan, recipe, train, test, teacher, checkpoint=checkpoint, resume=resume, loss_fn=loss_fn,
+        output_fn=output_fn,
     )
+    seconds["qat"] = tuned.qat_seconds
     plan = get_plan(model)
     result = RunResult(
         recipe=recipe.name,
         budget=budget,
         fp_accuracy=fp_acc,
-        q_accuracy=q_acc,
-        ptq_accuracy=ptq_acc,
+        q_accuracy=tuned.accuracy,
+        ptq_accuracy=tuned.ptq_accuracy,
         plan=plan,
         seconds=seconds,
         out_dir=out_dir,
-        qat_resumed_from=resumed,
+        qat_resumed_from=tuned.resumed_step,
     )
     if out_dir is not None and is_main():
         write_artifacts(model, result, recipe, test, Path(out_dir), export=export)
@@ -632,9 +627,10 @@ def sweep_recipe(
     shown_model: tuple[nn.Module, RunResult] | None = None
     for label, kind, plan in points:
         model = detached_copy(float_net)
-        ptq_acc, q_acc, qat_s = quantize_and_finetune(
+        tuned = quantize_and_finetune(
             model, plan, recipe, train, test, float_net, loss_fn=loss_fn, output_fn=output_fn
         )
+        ptq_acc, q_acc, qat_s = tuned.ptq_accuracy, tuned.accuracy, tuned.qat_seconds
         entry = {
             "label": label,
             "kind": kind,

@@ -6,9 +6,9 @@ The sensitivity of layer ``l`` to candidate ``c = (scheme, bits)`` is
 
 where ``H_l`` is the diagonal block of the loss Hessian for the layer's weight and ``n_l``
 its number of elements. Three trace metrics are provided: Hutchinson (``"hessian"``), the
-empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"data_free"``: the Hessian taken as identity). Traces are
-cached in JSON keyed by a fingerprint of the model weights and the analysis options, because
-the Hessian pass is the expensive part (:mod:`hq_ptq.sensitivity_cache`).
+empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"data_free"``: the Hessian
+taken as identity). Traces are cached in JSON keyed by a fingerprint of the model weights and the
+analysis options, because the Hessian pass is the expensive part (:mod:`hq_ptq.sensitivity_cache`).
 
 Spiking nets: snnTorch surrogates are differentiable twice, but the "Hessian" is then the
 Jacobian of a pseudo-gradient. It is not symmetric and its trace can be negative. Hutchinson is

@@ -127,7 +127,8 @@ def _measure_plan(
         model = detached_copy(float_net)
         # a row without QAT is the same call with 0 steps (plan applied, BN re-estimated, evaluated)
         run = r if qat else replace(r, quant=replace(r.quant, qat=replace(r.quant.qat, steps=0)))
-        ptq, acc, secs = quantize_and_finetune(model, plan, run, _train_loader(r), test, float_net)
+        tuned = quantize_and_finetune(model, plan, run, _train_loader(r), test, float_net)
+        ptq, acc, secs = tuned.ptq_accuracy, tuned.accuracy, tuned.qat_seconds
         ptq_accs.append(ptq)
         accs.append(acc)
         qat_secs.append(secs)
