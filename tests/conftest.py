@@ -49,19 +49,63 @@ def _toml_value(value: object) -> str:
     return repr(value)
 
 
-def write_tiny_recipe(path: Path, **sections: dict) -> Path:
-    """Write the tiny recipe to ``path`` (its float checkpoint beside it, ``fp.safetensors``), each section
-    of ``TINY_RECIPE`` updated with the same-named keyword, e.g. ``qat={"steps": 6}``."""
-    lines = [f'fp_checkpoint = "{(path.parent / "fp.safetensors").as_posix()}"']
-    for name in dict.fromkeys([*TINY_RECIPE, *sections]):
+def write_recipe(path: Path, base: dict[str, dict], fp: Path | None, **sections: dict) -> Path:
+    """Write the recipe ``base`` to ``path`` (``fp_checkpoint = fp`` when given), each section updated with
+    the same-named keyword, e.g. ``qat={"steps": 6}``."""
+    lines = [f'fp_checkpoint = "{fp.as_posix()}"'] if fp is not None else []
+    for name in dict.fromkeys([*base, *sections]):
         lines.append(f"\n[{name}]")
-        merged = {**TINY_RECIPE.get(name, {}), **sections.get(name, {})}
+        merged = {**base.get(name, {}), **sections.get(name, {})}
         lines += [f"{key} = {_toml_value(value)}" for key, value in merged.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_tiny_recipe(path: Path, **sections: dict) -> Path:
+    """The tiny recipe at ``path``, its float checkpoint beside it (``fp.safetensors``)."""
+    return write_recipe(path, TINY_RECIPE, path.parent / "fp.safetensors", **sections)
+
+
+def step_leaky(lif, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for the multi-step neurons: a plain snnTorch ``Leaky`` driven by hand, one step per call."""
+    mem = torch.zeros_like(x[0])
+    spikes, mems = [], []
+    for t in range(x.shape[0]):
+        spk, mem = lif(x[t], mem)
+        spikes.append(spk)
+        mems.append(mem)
+    return torch.stack(spikes), torch.stack(mems)
+
+
+def mutate_bytes(good: bytes, data, op: str, span: int | None = None) -> bytes:
+    """``good`` with one hypothesis-drawn change at a position below ``span`` (default: anywhere): ``flip``
+    one byte, ``truncate`` there, or ``insert`` 1-16 random bytes. The fuzz tests of every file format."""
+    from hypothesis import strategies as st
+
+    pos = data.draw(st.integers(0, (len(good) if span is None else span) - 1))
+    if op == "flip":
+        return good[:pos] + bytes([good[pos] ^ data.draw(st.integers(1, 255))]) + good[pos + 1 :]
+    if op == "truncate":
+        return good[:pos]
+    if op == "insert":
+        return good[:pos] + data.draw(st.binary(min_size=1, max_size=16)) + good[pos:]
+    raise ValueError(f"unknown mutation {op!r}")
 
 
 @pytest.fixture(scope="session")
 def tiny_recipe():
     """:func:`write_tiny_recipe`, for tests to write their variant of the tiny recipe."""
     return write_tiny_recipe
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_recipe():
+    """``(path, **sections)`` -> path: a variant of the tiny recipe with its float model already trained."""
+    from hq_ptq.pipeline import train_recipe
+    from hq_ptq.recipe import load_recipe
+
+    def write_and_train(path: Path, **sections: dict) -> Path:
+        train_recipe(load_recipe(str(write_tiny_recipe(path, **sections))))
+        return path
+
+    return write_and_train

@@ -13,8 +13,6 @@ from typer.testing import CliRunner
 
 import hq_ptq
 from hq_ptq.cli import app
-from hq_ptq.pipeline import train_recipe
-from hq_ptq.recipe import load_recipe
 
 runner = CliRunner()
 
@@ -22,17 +20,14 @@ TIMINGS = ("greedy_seconds", "milp_seconds")
 
 
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_recipe) -> Path:
-    root = tmp_path_factory.mktemp("determinism")
-    path = tiny_recipe(
-        root / "tiny.toml",
+def recipe(tmp_path_factory, trained_tiny_recipe) -> Path:
+    return trained_tiny_recipe(
+        tmp_path_factory.mktemp("determinism") / "tiny.toml",
         train={"shift_augment": 1},
         quant={"budget": 3.5, "seed": 11},
         search={"metric": "hessian", "calib_batches": 2, "hutchinson_probes": 10},
         qat={"steps": 6, "lr": 1e-3},
     )
-    train_recipe(load_recipe(str(path)))
-    return path
 
 
 def _run(recipe: Path, out: Path, *overrides: str) -> dict:

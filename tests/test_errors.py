@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mutate_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -342,13 +343,7 @@ def test_fuzz_qat_checkpoint_mutated(qat_checkpoint, tmp_path_factory, data):
                 dst.writestr(name, raw)
         bad = out.getvalue()
     else:
-        pos = data.draw(st.integers(0, len(good) - 1))
-        if op == "flip":
-            bad = good[:pos] + bytes([good[pos] ^ data.draw(st.integers(1, 255))]) + good[pos + 1 :]
-        elif op == "truncate":
-            bad = good[:pos]
-        else:
-            bad = good[:pos] + data.draw(st.binary(min_size=1, max_size=16)) + good[pos:]
+        bad = mutate_bytes(good, data, op)
     path = tmp_path_factory.getbasetemp() / "fuzz_qat_mutated.pt"
     path.write_bytes(bad)
     net = _quantized()

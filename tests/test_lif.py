@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import snntorch as snn
 import torch
+from conftest import step_leaky
 from snntorch import surrogate, utils
 from torch import nn
 
@@ -49,17 +50,6 @@ def _currents(
     return (torch.randn(shape, generator=g) * 1.5).to(dtype)
 
 
-def _drive(lif: snn.Leaky, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: snn.Leaky called once per time step."""
-    mem = torch.zeros_like(x[0])
-    spikes, mems = [], []
-    for t in range(x.shape[0]):
-        spk, mem = lif(x[t], mem)
-        spikes.append(spk)
-        mems.append(mem)
-    return torch.stack(spikes), torch.stack(mems)
-
-
 def _leaky(reset: str, spike_grad: object, learn: bool = True) -> snn.Leaky:
     return snn.Leaky(
         beta=0.7,
@@ -78,7 +68,7 @@ def test_fused_equals_snn_leaky_forward_and_backward(reset: str, name: str) -> N
     lif = _leaky(reset, spike_grad)
     x = _currents().requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    ref_spk, ref_mem = _drive(lif, x_ref)
+    ref_spk, ref_mem = step_leaky(lif, x_ref)
 
     beta = lif.beta.detach().clone().requires_grad_()
     thr = lif.threshold.detach().clone().requires_grad_()
@@ -118,7 +108,7 @@ def test_fused_double_backward_equals_snn_leaky(reset: str) -> None:
                 cur, beta=lif.beta, threshold=lif.threshold, mode=MODES[reset], spike_fn=spike_grad
             )
         else:
-            spk, mem = _drive(lif, cur)
+            spk, mem = step_leaky(lif, cur)
         loss = ((spk @ readout.T).sum(0) ** 2).sum() + (mem**2).mean()
         grads = torch.autograd.grad(loss, params, create_graph=True)
         return [g.detach() for g in grads], list(torch.autograd.grad(grads, params, vs))
@@ -226,7 +216,7 @@ def test_fused_other_surrogates_go_through_their_own_backward(factory: object) -
     lif = _leaky("zero", spike_grad, learn=False)
     x = _currents(seed=4).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
-    ref_spk, _ = _drive(lif, x_ref)
+    ref_spk, _ = step_leaky(lif, x_ref)
     spk, _ = fused_lif(x, beta=lif.beta, threshold=lif.threshold, mode=RESET_ZERO, spike_fn=spike_grad)
     assert torch.equal(spk, ref_spk)
     w = _currents(seed=5)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mutate_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
@@ -335,16 +336,9 @@ def test_fuzz_mutated_file(cnn_file, tmp_path_factory, data):
     _, good = cnn_file
     op = data.draw(st.sampled_from(["flip", "truncate", "insert", "header"]))
     if op == "header":  # focus on the JSON header, where parsing happens before the checksum
-        pos = data.draw(st.integers(0, _header_end(good) - 1))
+        bad = mutate_bytes(good, data, "flip", span=_header_end(good))
     else:
-        pos = data.draw(st.integers(0, len(good) - 1))
-    if op in ("flip", "header"):
-        new = data.draw(st.integers(0, 255).filter(lambda v: v != good[pos]))
-        bad = good[:pos] + bytes([new]) + good[pos + 1 :]
-    elif op == "truncate":
-        bad = good[:pos]
-    else:
-        bad = good[:pos] + data.draw(st.binary(min_size=1, max_size=16)) + good[pos:]
+        bad = mutate_bytes(good, data, op)
     path = tmp_path_factory.getbasetemp() / "fuzz_mutated.safetensors"
     path.write_bytes(bad)
     _load_hostile(path)

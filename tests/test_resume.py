@@ -19,24 +19,20 @@ from typer.testing import CliRunner
 import hq_ptq
 from hq_ptq.cli import app
 from hq_ptq.files import atomic_write, atomic_write_text
-from hq_ptq.pipeline import QAT_CHECKPOINT, train_recipe
-from hq_ptq.recipe import load_recipe
+from hq_ptq.pipeline import QAT_CHECKPOINT
 
 runner = CliRunner()
 
 STEPS, EVERY = 16, 4
 @pytest.fixture(scope="module")
-def recipe(tmp_path_factory, tiny_recipe) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    path = tiny_recipe(
-        root / "tiny.toml",
+def recipe(tmp_path_factory, trained_tiny_recipe) -> Path:
+    return trained_tiny_recipe(
+        tmp_path_factory.mktemp("resume") / "tiny.toml",
         train={"shift_augment": 1},
         quant={"seed": 3},
         search={"metric": "hessian", "calib_batches": 2, "hutchinson_probes": 8},
         qat={"steps": STEPS, "checkpoint_every": EVERY, "lr": 1e-3, "ema_decay": 0.5},
     )
-    train_recipe(load_recipe(str(path)))
-    return path
 
 
 def _cache_files(out: Path) -> dict[str, int]:

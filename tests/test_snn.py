@@ -5,21 +5,11 @@ import copy
 import pytest
 import snntorch as snn
 import torch
+from conftest import step_leaky
 from snntorch._neurons.neurons import SpikingNeuron
 from torch import nn
 
 from hq_ptq.snn import MultiStepLeaky, reset_states, spiking_neurons, surrogate_disabled
-
-
-def _step_leaky(lif: snn.Leaky, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: drive a plain snnTorch Leaky by hand, one time step per call."""
-    mem = torch.zeros_like(x[0])
-    spikes, mems = [], []
-    for t in range(x.shape[0]):
-        spk, mem = lif(x[t], mem)
-        spikes.append(spk)
-        mems.append(mem)
-    return torch.stack(spikes), torch.stack(mems)
 
 
 def _currents(shape: tuple[int, ...] = (8, 3, 17), seed: int = 0) -> torch.Tensor:
@@ -35,7 +25,7 @@ def test_multistep_equals_stepping_snn_leaky(reset: str, beta: float, threshold:
     spk, mem = layer(x)
 
     x_ref = x.detach().clone().requires_grad_()
-    ref_spk, ref_mem = _step_leaky(snn.Leaky(beta=beta, threshold=threshold, reset_mechanism=reset), x_ref)
+    ref_spk, ref_mem = step_leaky(snn.Leaky(beta=beta, threshold=threshold, reset_mechanism=reset), x_ref)
     assert spk.shape == x.shape and mem.shape == x.shape
     assert 0 < spk.mean() < 1  # the comparison is only meaningful with some spikes
     assert torch.equal(spk, ref_spk)
@@ -54,7 +44,7 @@ def test_general_path_equals_stepping_snn_leaky() -> None:
     layer = MultiStepLeaky(0.5, 1.0, return_mem=True)
     layer.lif.reset_delay = False
     spk, mem = layer(x)
-    ref_spk, ref_mem = _step_leaky(
+    ref_spk, ref_mem = step_leaky(
         snn.Leaky(beta=0.5, threshold=1.0, reset_mechanism="zero", reset_delay=False), x
     )
     assert torch.equal(spk, ref_spk) and torch.equal(mem, ref_mem)

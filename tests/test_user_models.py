@@ -13,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -38,13 +39,7 @@ USER_RECIPE = {
 
 def write_recipe(path: Path, fp: Path | None, **sections: dict) -> Path:
     """The user recipe at ``path``, each section updated with the same-named keyword."""
-    lines = [f'fp_checkpoint = "{fp.as_posix()}"'] if fp is not None else []
-    for name in dict.fromkeys([*USER_RECIPE, *sections]):
-        lines.append(f"\n[{name}]")
-        merged = {**USER_RECIPE.get(name, {}), **sections.get(name, {})}
-        lines += [f"{k} = {json.dumps(v) if isinstance(v, str) else repr(v)}" for k, v in merged.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return conftest.write_recipe(path, USER_RECIPE, fp, **sections)
 
 
 def cli(*args: str):

@@ -105,19 +105,9 @@ class MultiStepParametricLIFNode(MultiStepLIFNode):
     """spikingjelly's ``MultiStepParametricLIFNode``: the decay ``1/tau = sigmoid(w)`` is learned. Here it is
     ``snn.Leaky(learn_beta=True)`` with ``beta = 1 - 1/tau`` and the input scaled by ``1 - beta``."""
 
-    def __init__(
-        self,
-        init_tau: float = 2.0,
-        decay_input: bool = True,
-        v_threshold: float = 1.0,
-        v_reset: float | None = 0.0,
-        surrogate_function=None,
-        detach_reset: bool = False,
-        backend: str = "torch",
-    ):
-        super().__init__(
-            init_tau, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, backend
-        )
+    def __init__(self, init_tau: float = 2.0, *args, **kwargs):
+        # spikingjelly's argument list, but tau is called init_tau
+        super().__init__(init_tau, *args, **kwargs)
 
     learn_beta = True
 
