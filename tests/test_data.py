@@ -446,3 +446,34 @@ def test_missing_tonic_names_the_extra(gesture_root, monkeypatch):
     monkeypatch.setitem(sys.modules, "tonic", None)  # makes `import tonic` fail
     with pytest.raises(ImportError, match=r"hq-ptq\[dvs\]"):
         get_dataset("dvs-gesture", "train", data_dir=gesture_root)
+
+
+def test_validation_split_is_held_out_training_data():
+    from hq_ptq.data.registry import split_subset
+
+    labels = np.repeat(np.arange(10), 50)  # 500 "training" samples, 10 classes
+    val = split_subset(labels, "val", None, None, val_subset=100)
+    train = split_subset(labels, "train", None, None, val_subset=100)
+    assert len(val) == 100 and len(train) == 400 and not set(val) & set(train)
+    assert np.bincount(labels[val]).tolist() == [10] * 10  # stratified
+    # with a training subset, val comes from what the subset leaves out and the subset is unchanged
+    sub = split_subset(labels, "train", 200, None)
+    assert np.array_equal(split_subset(labels, "train", 200, None, val_subset=50), sub)
+    val2 = split_subset(labels, "val", 200, None, val_subset=50)
+    assert len(val2) == 50 and not set(val2) & set(sub)
+    assert np.array_equal(val2, split_subset(labels, "val", 200, None, val_subset=50))  # fixed
+    with pytest.raises(ValueError, match="split 'val' needs val_subset=N"):
+        split_subset(labels, "val", None, None)
+    with pytest.raises(ValueError, match="val_subset=400 must be .* less than the 300 training samples"):
+        split_subset(labels, "val", 200, None, val_subset=400)
+
+
+def test_digits_validation_split_from_the_registry():
+    val = get_dataset("digits", "val", val_subset=100)
+    train = get_dataset("digits", "train", val_subset=100)
+    assert len(val) == 100 and len(train) == 1437 - 100
+    held_out = {val[i][0].numpy().tobytes() for i in range(len(val))}
+    assert len(held_out) == 100  # every sample distinct, so the check below means something
+    assert not any(train[i][0].numpy().tobytes() in held_out for i in range(len(train)))
+    with pytest.raises(ValueError, match="has no validation split"):
+        get_dataset("dvs-gesture", "val", data_dir="/nonexistent")

@@ -65,12 +65,13 @@ def build_digits(
     emulator_seed: int = 0,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    val_subset: int | None = None,
     cache: bool = True,
 ) -> EventFrames:
     """The ``digits`` dataset (1437 train / 360 test, stratified, fixed split).
 
     Args:
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` (needs ``val_subset``) or ``"test"``.
         T: frames per sample (equal-event-count slices).
         size: sensor side; frames are ``size x size``.
         image_size: the 8x8 digits are upscaled to this side (cubic) before moving.
@@ -82,6 +83,8 @@ def build_digits(
         emulator_seed: seed of the emulator noise (the split does not depend on it).
         train_subset: use a fixed class-stratified subset of this many training samples (quick runs).
         test_subset: same for the test split.
+        val_subset: hold out a fixed class-stratified subset of this many training samples as the
+            ``val`` split (then never in ``train``; see :func:`~hq_ptq.data.registry.split_subset`).
         cache: keep the converted array in ``cache_dir()`` (keyed by all options above).
 
     Returns:
@@ -92,6 +95,6 @@ def build_digits(
     # All 1797 digits are converted and cached once; the split is taken afterwards.
     arrays = cached_saccade_frames("digits", options, _load_digit_images, options, cache=cache)
     train_idx, test_idx = digits_split_indices(arrays["labels"])
-    idx = train_idx if split == "train" else test_idx
-    idx = idx[split_subset(arrays["labels"][idx], split, train_subset, test_subset)]
+    idx = test_idx if split == "test" else train_idx
+    idx = idx[split_subset(arrays["labels"][idx], split, train_subset, test_subset, val_subset)]
     return EventFrames(arrays["frames"][idx], arrays["labels"][idx], classes=_CLASSES)

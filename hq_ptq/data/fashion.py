@@ -94,6 +94,7 @@ def build_fashion(
     data_dir: str | Path = DEFAULT_DIR,
     train_subset: int | None = None,
     test_subset: int | None = None,
+    val_subset: int | None = None,
     T: int = 8,
     size: int = 32,
     image_size: int = 24,
@@ -108,10 +109,13 @@ def build_fashion(
     """The ``fashion`` dataset (official 60000/10000 split, optionally a fixed subset).
 
     Args:
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` (needs ``val_subset``) or ``"test"``.
         data_dir: folder with the four idx ``.gz`` files.
         train_subset: use a fixed class-stratified subset of this many training images.
         test_subset: same for the test split.
+        val_subset: hold out a fixed class-stratified subset of this many training images as the
+            ``val`` split, drawn from the images ``train_subset`` leaves out (or removed from ``train``
+            without it; see :func:`~hq_ptq.data.registry.split_subset`).
         T, size, image_size, threshold, steps_per_saccade, refractory_us, noise_rate_hz, eps,
             emulator_seed: as for ``digits`` (images are resized 28 -> ``image_size``).
         cache: keep the converted split in ``cache_dir()`` (keyed by all options).
@@ -123,12 +127,14 @@ def build_fashion(
         FileNotFoundError: when the idx files are not in ``data_dir``.
     """
     data_dir = Path(data_dir).expanduser().resolve()
-    images, labels = read_fashion_mnist(data_dir, split)
-    idx = split_subset(labels, split, train_subset, test_subset)
+    images, labels = read_fashion_mnist(data_dir, "test" if split == "test" else "train")
+    idx = split_subset(labels, split, train_subset, test_subset, val_subset)
     options = saccade_options(T, size, image_size, threshold, steps_per_saccade, refractory_us,
                               noise_rate_hz, eps, emulator_seed)
     # Only the chosen subset of this split is converted, so the cache key names all three.
     key = dict(options, split=split, n=len(idx), source=str(data_dir))
+    if val_subset is not None:  # the same count can be a different set of images once some are held out
+        key["val_subset"] = int(val_subset)
 
     def load_subset() -> tuple[np.ndarray, np.ndarray]:
         logger.info("converting %d Fashion-MNIST %s images to events", len(idx), split)

@@ -26,7 +26,7 @@ from hq_ptq.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 #: Bump when the layout or the maths of a cached array changes, so old files are not reused.
 CACHE_VERSION = 1
@@ -151,7 +151,8 @@ def get_dataset(name: str, split: str, **options: Any) -> Dataset:
 
     Args:
         name: registry name (see :func:`list_datasets`).
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` (training samples held out, for datasets with a ``val_subset``
+            option) or ``"test"``.
         **options: dataset options (see each builder), e.g. ``T=8``.
 
     Returns:
@@ -168,6 +169,8 @@ def get_dataset(name: str, split: str, **options: Any) -> Dataset:
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
     _check_options(name, entry, options)
+    if split == "val" and "val_subset" not in entry.options:
+        raise ValueError(f"dataset {name!r} has no validation split; hold out training samples yourself")
     return entry.builder(split, **options)
 
 
@@ -345,8 +348,33 @@ def subset_indices(labels: np.ndarray, n: int | None) -> np.ndarray:
 
 
 def split_subset(
-    labels: np.ndarray, split: str, train_subset: int | None, test_subset: int | None
+    labels: np.ndarray,
+    split: str,
+    train_subset: int | None,
+    test_subset: int | None,
+    val_subset: int | None = None,
 ) -> np.ndarray:
-    """:func:`subset_indices` of ``labels`` with the size the builder options ask for ``split``."""
-    n = train_subset if split == "train" else test_subset
-    return subset_indices(labels, None if n is None else int(n))
+    """Indices into ``labels`` (the training pool for ``train``/``val``, the test set for ``test``) of
+    ``split`` with the sizes the builder options ask for.
+
+    ``val`` is a fixed class-stratified subset of ``val_subset`` training samples that the ``train`` split
+    never contains, for choosing settings without touching the test set: it is drawn from the samples
+    ``train_subset`` leaves out, or, without ``train_subset``, it is removed from ``train``.
+    """
+    if split == "test":
+        return subset_indices(labels, None if test_subset is None else int(test_subset))
+    train = subset_indices(labels, None if train_subset is None else int(train_subset))
+    if val_subset is None:
+        if split == "val":
+            raise ValueError("split 'val' needs val_subset=N, the number of training samples to hold out")
+        return train
+    pool = np.setdiff1d(np.arange(len(labels)), train) if train_subset is not None else train
+    if not len(np.unique(labels)) <= int(val_subset) < len(pool):
+        raise ValueError(
+            f"val_subset={val_subset} must be at least the number of classes and less than the "
+            f"{len(pool)} training samples it is drawn from"
+        )
+    val = pool[subset_indices(labels[pool], int(val_subset))]
+    if split == "val":
+        return val
+    return train if train_subset is not None else np.setdiff1d(train, val)
