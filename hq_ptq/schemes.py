@@ -11,6 +11,13 @@ Two schemes ship (spikes are already binary, so only weights are quantized):
   It is a minifloat with 0 mantissa bits on Brevitas' float proxy, so it exports as a faithful
   QONNX ``FloatQuant`` node.
 
+Scale initialisation: besides its Brevitas injector a scheme may register a pure-torch ``fake_quant``
+(the weight it produces at a per-channel clip threshold, bit for bit) and a ``threshold`` accessor (the
+quantizer's learnable threshold Parameter). :func:`mse_threshold` then finds the per-channel threshold
+minimising ``‖Q_t(W) − W‖²``, which :mod:`hq_ptq.swap` writes into the quantizer as its starting scale;
+QAT refines it from there. (The injectors alone start at the channel absmax, as above; every layer
+:mod:`hq_ptq.swap` builds starts at the MSE threshold unless ``scale_init="absmax"``.)
+
 Integer codes (what a packer stores in ``b`` bits, ``2^b - 1`` values used):
 
 * ``uniform``: the signed integer ``c`` itself, ``w_q = c·s``.
@@ -46,9 +53,12 @@ __all__ = [
     "PoTWeightQuant",
     "Scheme",
     "dequantize",
+    "fake_quant",
     "list_schemes",
+    "mse_threshold",
     "quantized_weight",
     "register_scheme",
+    "threshold_parameter",
     "weight_codes",
     "weight_quant",
 ]
@@ -57,6 +67,10 @@ log = logging.getLogger(__name__)
 
 CodeFormat = Literal["int", "pot"]
 Factory = Callable[[int], type]
+# (weight, per-channel threshold (C_out,), bits) -> the quantizer's output at that threshold
+FakeQuant = Callable[[Tensor, Tensor, int], Tensor]
+# a scheme's weight-quant proxy -> its learnable per-channel threshold Parameter
+ThresholdOf = Callable[[nn.Module], nn.Parameter]
 
 
 @dataclass(frozen=True)
@@ -68,24 +82,38 @@ class Scheme:
         bits: the allowed bit widths, ascending.
         factory: ``bits -> Brevitas weight-quant injector class``.
         codes: how ``dequantize`` reads integer codes: ``"int"`` (``c·s``) or ``"pot"`` (``±s·2^-(|c|-1)``).
+        fake_quant: pure-torch twin of the quantizer at a given per-channel threshold (its largest
+            level); ``None``: the scheme keeps its injector's own scale init (no MSE init).
+        threshold: where the quantizer keeps that threshold as a learnable Parameter; needed with
+            ``fake_quant``.
     """
 
     name: str
     bits: tuple[int, ...]
     factory: Factory
     codes: CodeFormat = "int"
+    fake_quant: FakeQuant | None = None
+    threshold: ThresholdOf | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
 
 
 def register_scheme(
-    name: str, bits: tuple[int, ...], codes: CodeFormat = "int"
+    name: str,
+    bits: tuple[int, ...],
+    codes: CodeFormat = "int",
+    fake_quant: FakeQuant | None = None,
+    threshold: ThresholdOf | None = None,
 ) -> Callable[[Factory], Factory]:
     """Decorator registering ``factory(bits) -> injector`` as scheme ``name`` for the given bit widths.
 
+    ``fake_quant`` and ``threshold`` (both or neither) let :func:`mse_threshold` choose the scheme's
+    starting scale; see :class:`Scheme`.
+
     Raises:
-        ValueError: the name is taken, no bits are given, or ``codes`` is unknown.
+        ValueError: the name is taken, no bits are given, ``codes`` is unknown, or only one of
+            ``fake_quant``/``threshold`` is given.
     """
     if name in SCHEMES:
         raise ValueError(f"scheme {name!r} is already registered; pick another name")
@@ -93,9 +121,12 @@ def register_scheme(
         raise ValueError(f"scheme {name!r}: bits must be integers >= 2, got {bits!r}")
     if codes not in ("int", "pot"):
         raise ValueError(f"scheme {name!r}: codes must be 'int' or 'pot', got {codes!r}")
+    if (fake_quant is None) != (threshold is None):
+        raise ValueError(f"scheme {name!r}: give both fake_quant and threshold, or neither")
 
     def deco(factory: Factory) -> Factory:
-        SCHEMES[name] = Scheme(name, tuple(sorted(int(b) for b in bits)), factory, codes)
+        sorted_bits = tuple(sorted(int(b) for b in bits))
+        SCHEMES[name] = Scheme(name, sorted_bits, factory, codes, fake_quant, threshold)
         return factory
 
     return deco
@@ -129,7 +160,31 @@ def weight_quant(scheme: str, bits: int) -> type:
 # uniform
 
 
-@register_scheme("uniform", bits=(2, 3, 4, 5, 6, 8), codes="int")
+def _channel_view(t: Tensor, like: Tensor) -> Tensor:
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _uniform_fake_quant(w: Tensor, threshold: Tensor, bits: int) -> Tensor:
+    """Brevitas ``RescalingIntQuant`` of the ``uniform`` scheme at clip ``threshold``, op for op.
+
+    The step is ``|t|`` clamped at Brevitas' ``scaling_min_val`` (1e-10) over ``2^(b-1)-1``;
+    ``torch.round`` (half to even) then the narrow-range clamp ``±(2^(b-1)-1)``.
+    """
+    levels = 2 ** (bits - 1) - 1
+    step = _channel_view(threshold, w).abs().clamp_min(1e-10) / float(levels)
+    # `+ 0.0` is Brevitas' zero point: it turns a -0.0 weight into +0.0, so even the zeros' bits match
+    return torch.round(w / step + 0.0).clamp(-levels, levels) * step
+
+
+def _uniform_threshold(proxy: nn.Module) -> nn.Parameter:
+    # ParameterFromStatsFromParameterScaling: `value` is the clip threshold once `init_done`
+    return proxy.tensor_quant.scaling_impl.value
+
+
+@register_scheme(
+    "uniform", bits=(2, 3, 4, 5, 6, 8), codes="int",
+    fake_quant=_uniform_fake_quant, threshold=_uniform_threshold,
+)
 def _uniform(bits: int) -> type:
     # PARAMETER_FROM_STATS: `scaling_impl.value` (the clip threshold, absmax at init) is a Parameter;
     # the step is value / (2^(b-1)-1), so the scale learns with straight-through gradients.
@@ -152,8 +207,10 @@ def _pot_round(r: Tensor, n_levels: int) -> Tensor:
     a = r.abs().clamp(max=1.0)
     # frexp is exact: a = m·2^ex with m in [0.5, 1), so floor(log2 a) = ex - 1 without log2 rounding
     _, ex = torch.frexp(a)
-    e = (ex - 1).clamp(min=-(n_levels - 1))
-    mag = torch.ldexp(torch.round(torch.ldexp(a, -e)), e).clamp(max=1.0)
+    # dividing and multiplying by an exact power of two is exact (and faster than ldexp, which
+    # mse_threshold calls ~80 times per layer)
+    level = torch.exp2((ex - 1).clamp(min=-(n_levels - 1)).to(a.dtype))
+    mag = (torch.round(a / level) * level).clamp(max=1.0)
     return torch.sign(r) * mag
 
 
@@ -228,9 +285,103 @@ class PoTWeightQuant(ExtendedInjector):
         return float(2 ** (2**e - 1 - (2 ** (e - 1) - 1)))
 
 
-@register_scheme("pot", bits=(2, 3, 4, 5, 6), codes="pot")
+def _pot_fake_quant(w: Tensor, threshold: Tensor, bits: int) -> Tensor:
+    """:class:`PoTTensorQuant`'s forward value at scale ``threshold``, op for op."""
+    s = _channel_view(threshold, w).abs().clamp_min(1e-8)
+    # `+ 0.0` stands for the quantizer's zero-valued STE term: it turns -0.0 into +0.0 as the forward does
+    return _pot_round(w / s, 2 ** (bits - 1) - 1) * s + 0.0
+
+
+def _pot_threshold(proxy: nn.Module) -> nn.Parameter:
+    return proxy.tensor_quant.scale
+
+
+@register_scheme(
+    "pot", bits=(2, 3, 4, 5, 6), codes="pot", fake_quant=_pot_fake_quant, threshold=_pot_threshold
+)
 def _pot(bits: int) -> type:
     return PoTWeightQuant.let(bit_width=bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# scale initialisation
+
+# clip ratios tried by mse_threshold, relative to the channel absmax. Descending, so that on a tie the
+# larger ratio wins and a channel nothing improves keeps exactly its absmax threshold. The coarse grid
+# reaches down to 0.05: ternary (2-bit) channels with heavy tails want ratios well below 0.2.
+_COARSE_RATIOS = torch.linspace(1.0, 0.05, 64, dtype=torch.float64)
+_FINE_POINTS = 17  # around the coarse winner, ± one coarse step
+
+
+def _scheme_with_fake_quant(scheme: str, bits: int) -> Scheme:
+    s = _scheme(scheme, bits)
+    if s.fake_quant is None or s.threshold is None:
+        raise ValueError(
+            f"scheme {scheme!r} registers no fake_quant/threshold; register them to fit its scale"
+        )
+    return s
+
+
+def fake_quant(weight: Tensor, threshold: Tensor, scheme: str, bits: int) -> Tensor:
+    """What ``scheme`` at ``bits`` makes of ``weight`` when its per-channel threshold is ``threshold``.
+
+    Pure torch, bit-identical to the Brevitas quantizer holding that threshold (uniform: the clip
+    value, step ``t/(2^(b-1)-1)``; pot: the largest level ``s``).
+
+    Raises:
+        ValueError: unknown scheme/bits, or a scheme registered without ``fake_quant``.
+    """
+    return _scheme_with_fake_quant(scheme, bits).fake_quant(weight, threshold.reshape(-1), int(bits))
+
+
+def threshold_parameter(proxy: nn.Module, scheme: str, bits: int) -> nn.Parameter:
+    """The learnable per-channel threshold Parameter inside a ``scheme`` weight-quant proxy.
+
+    For ``uniform`` it exists only after the proxy's first call (Brevitas creates the stats-based value
+    lazily); :mod:`hq_ptq.swap` makes that call when it builds a quantizer.
+
+    Raises:
+        ValueError: unknown scheme/bits, or a scheme registered without ``threshold``.
+    """
+    return _scheme_with_fake_quant(scheme, bits).threshold(proxy)
+
+
+def _channel_errors(w2d: Tensor, thresholds: Tensor, quant: FakeQuant, bits: int) -> Tensor:
+    # (C, G) squared errors, one threshold column at a time: memory stays at one weight copy
+    cols = [(quant(w2d, thresholds[:, g], bits) - w2d).pow(2).sum(1) for g in range(thresholds.shape[1])]
+    return torch.stack(cols, 1)
+
+
+def mse_threshold(weight: Tensor, scheme: str, bits: int) -> Tensor:
+    """Per-output-channel threshold minimising ``‖fake_quant(W, t) − W‖²`` (shape ``(C_out,)``).
+
+    A deterministic coarse-to-fine search over clip ratios ``t / absmax``: 64 ratios from 1.0 down to
+    0.05, then 17 around the best. The absmax threshold (ratio 1) is a candidate and wins ties, so the
+    result's error is never above the absmax init's.
+
+    Raises:
+        ValueError: unknown scheme/bits, or a scheme registered without ``fake_quant``.
+    """
+    quant = _scheme_with_fake_quant(scheme, bits).fake_quant
+    with torch.no_grad():
+        w2d = weight.detach().reshape(weight.shape[0], -1)
+        absmax = w2d.abs().amax(1)
+        ratios = _COARSE_RATIOS.to(w2d.dtype)
+        cand = absmax[:, None] * ratios[None, :]
+        err = _channel_errors(w2d, cand, quant, bits)
+        best = err.argmin(1)  # the first minimum: the largest ratio among ties
+        best_err = err.gather(1, best[:, None])[:, 0]
+        best_t = cand.gather(1, best[:, None])[:, 0]
+        # refine between the coarse neighbours of the winner (ratio capped at 1: beyond absmax nothing clips)
+        step = float(_COARSE_RATIOS[0] - _COARSE_RATIOS[1])
+        offsets = torch.linspace(step, -step, _FINE_POINTS, dtype=w2d.dtype)
+        fine_ratios = (ratios[best][:, None] + offsets[None, :]).clamp(0.01, 1.0)
+        fine = absmax[:, None] * fine_ratios
+        fine_err = _channel_errors(w2d, fine, quant, bits)
+        f_best = fine_err.argmin(1)
+        f_err = fine_err.gather(1, f_best[:, None])[:, 0]
+        better = f_err < best_err  # strictly: ties keep the coarse (larger-or-equal) choice
+        return torch.where(better, fine.gather(1, f_best[:, None])[:, 0], best_t)
 
 
 # ---------------------------------------------------------------------------------------------

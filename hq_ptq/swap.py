@@ -4,6 +4,11 @@ Swapped layers quantize weights only (no input/output/bias quantization, ``retur
 share the original ``weight``/``bias`` Parameters, and carry their quantization state as one frozen record,
 ``layer.hq_quant`` (:class:`hq_ptq.plan.LayerQuant`: scheme, bits, search score), written only here
 (:func:`swap_layers`, :func:`set_layer_quant`) and read with :func:`layer_state` / :func:`layer_quant`.
+
+Every quantizer built here starts at its best scale: the per-channel threshold minimising the weight's
+quantization error (:func:`hq_ptq.schemes.mse_threshold`, ``scale_init="mse"``, the default), or at the
+channel absmax (``scale_init="absmax"``, Brevitas' own init). The scale is a learnable Parameter written
+once, here; a state_dict load (packed or QAT checkpoint) restores the stored value and never refits it.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from torch import nn
 
+from hq_ptq.config import SCALE_INITS
 from hq_ptq.plan import LayerQuant
-from hq_ptq.schemes import quantized_weight, weight_quant
+from hq_ptq.schemes import SCHEMES, mse_threshold, threshold_parameter, weight_quant
 
 __all__ = [
     "LAYER_MAP",
+    "SCALE_INITS",
     "find_layers",
     "layer_quant",
     "layer_state",
@@ -42,6 +49,7 @@ LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
 }
 
 QUANT_ATTR = "hq_quant"
+
 
 
 def _as_globs(globs: str | Iterable[str], what: str) -> tuple[str, ...]:
@@ -107,11 +115,21 @@ def _quant_layer_like(module: nn.Module, injector: type) -> nn.Module:
     return q
 
 
-def _init_scales(layer: nn.Module) -> None:
-    # One quantizer call initialises stats-based scales now, so the state_dict has the same keys
-    # for every scheme from the start (Brevitas adds `scaling_impl.value` only after the first call).
+def _check_scale_init(scale_init: str) -> None:
+    if scale_init not in SCALE_INITS:
+        raise ValueError(f"scale_init must be one of {', '.join(SCALE_INITS)}, got {scale_init!r}")
+
+
+def _init_scales(proxy: nn.Module, weight: torch.Tensor, scheme: str, bits: int, scale_init: str) -> None:
     with torch.no_grad():
-        quantized_weight(layer)
+        # One call initialises stats-based scales now (absmax), so the state_dict has the same keys for
+        # every scheme from the start: Brevitas creates `scaling_impl.value` lazily on the first call,
+        # and only then (`init_done`) does the Parameter hold the threshold the quantizer uses.
+        proxy(weight)
+        # a scheme without a pure fake_quant (e.g. a user's per-tensor one) keeps the absmax init
+        if scale_init == "mse" and SCHEMES[scheme].fake_quant is not None:
+            threshold = threshold_parameter(proxy, scheme, bits)
+            threshold.copy_(mse_threshold(weight, scheme, bits).reshape(threshold.shape))
 
 
 def swap_layers(
@@ -121,6 +139,7 @@ def swap_layers(
     exclude: str | Iterable[str] = (),
     scheme: str = "uniform",
     bits: int = 8,
+    scale_init: str = "mse",
 ) -> list[str]:
     """Replace matching ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear`` in place by Brevitas quant layers.
 
@@ -135,17 +154,19 @@ def swap_layers(
         exclude: globs; a layer matching any is skipped.
         scheme: registered scheme name (``hq_ptq.schemes.list_schemes()``).
         bits: bit width allowed by the scheme.
+        scale_init: ``"mse"`` (the per-channel threshold minimising the weight error) or ``"absmax"``.
 
     Returns:
         Names of the newly swapped layers, in model order.
 
     Raises:
-        ValueError: unknown scheme/bits, or no layer matched the globs.
+        ValueError: unknown scheme/bits or scale_init, or no layer matched the globs.
 
     Example:
         >>> swap_layers(model, include=("blocks.*",), exclude=("*.head",), scheme="pot", bits=4)
     """
     injector = weight_quant(scheme, bits)
+    _check_scale_init(scale_init)
     targets = set(find_layers(model, include, exclude))
     modules = list(model.named_modules(remove_duplicate=False))
     already = sum(1 for n, m in model.named_modules() if n in targets and _is_hq_layer(m))
@@ -155,7 +176,7 @@ def swap_layers(
         if name in targets and type(module) in LAYER_MAP and id(module) not in replaced:
             new = _quant_layer_like(module, injector)
             setattr(new, QUANT_ATTR, LayerQuant(scheme, int(bits)))
-            _init_scales(new)
+            _init_scales(new.weight_quant, new.weight, scheme, bits, scale_init)
             replaced[id(module)] = new
             swapped.append(name)
     # second pass: a module registered under several names is replaced under all of them
@@ -208,35 +229,46 @@ def _new_proxy(layer: nn.Module, injector: type) -> nn.Module:
     return proxy
 
 
-def set_layer_quant(layer: nn.Module, scheme: str, bits: int, sensitivity: float | None = None) -> None:
+def set_layer_quant(
+    layer: nn.Module,
+    scheme: str,
+    bits: int,
+    sensitivity: float | None = None,
+    *,
+    scale_init: str = "mse",
+) -> None:
     """Give an hq_ptq quant layer a new ``scheme``/``bits`` in place (and the search score that chose it).
 
-    The quantizer is rebuilt, so its scale is re-initialised from the current weight statistics
-    (a learned scale is not carried over), and its parameters are new objects: build the optimizer
-    after the last call.
+    The quantizer is rebuilt, so its scale is re-initialised from the current weight (``scale_init``:
+    ``"mse"``, the threshold minimising the weight error, or ``"absmax"``; a learned scale is not carried
+    over), and its parameters are new objects: build the optimizer after the last call.
 
     Raises:
-        ValueError: not an hq_ptq layer, or unknown scheme/bits.
+        ValueError: not an hq_ptq layer, or unknown scheme/bits or scale_init.
     """
     _check_hq_layer(layer)
     injector = weight_quant(scheme, bits)
+    _check_scale_init(scale_init)
     layer.weight_quant = _new_proxy(layer, injector)
     layer._cached_sub_tensor_slice_list_modules = None  # Brevitas caches submodules of the old proxy
     setattr(layer, QUANT_ATTR, LayerQuant(scheme, int(bits), sensitivity))
-    _init_scales(layer)
+    _init_scales(layer.weight_quant, layer.weight, scheme, bits, scale_init)
 
 
-def weight_error(layer: nn.Module, scheme: str, bits: int) -> float:
+def weight_error(layer: nn.Module, scheme: str, bits: int, *, scale_init: str = "mse") -> float:
     """``‖Q(W) − W‖²`` for candidate ``(scheme, bits)``, leaving the layer unchanged.
 
-    ``Q`` is a fresh quantizer on the current weight, i.e. exactly what the layer produces right
-    after ``set_layer_quant(layer, scheme, bits)``.
+    ``Q`` is a fresh quantizer on the current weight, initialised as ``set_layer_quant`` initialises it
+    (same ``scale_init``), i.e. exactly what the layer produces right after
+    ``set_layer_quant(layer, scheme, bits)``.
 
     Raises:
-        ValueError: not an hq_ptq layer, or unknown scheme/bits.
+        ValueError: not an hq_ptq layer, or unknown scheme/bits or scale_init.
     """
     _check_hq_layer(layer)
     proxy = _new_proxy(layer, weight_quant(scheme, bits))
+    _check_scale_init(scale_init)
+    _init_scales(proxy, layer.weight, scheme, bits, scale_init)
     with torch.no_grad():
         out = proxy(layer.weight)
         wq = out.value if hasattr(out, "value") else out

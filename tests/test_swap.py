@@ -7,8 +7,9 @@ import torch
 from snntorch import utils as snn_utils
 from torch import nn
 
-from hq_ptq.schemes import SCHEMES, quantized_weight
+from hq_ptq.schemes import SCHEMES, mse_threshold, quantized_weight, threshold_parameter
 from hq_ptq.swap import (
+    SCALE_INITS,
     find_layers,
     layer_quant,
     quant_layers,
@@ -202,12 +203,14 @@ def test_set_layer_quant_changes_levels_and_metadata():
 
     set_layer_quant(layer, "pot", 3)
     assert layer_quant(layer) == ("pot", 3)
+    s = threshold_parameter(layer.weight_quant, "pot", 3).detach()[:, None]  # the MSE-fitted scale
     ratios = set((quantized_weight(layer).detach().abs().flatten(1) / s).unique().tolist())
     assert ratios <= {0.0, 0.25, 0.5, 1.0}
     assert isinstance(model.features[2], qnn.QuantConv2d) and model.features[2] is layer
 
     set_layer_quant(layer, "uniform", 2)
     assert layer_quant(layer) == ("uniform", 2)
+    s = threshold_parameter(layer.weight_quant, "uniform", 2).detach().flatten(1)
     assert set(torch.round(quantized_weight(layer).detach().flatten(1) / s).unique().tolist()) <= {
         -1.0, 0.0, 1.0}
     with torch.no_grad():
@@ -220,16 +223,17 @@ def test_set_layer_quant_changes_levels_and_metadata():
     assert layer.weight.grad.abs().sum() > 0
 
 
-def test_weight_error_matches_set_layer_quant_and_leaves_layer_alone():
+@pytest.mark.parametrize("scale_init", SCALE_INITS)
+def test_weight_error_matches_set_layer_quant_and_leaves_layer_alone(scale_init):
     model, _, _ = _build("cnn")
     swap_layers(model, scheme="uniform", bits=8)
     layer = quant_layers(model)["features.0"]
     proxy, wq = layer.weight_quant, quantized_weight(layer).detach().clone()
-    errors = {c: weight_error(layer, *c) for c in CANDIDATES}
+    errors = {c: weight_error(layer, *c, scale_init=scale_init) for c in CANDIDATES}
     assert layer.weight_quant is proxy and layer_quant(layer) == ("uniform", 8)
     assert torch.equal(quantized_weight(layer).detach(), wq)
     for cand, err in errors.items():
-        set_layer_quant(layer, *cand)
+        set_layer_quant(layer, *cand, scale_init=scale_init)
         with torch.no_grad():
             direct = float((quantized_weight(layer) - layer.weight).pow(2).sum())
         assert err == direct, cand
@@ -237,6 +241,76 @@ def test_weight_error_matches_set_layer_quant_and_leaves_layer_alone():
     for scheme in ("uniform", "pot"):
         errs = [errors[(scheme, b)] for b in SCHEMES[scheme].bits]
         assert errs == sorted(errs, reverse=True) and errs[0] > errs[-1] > 0
+
+
+@pytest.mark.parametrize("scheme, bits", CANDIDATES)
+def test_applied_scale_is_the_mse_threshold_or_the_absmax(scheme, bits):
+    model, _, _ = _build("cnn")
+    swap_layers(model, scheme="uniform", bits=8)
+    layer = quant_layers(model)["features.2"]
+    w = layer.weight.detach()
+    set_layer_quant(layer, scheme, bits, scale_init="absmax")
+    absmax_err = weight_error(layer, scheme, bits, scale_init="absmax")
+    torch.testing.assert_close(
+        threshold_parameter(layer.weight_quant, scheme, bits).detach().flatten(),
+        w.abs().flatten(1).amax(1), rtol=0, atol=0,
+    )
+    set_layer_quant(layer, scheme, bits)  # the default: the error-minimising threshold
+    fitted = threshold_parameter(layer.weight_quant, scheme, bits)
+    assert fitted.requires_grad  # QAT refines it from here
+    assert torch.equal(fitted.detach().flatten(), mse_threshold(w, scheme, bits))
+    assert weight_error(layer, scheme, bits) <= absmax_err
+    if bits <= 3:
+        assert weight_error(layer, scheme, bits) < absmax_err
+
+
+def test_swap_layers_fits_the_scale_too():
+    fitted, plain = _build("mlp")[0], _build("mlp")[0]
+    swap_layers(fitted, scheme="pot", bits=3)
+    swap_layers(plain, scheme="pot", bits=3, scale_init="absmax")
+    for name, layer in quant_layers(fitted).items():
+        other = quant_layers(plain)[name]
+        assert torch.equal(layer.weight_quant.tensor_quant.scale, mse_threshold(layer.weight, "pot", 3))
+        assert weight_error(layer, "pot", 3) < weight_error(other, "pot", 3, scale_init="absmax")
+
+
+def test_bad_scale_init_names_the_choices():
+    model, _, _ = _build("mlp")
+    with pytest.raises(ValueError, match="scale_init must be one of mse, absmax, got 'max'"):
+        swap_layers(model, scale_init="max")
+    assert not quant_layers(model)  # refused before any layer changed
+    swap_layers(model)
+    layer = quant_layers(model)["0"]
+    with pytest.raises(ValueError, match="scale_init must be one of"):
+        set_layer_quant(layer, "pot", 3, scale_init="max")
+    assert layer_quant(layer) == ("uniform", 8)
+    with pytest.raises(ValueError, match="scale_init must be one of"):
+        weight_error(layer, "pot", 3, scale_init="max")
+
+
+def test_loading_a_state_dict_restores_learned_scales_without_refitting():
+    # a QAT-like change moves every scale off its MSE fit; a fresh model (fitted at swap) that loads the
+    # state must take the stored scales, not refit them from the loaded weights
+    def quantized() -> nn.Module:
+        model, _, _ = _build("cnn")
+        swap_layers(model, exclude="head", scheme="pot", bits=3)
+        swap_layers(model, include="head", scheme="uniform", bits=3)
+        return model
+
+    model, x = quantized(), torch.randn(3, 3, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in quant_layers(model).values():
+            layer.weight.add_(0.01 * torch.randn(layer.weight.shape, generator=g))
+            for p in layer.weight_quant.parameters():
+                p.mul_(0.7 + 0.4 * torch.rand(p.shape, generator=g))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    other = quantized()
+    other.load_state_dict(state)
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    with torch.no_grad():
+        assert torch.equal(other(x), model(x))
 
 
 def test_spikformer_tiny_swaps_and_runs():
