@@ -64,6 +64,8 @@ def _export_and_verify(model: torch.nn.Module, entry: CorpusModel, tmp_path, bac
     assert report["max_abs_output_error"] < 1e-4, report
     # spikes are compared where they pair with a neuron; never reported as mismatches otherwise
     assert report["spike_mismatches"] in (0, None), report
+    if backend == "qonnx":  # integer weight codes behind spec Quant nodes, on other people's models too
+        assert report["spec_check"]["passed"], report["spec_check"]
     return report
 
 

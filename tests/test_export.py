@@ -15,6 +15,7 @@ pytest.importorskip("qonnx")
 pytest.importorskip("onnxruntime")
 
 from hq_ptq.export import (  # noqa: E402
+    check_qonnx_spec,
     export_info,
     export_onnxruntime,
     export_qonnx,
@@ -24,6 +25,7 @@ from hq_ptq.export import (  # noqa: E402
 from hq_ptq.export.runtime import _run  # noqa: E402
 from hq_ptq.models import build_model  # noqa: E402
 from hq_ptq.models.layers import SeqMaxPool, conv2d_bn  # noqa: E402
+from hq_ptq.schemes import weight_codes  # noqa: E402
 from hq_ptq.snn import MultiStepLeaky, explicit_membranes  # noqa: E402
 from hq_ptq.swap import quant_layers, set_layer_quant, swap_layers  # noqa: E402
 
@@ -95,6 +97,8 @@ def _check_report(report: dict, mode: str) -> None:
     assert report["spike_count_export"] == report["spike_count_torch"]
     if mode == "step":
         assert report["max_rel_state_error"] <= TOL
+    if report["backend"] == "qonnx":
+        assert report["spec_check"]["passed"] is True, report["spec_check"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,8 +147,7 @@ def test_round_trip_tiny(tmp_path, plan: str, mode: str) -> None:
 
     qpath = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "m.onnx", mode=mode)
     ops = _ops(qpath)
-    assert ("Quant" in ops) == (plan != "pot")
-    assert ("FloatQuant" in ops) == (plan != "uniform")
+    assert "Quant" in ops and "FloatQuant" not in ops  # PoT weights too are integer codes behind Quant
     assert {"Greater", "Conv", "Gemm"} <= ops or {"Greater", "Conv", "MatMul"} <= ops
     _check_report(verify_export(model, qpath, fresh, backend="qonnx"), mode)
 
@@ -152,18 +155,19 @@ def test_round_trip_tiny(tmp_path, plan: str, mode: str) -> None:
     proto = onnx.load(str(rpath))
     onnx.checker.check_model(proto)
     assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
-    assert ("QuantizeLinear" in _ops(rpath)) == (plan != "pot")
+    assert "QuantizeLinear" in _ops(rpath)  # 3- and 4-bit PoT codes fit INT4 / INT8 QCDQ
     _check_report(verify_export(model, rpath, fresh, backend="onnxruntime"), mode)
 
 
-def test_pot_weights_in_the_ort_file_are_exact_powers_of_two(tmp_path) -> None:
+@pytest.mark.parametrize("pot_as", ["int", "float"])
+def test_pot_weights_in_the_ort_file_are_exact_powers_of_two(tmp_path, pot_as: str) -> None:
     model = _tiny("pot")
-    path = export_onnxruntime(model, _events((T, B, 2, 8, 8), 0), tmp_path / "pot.onnx")
+    path = export_onnxruntime(model, _events((T, B, 2, 8, 8), 0), tmp_path / "pot.onnx", pot_as=pot_as)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
     layer = model.fc1
     w = layer.quant_weight().value.detach().numpy()
-    # a Linear exports as MatMul with the weight transposed
-    match = [a for a in inits.values() if a.shape == w.T.shape and np.array_equal(a, w.T)]
+    # "int": the QuantizeLinear input of the QCDQ weight; "float": a folded constant (MatMul takes w.T)
+    match = [a for a in inits.values() if any(a.shape == v.shape and np.array_equal(a, v) for v in (w, w.T))]
     assert match, "fc1's PoT weight is not stored bit-exactly"
     scale = np.abs(w).max(axis=1, keepdims=True)
     ratio = np.abs(w[w != 0]) / np.broadcast_to(scale, w.shape)[w != 0]
@@ -230,9 +234,10 @@ def test_re_export_is_byte_identical(tmp_path, export) -> None:
 def test_dynamo_exporter_gives_the_same_numbers(tmp_path) -> None:
     model = _tiny("mixed")
     path = export_qonnx(model, _events((T, B, 2, 8, 8), 0), tmp_path / "d.onnx", mode="step", dynamo=True)
-    assert {"Quant", "FloatQuant"} <= _ops(path)
+    assert "Quant" in _ops(path) and "FloatQuant" not in _ops(path)
     report = verify_export(model, path, _events((T, B, 2, 8, 8), 1))
     assert report["max_abs_logit_error"] <= TOL and report["max_rel_state_error"] <= TOL
+    assert report["spec_check"]["passed"] is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +246,7 @@ def test_dynamo_exporter_gives_the_same_numbers(tmp_path) -> None:
 
 @pytest.mark.parametrize(("net", "mode"), [("tiny", "unrolled"), ("tiny", "step"), ("spikformer", "step")])
 def test_qonnx_fast_path_equals_qonnx_execute_onnx(tmp_path, request, net: str, mode: str) -> None:
-    # uniform (Quant) and PoT (FloatQuant) layers
+    # uniform and PoT layers, both integer codes behind Quant
     model = _tiny("mixed") if net == "tiny" else request.getfixturevalue("spikformer")
     size = 8 if net == "tiny" else 32
     path = export_qonnx(model, _events((T, B, 2, size, size), 0), tmp_path / "m.onnx", mode=mode)
@@ -301,6 +306,146 @@ def test_qonnx_backend_falls_back_to_execute_onnx_for_activation_quantizers(tmp_
 
 
 # ---------------------------------------------------------------------------------------------
+# spec-valid QONNX: every weight integer codes behind a Quant node
+
+
+class PlainCNN(nn.Module):
+    """Any PyTorch Conv/Linear model: one layer per weight form the export writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * 4 * 4, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(nn.functional.max_pool2d(self.conv2(x), 2))
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+# layer -> (scheme, bits, QONNX container): PoT b bits has n = 2^(b-1)-1 magnitudes, codes ±2^0..±2^(n-1)
+_FORMS = {
+    "conv1": ("pot", 2, 2), "conv2": ("pot", 3, 4), "fc1": ("pot", 4, 8), "fc2": ("pot", 5, 16),
+    "head": ("uniform", 4, 4),
+}
+
+
+def _plain_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = PlainCNN().eval()
+    swap_layers(model, scheme="uniform", bits=4)
+    for name, layer in quant_layers(model).items():
+        set_layer_quant(layer, *_FORMS[name][:2])
+    return model
+
+
+def _weight_quants(path) -> list[tuple[onnx.NodeProto, np.ndarray, np.ndarray, dict[str, str]]]:
+    """(Quant node, codes, the scale its output is multiplied by, node metadata) per weight quantizer."""
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    by_input = {n.input[0]: n for n in graph.node if n.input}
+    found = []
+    for node in graph.node:
+        if node.op_type == "Quant" and node.input[0] in inits:
+            mul = by_input[node.output[0]]
+            assert mul.op_type == "Mul" and inits[node.input[1]] == 1.0 and inits[node.input[2]] == 0.0
+            found.append((node, inits[node.input[0]], inits[mul.input[1]],
+                          {p.key: p.value for p in node.metadata_props}))
+    return found
+
+
+def test_weights_are_integer_codes_behind_quant(tmp_path) -> None:
+    model = _plain_cnn()
+    x, fresh = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8, 8)
+    path = export_qonnx(model, x, tmp_path / "int.onnx")
+    assert "FloatQuant" not in _ops(path)
+    quants = _weight_quants(path)
+    assert len(quants) == len(_FORMS)
+    layers = quant_layers(model)
+    for node, codes, scale, meta in quants:
+        layer_name = node.input[0].removesuffix(".weight")
+        scheme, bits, container = _FORMS[layer_name]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"signed": 1, "narrow": 1, "rounding_mode": b"ROUND"}  # the spec's, nothing else
+        inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+        assert onnx.numpy_helper.to_array(inits[node.input[3]]) == container
+        assert np.array_equal(codes, np.round(codes)) and np.abs(codes).max() <= 2 ** (container - 1) - 1
+        assert meta["hq_ptq.weight_kind"] == scheme and meta["hq_ptq.scheme_bits"] == str(bits)
+        # Quant(codes) · scale is the layer's quantized weight, bit for bit
+        w = layers[layer_name].quant_weight().value.detach().numpy()
+        assert np.array_equal((codes * scale).astype(np.float32), w)
+        ref_codes, _ = weight_codes(layers[layer_name])
+        ref = ref_codes.numpy().astype(np.float64)
+        if scheme == "pot":
+            n = 2 ** (bits - 1) - 1
+            mags = np.abs(codes[codes != 0])
+            assert np.array_equal(np.exp2(np.round(np.log2(mags))), mags)  # one shift per weight
+            assert mags.max() <= 2 ** (n - 1) and meta["hq_ptq.pot_exponents"] == ",".join(map(str, range(n)))
+            # schemes' PoT code ±(k+1) (level ±s·2^-k) is the integer ±2^(n-1-k)
+            assert np.array_equal(codes, np.where(ref != 0, np.sign(ref) * np.exp2(n - np.abs(ref)), 0))
+            if bits == 2:
+                assert set(np.unique(codes)) <= {-1.0, 0.0, 1.0}  # ternary
+        else:
+            assert np.array_equal(codes, ref)
+    spec = check_qonnx_spec(path)
+    expected = {f"{name}.weight": f"INT{container}" for name, (_, _, container) in _FORMS.items()}
+    assert spec["qonnx_cleanup"] and spec["weight_datatypes"] == expected  # InferDataTypes after cleanup
+    # a graph too long for qonnx's quadratic passes: InferDataTypes on the weight quantizers alone
+    assert check_qonnx_spec(path, qonnx_cleanup=False) == {**spec, "qonnx_cleanup": False}
+    report = verify_export(model, path, fresh)
+    assert report["max_abs_output_error"] <= TOL and report["spec_check"] == spec
+    assert export_info(path)["weights"]["fc1.weight"]["container"] == "INT8"
+    # the onnxruntime file: QCDQ for containers of up to 8 bits, the INT16 PoT weight folded
+    rpath = export_onnxruntime(model, x, tmp_path / "ort.onnx")
+    assert sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(rpath)).graph.node) == len(_FORMS) - 1
+    assert verify_export(model, rpath, fresh, backend="onnxruntime")["max_abs_output_error"] <= TOL
+
+
+def test_pot_as_float_keeps_floatquant_and_fails_the_spec_check(tmp_path) -> None:
+    model = _plain_cnn()
+    x, fresh = torch.rand(2, 2, 8, 8), torch.rand(2, 2, 8, 8)
+    path = export_qonnx(model, x, tmp_path / "float.onnx", pot_as="float")
+    assert sum(n.op_type == "FloatQuant" for n in onnx.load(str(path)).graph.node) == 4
+    with pytest.raises(ValueError, match=r"^node FloatQuant_0 \(FloatQuant\) has mantissa width 0"):
+        check_qonnx_spec(path)
+    report = verify_export(model, path, fresh)
+    assert report["max_abs_output_error"] <= TOL and report["spec_check"]["passed"] is False
+    with pytest.raises(ValueError, match="unknown pot_as 'shift'"):
+        export_qonnx(model, x, tmp_path / "bad.onnx", pot_as="shift")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("half_codes", r"weight head\.weight is not integer-valued"),
+        ("wide_codes", r"weight head\.weight leaves the container range \[-7, 7\]"),
+        ("attribute", r"\(Quant\) has attribute\(s\) weight_kind outside the QONNX spec"),
+        ("op", r"\(MultiThreshold\) in domain .* is outside the QONNX spec"),
+    ],
+)
+def test_spec_check_names_the_offending_node(tmp_path, edit: str, message: str) -> None:
+    path = export_qonnx(_plain_cnn(), torch.rand(2, 2, 8, 8), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    node = next(n for n in proto.graph.node if n.op_type == "Quant" and n.input[0] == "head.weight")
+    init = next(i for i in proto.graph.initializer if i.name == "head.weight")
+    codes = onnx.numpy_helper.to_array(init)
+    if edit == "half_codes":
+        init.CopyFrom(onnx.numpy_helper.from_array(codes + 0.5, "head.weight"))
+    elif edit == "wide_codes":
+        init.CopyFrom(onnx.numpy_helper.from_array(codes * 4, "head.weight"))
+    elif edit == "attribute":
+        node.attribute.append(onnx.helper.make_attribute("weight_kind", "uniform"))
+    else:
+        node.op_type = "MultiThreshold"
+    onnx.save(proto, str(path))
+    with pytest.raises(ValueError, match=message):
+        check_qonnx_spec(path)
+
+
+# ---------------------------------------------------------------------------------------------
 # the zoo model
 
 
@@ -315,9 +460,10 @@ def spikformer() -> nn.Module:
 def test_round_trip_spikformer(tmp_path, spikformer: nn.Module, mode: str) -> None:
     example, fresh = _events((T, B, 2, 32, 32), 0), _events((T, B, 2, 32, 32), 1)
     qpath = export_qonnx(spikformer, example, tmp_path / "sf.onnx", mode=mode)
-    assert {"Quant", "FloatQuant", "Greater", "MatMul"} <= _ops(qpath)
+    assert {"Quant", "Greater", "MatMul"} <= _ops(qpath) and "FloatQuant" not in _ops(qpath)
     report = verify_export(spikformer, qpath, fresh, backend="qonnx")
     _check_report(report, mode)
+    assert report["spec_check"]["passed"] is True, report["spec_check"]
     assert report["spike_count_torch"] > 1000
 
     rpath = export_onnxruntime(spikformer, example, tmp_path / "sf_ort.onnx", mode=mode)
@@ -480,6 +626,7 @@ def _check_any(model: nn.Module, example: object, fresh: object, tmp_path, **kwa
         assert report["max_abs_output_error"] <= TOL and report["max_abs_logit_error"] <= TOL, report
         assert report["spike_compare"] == "elementwise" and report["spike_mismatches"] == 0, report
         assert report["spike_count_torch"] > 0 and report["spike_count_export"] == report["spike_count_torch"]
+        assert report["spec_check"]["passed"] is (True if backend == "qonnx" else None), report["spec_check"]
         reports.append(report)
     return reports
 
@@ -526,7 +673,7 @@ def test_batch_first_sequence_model(tmp_path) -> None:
     model = _built(Sequence)
     example, fresh = torch.rand(2, 5, 4) * 2, torch.rand(2, 5, 4) * 2
     _check_any(model, example, fresh, tmp_path)
-    assert {"Conv", "Greater", "Quant", "FloatQuant"} <= _ops(tmp_path / "qonnx.onnx")
+    assert {"Conv", "Greater", "Quant"} <= _ops(tmp_path / "qonnx.onnx")
     with pytest.raises(ValueError, match=r"shape \[2, 6, 4\] but .* was exported for \[2, 5, 4\]"):
         run_export(tmp_path / "qonnx.onnx", torch.rand(2, 6, 4))
 

@@ -1,11 +1,16 @@
 """Export quantized spiking models to QONNX and to onnxruntime-runnable ONNX, and check the files.
 
-The QONNX file keeps the weight quantizers as nodes: uniform layers as ``Quant`` (integer, per-channel
-scale, narrow range) and power-of-two layers as ``FloatQuant`` with 0 mantissa bits, which is PoT
-exactly. Spiking neurons become plain ONNX ops (the Heaviside spike is ``Greater`` + ``Cast``, the reset
+The QONNX file is inside the QONNX spec: every quantized weight is an integer code tensor behind a
+``Quant`` node (signed, narrow range, scale 1) followed by a constant per-output-channel ``Mul`` by its
+scale. Uniform b-bit layers are INTb codes; power-of-two layers the exact codes ``0, ±2^j`` in the
+smallest narrow container that holds them (2-bit ternary INT2, 3-bit INT4, 4-bit INT8, 5-bit INT16,
+6-bit INT32), marked by ``metadata_props`` on the node (``hq_ptq.weight_kind``, ``hq_ptq.pot_exponents``).
+``pot_as="float"`` keeps Brevitas' ``FloatQuant`` with 0 mantissa bits for PoT (exact, but outside the
+spec). :func:`check_qonnx_spec` checks a file with qonnx's own cleanup and datatype inference.
+Spiking neurons become plain ONNX ops (the Heaviside spike is ``Greater`` + ``Cast``, the reset
 ``Sub``/``Mul``); surrogates are switched off while tracing. The onnxruntime file is the same graph with
-``Quant`` rewritten to QuantizeLinear → Clip → DequantizeLinear (QCDQ) and the PoT weights folded to
-float constants holding the PoT values (onnxruntime has no ``FloatQuant``).
+the weight ``Quant`` nodes rewritten to QuantizeLinear → Clip → DequantizeLinear (QCDQ) with the
+per-channel scale, and weights wider than 8 bits (or ``FloatQuant``) folded to float constants.
 
 The model is exported as it is called (see :mod:`hq_ptq.model_io`): ``example_input`` is whatever the
 model takes, a tensor of any rank and layout (``[T, B, C, H, W]``, a static ``[B, C, H, W]`` image for a
@@ -50,23 +55,25 @@ Layout (one-way imports, ``verify`` → ``runtime`` → ``write`` → ``trace`` 
 
 * :mod:`hq_ptq.export.trace`: torch → QONNX graph: checks, input/output structures, the traced modules,
   step mode (stateful layers, time axis, readouts), the metadata, the brevitas trace.
-* :mod:`hq_ptq.export.passes`: graph passes: constant folding, shape inference, cleanup, the QCDQ
-  (onnxruntime) conversion, constant compaction.
+* :mod:`hq_ptq.export.passes`: graph passes: constant folding, shape inference, cleanup, weights as
+  integer codes behind ``Quant``, the QCDQ (onnxruntime) conversion, constant compaction.
 * :mod:`hq_ptq.export.write`: :func:`export_qonnx`, :func:`export_onnxruntime` (trace, convert, save) and
   :func:`export_info` (read the metadata back).
 * :mod:`hq_ptq.export.runtime`: running files with qonnx or onnxruntime, :func:`run_export`.
-* :mod:`hq_ptq.export.verify`: the PyTorch reference, spike pairing, :func:`verify_export`.
+* :mod:`hq_ptq.export.verify`: the PyTorch reference, spike pairing, :func:`check_qonnx_spec`,
+  :func:`verify_export`.
 """
 
 from hq_ptq.export.runtime import BACKENDS, run_export
 from hq_ptq.export.trace import MODES, READOUTS
-from hq_ptq.export.verify import verify_export
+from hq_ptq.export.verify import check_qonnx_spec, verify_export
 from hq_ptq.export.write import export_info, export_onnxruntime, export_qonnx
 
 __all__ = [
     "BACKENDS",
     "MODES",
     "READOUTS",
+    "check_qonnx_spec",
     "export_info",
     "export_onnxruntime",
     "export_qonnx",

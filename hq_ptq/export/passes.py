@@ -1,7 +1,7 @@
 """Graph passes on the qonnx ``ModelWrapper``: constant folding (onnx's reference evaluator for standard
 ops, qonnx for its custom ops), shape inference with the quantizers read as identities, the cleanup
-after tracing, the QONNX → onnxruntime (QCDQ) conversion and the compaction of single-valued constants
-before saving."""
+after tracing, weight quantizers rewritten as ``Quant`` over integer codes (:func:`_int_weights`), the
+QONNX → onnxruntime (QCDQ) conversion and the compaction of single-valued constants before saving."""
 
 from __future__ import annotations
 
@@ -185,3 +185,170 @@ def _compact_constants(proto: onnx.ModelProto, min_size: int = 256) -> None:
         graph.initializer.remove(init)
     for i, node in enumerate(nodes):
         graph.node.insert(i, node)
+
+
+# ---------------------------------------------------------------------------------------------
+# weights as integer codes behind spec-valid Quant nodes
+
+POT_AS = ("int", "float")  # how export_qonnx writes power-of-two weights
+QONNX_DOMAIN = "qonnx.custom_op.general"
+# keys of the metadata_props entries on each weight Quant node (standard NodeProto field, so the
+# Quant node itself keeps only the attributes the QONNX spec defines)
+WEIGHT_KIND_KEY = "hq_ptq.weight_kind"
+POT_EXPONENTS_KEY = "hq_ptq.pot_exponents"
+SCHEME_BITS_KEY = "hq_ptq.scheme_bits"
+
+
+def _narrow_int_bits(largest: int) -> int:
+    """The fewest bits of a signed narrow-range integer (``±(2^(k-1)-1)``) that hold ``±largest``."""
+    bits = 2
+    while 2 ** (bits - 1) - 1 < largest:
+        bits += 1
+    return bits
+
+
+def _constant_inputs(model: Any, node: onnx.NodeProto) -> list[np.ndarray] | None:
+    values = [model.get_initializer(name) if name else None for name in node.input]
+    return None if any(v is None for v in values) else values
+
+
+def _weight_codes(model: Any, node: onnx.NodeProto) -> dict[str, Any] | None:
+    """Integer codes, scale and container of a weight quantizer node, or None for any other node.
+
+    A uniform ``Quant(W, s, 0, b)`` gives ``codes = round(Quant(W)/s)`` in INTb (the node's signed and
+    narrow kept; hq_ptq's uniform scheme is signed narrow). A power-of-two
+    ``FloatQuant(W, s_f, E, 0, bias, ·)`` has the levels ``{0, ±s_f·2^e, e = 1-bias … 2^E-1-bias}``: with
+    the smallest level ``s = s_f·2^(1-bias)`` as scale, the codes are ``0, ±2^j, j = 0 … 2^E-2``, in the
+    smallest narrow signed container. Raises when ``codes·scale`` is not the node's output bit for bit
+    (the conversion must not move a single weight).
+    """
+    from qonnx.custom_op.general.intquant import max_int, min_int
+    from qonnx.custom_op.registry import getCustomOp
+
+    if node.domain in _STANDARD_DOMAINS or node.op_type not in ("Quant", "IntQuant", "FloatQuant"):
+        return None
+    inputs = _constant_inputs(model, node)
+    if inputs is None:
+        return None  # an activation quantizer: its input is not a weight
+    ctx = dict(zip(node.input, inputs, strict=True))
+    getCustomOp(node).execute_node(ctx, model.graph)
+    value = np.asarray(ctx[node.output[0]], dtype=np.float32)
+    if node.op_type == "FloatQuant":
+        exp_bits, mant_bits, bias = (float(np.asarray(inputs[i]).reshape(-1)[0]) for i in (2, 3, 4))
+        if mant_bits != 0:
+            return None  # a real minifloat: spec-valid as it is
+        levels = 2 ** int(exp_bits) - 1  # nonzero magnitudes
+        scale = (np.asarray(inputs[1], dtype=np.float32) * np.float32(2.0 ** (1 - bias))).astype(np.float32)
+        bits, kind, scheme_bits = _narrow_int_bits(2 ** (levels - 1)), "pot", int(exp_bits) + 1
+        signed, narrow = 1, 1
+    else:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if np.any(inputs[2] != 0):
+            return None  # asymmetric: codes alone would not say the zero point; leave it as it is
+        signed, narrow = int(attrs.get("signed", 1)), int(attrs.get("narrow", 0))
+        scale = np.asarray(inputs[1], dtype=np.float32)
+        bits, kind = int(np.asarray(inputs[3]).reshape(-1)[0]), "uniform"
+        scheme_bits = bits
+    codes = np.round(value.astype(np.float64) / scale.astype(np.float64))
+    low, high = min_int(signed, narrow, bits), max_int(signed, narrow, bits)
+    exact = np.array_equal((codes.astype(np.float32) * scale).astype(np.float32), value)
+    if not exact or codes.min(initial=0) < low or codes.max(initial=0) > high:
+        # never expected: the node's own output is an integer grid times its scale
+        raise ValueError(
+            f"weight quantizer {node.name} ({node.op_type}) is not integer codes in [{low}, {high}] times "
+            "its scale; export it with pot_as='float' or report the model"
+        )
+    return {"codes": codes.astype(np.float32), "scale": scale, "value": value, "bits": bits, "kind": kind,
+            "signed": signed, "narrow": narrow, "scheme_bits": scheme_bits,
+            "levels": levels if kind == "pot" else None}
+
+
+def _int_weights(model: Any, pot_as: str, scaled: bool) -> dict[str, dict[str, Any]]:
+    """Rewrite every weight quantizer as a spec-valid ``Quant`` node over integer codes, in place.
+
+    ``scaled=False`` (QONNX files): ``Quant(codes, 1, 0, k) → Mul(scale)``: the quantizer's input is
+    the integer code tensor, qonnx infers INTk for its output, and the per-channel scale is a separate
+    constant ``Mul`` (Quant with a scale s would compute s·round(codes/s), not codes·s).
+    ``scaled=True`` (the onnxruntime file, for QuantToQCDQ): ``Quant(codes·scale, scale, 0, k)``, the
+    same values with the scale inside, so QCDQ carries a per-channel DequantizeLinear scale; weights
+    wider than 8 bits (PoT of 5+ bits), which QCDQ cannot hold, become float initializers.
+    ``pot_as="float"`` leaves power-of-two ``FloatQuant`` nodes as Brevitas wrote them.
+
+    Returns ``{codes tensor name: {kind, bits, container, scale, pot_exponents}}`` for the metadata.
+    """
+    if pot_as not in POT_AS:
+        raise ValueError(f"unknown pot_as {pot_as!r}; choose one of {', '.join(map(repr, POT_AS))}")
+    graph = model.graph
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    graph_outputs = {o.name for o in graph.output}
+    summary: dict[str, dict[str, Any]] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    # a layer called once per time step is traced as one quantizer per call, all on the same weight:
+    # the first call's Quant → Mul serves the others (identical codes and scale)
+    converted: dict[str, tuple[dict[str, Any], str]] = {}
+    renames: dict[str, str] = {}
+    for node in list(graph.node):
+        if node.op_type == "FloatQuant" and pot_as == "float":
+            new_nodes.append(node)
+            continue
+        found = _weight_codes(model, node)
+        if found is None:
+            new_nodes.append(node)
+            continue
+        weight, out = node.input[0], node.output[0]
+        # the codes take the weight's name (fc1.weight) unless the float weight is shared
+        codes_name = weight if consumers.get(weight, 0) == 1 else f"{weight}_codes"
+        if weight in converted:
+            first, first_out = converted[weight]
+            same = first["bits"] == found["bits"] and all(
+                np.array_equal(first[k], found[k]) for k in ("codes", "scale")
+            )
+            if same and not scaled and out not in graph_outputs:
+                renames[out] = first_out
+                continue
+            if not same:  # another quantizer on the same weight: tensors of its own
+                codes_name = f"{weight}_codes_{node.name}"
+        bits, scale = found["bits"], found["scale"]
+        if scaled and bits > 8:
+            model.set_initializer(out, found["value"])
+            continue
+        model.set_initializer(f"{codes_name}_bitwidth", np.asarray(bits, dtype=np.float32))
+        model.set_initializer(f"{codes_name}_zero_point", np.asarray(0.0, dtype=np.float32))
+        model.set_initializer(f"{codes_name}_scale", scale)
+        if scaled:
+            model.set_initializer(codes_name, found["value"])
+            quant_in, quant_out = [codes_name, f"{codes_name}_scale"], out
+        else:
+            model.set_initializer(codes_name, found["codes"])
+            model.set_initializer(f"{codes_name}_unit_scale", np.asarray(1.0, dtype=np.float32))
+            quant_in, quant_out = [codes_name, f"{codes_name}_unit_scale"], f"{codes_name}_int"
+        quant = helper.make_node(
+            "Quant", [*quant_in, f"{codes_name}_zero_point", f"{codes_name}_bitwidth"], [quant_out],
+            domain=QONNX_DOMAIN, name=node.name, signed=found["signed"], narrow=found["narrow"],
+            rounding_mode="ROUND",
+        )
+        container = f"{'' if found['signed'] else 'U'}INT{bits}"
+        entry: dict[str, Any] = {"kind": found["kind"], "scheme_bits": found["scheme_bits"],
+                                 "container": container, "scale": f"{codes_name}_scale"}
+        if found["kind"] == "pot":
+            entry["pot_exponents"] = list(range(found["levels"]))  # |code| = 2^j: one shift per weight
+        props = {WEIGHT_KIND_KEY: entry["kind"], SCHEME_BITS_KEY: str(entry["scheme_bits"])}
+        if "pot_exponents" in entry:
+            props[POT_EXPONENTS_KEY] = ",".join(map(str, entry["pot_exponents"]))
+        helper.set_metadata_props(quant, props)
+        new_nodes.append(quant)
+        if not scaled:
+            new_nodes.append(helper.make_node(
+                "Mul", [quant_out, f"{codes_name}_scale"], [out], name=f"{node.name}_scale"
+            ))
+        converted.setdefault(weight, (found, out))
+        summary[codes_name] = entry
+    for node in new_nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = renames.get(name, name)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return summary

@@ -1,6 +1,7 @@
 """Checking an export file against the PyTorch model: the torch reference (outputs, every neuron call's
 spikes, step files' final membranes), the pairing of the graph's spike tensors with neuron calls by
-module scope, and :func:`verify_export`."""
+module scope, :func:`check_qonnx_spec` (the file against the QONNX spec and qonnx's own cleanup and
+datatype inference) and :func:`verify_export`."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
+from hq_ptq.export.passes import _STANDARD_DOMAINS, QONNX_DOMAIN
 from hq_ptq.export.runtime import _check_backend, _io_info, _run
-from hq_ptq.export.trace import _check_example, _drive_steps, _export_state, _flat_outputs, _StepGraph
+from hq_ptq.export.trace import (
+    _check_example,
+    _drive_steps,
+    _export_state,
+    _flat_outputs,
+    _one_line,
+    _StepGraph,
+)
 from hq_ptq.export.write import export_info
 from hq_ptq.model_io import call
 from hq_ptq.snn import MultiStepLeaky, explicit_membranes, is_spiking_neuron
@@ -204,6 +214,151 @@ def _compare_step(spikes: list[np.ndarray], graph: list[np.ndarray]) -> tuple[in
     return mismatches, compared, int(graph[-1].astype(bool).sum()), int(spk.sum())
 
 
+# the QONNX operator spec (qonnx 1.0.0 docs/qonnx-custom-ops): the ops a QONNX consumer must accept;
+# qonnx's other custom ops (MultiThreshold, Im2Col, ...) are FINN-internal, not part of the format
+_QONNX_SPEC_OPS = frozenset({"Quant", "IntQuant", "BipolarQuant", "Trunc", "FloatQuant"})
+_QONNX_DOMAINS = frozenset({QONNX_DOMAIN, "onnx.brevitas"})  # qonnx aliases the domain Brevitas writes
+
+
+def _check_node(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> None:
+    """Raise a one-line ValueError for a node outside the QONNX spec or a non-integer Quant weight."""
+    from qonnx.custom_op.general.intquant import max_int, min_int
+    from qonnx.custom_op.registry import getCustomOp
+
+    what = f"node {node.name or '(unnamed)'} ({node.op_type})"
+    if node.domain in _STANDARD_DOMAINS:
+        if not onnx.defs.has(node.op_type):
+            raise ValueError(f"{what} is not a standard ONNX op nor a QONNX op")
+        return
+    if node.domain not in _QONNX_DOMAINS or node.op_type not in _QONNX_SPEC_OPS:
+        raise ValueError(f"{what} in domain {node.domain!r} is outside the QONNX spec")
+    allowed = set(getCustomOp(node).get_nodeattr_types())
+    extra = sorted(a.name for a in node.attribute if a.name not in allowed)
+    if extra:
+        raise ValueError(f"{what} has attribute(s) {', '.join(extra)} outside the QONNX spec")
+    if node.op_type == "FloatQuant":
+        mantissa = inits.get(node.input[3]) if len(node.input) > 3 else None
+        if mantissa is None or np.any(mantissa < 1) or np.any(mantissa != np.round(mantissa)):
+            raise ValueError(
+                f"{what} has mantissa width {None if mantissa is None else mantissa.tolist()}, the spec "
+                "needs a positive integer; export power-of-two weights with pot_as='int'"
+            )
+    if node.op_type in ("Quant", "IntQuant") and node.input[0] in inits:
+        weight = inits[node.input[0]]
+        bits = inits.get(node.input[3])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if np.any(weight != np.round(weight)):
+            raise ValueError(
+                f"{what}: its weight {node.input[0]} is not integer-valued (codes behind Quant expected)"
+            )
+        if bits is not None and weight.size:
+            signed, narrow, k = bool(attrs.get("signed", 1)), bool(attrs.get("narrow", 0)), int(bits)
+            low, high = min_int(signed, narrow, k), max_int(signed, narrow, k)
+            if weight.min() < low or weight.max() > high:
+                raise ValueError(
+                    f"{what}: its weight {node.input[0]} leaves the container range [{low}, {high}]"
+                )
+
+
+def _expand_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with the exporter's ``ConstantOfShape`` compaction undone (constants back as initializers).
+
+    qonnx's FoldConstants would fold each of them with a full shape inference and model copy (about
+    2 s apiece on spikformer-tiny unrolled); the graph it then cleans is the same.
+    """
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    graph = proto.graph
+    shapes = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "ConstantOfShape" and node.domain in _STANDARD_DOMAINS and node.input[0] in shapes:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            value = attrs.get("value")  # ONNX's default is a float 0
+            fill = np.zeros(1, np.float32) if value is None else onnx.numpy_helper.to_array(value).reshape(-1)
+            graph.initializer.append(onnx.numpy_helper.from_array(
+                np.full(shapes[node.input[0]], fill[0], dtype=fill.dtype), node.output[0]
+            ))
+        else:
+            keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    return proto
+
+
+# qonnx's passes are quadratic in the graph size (model copies, tensor look-ups by linear search):
+# ~5 s on spikformer-tiny unrolled (332 nodes), ~3 min on a 1559-node unrolled SCNN
+QONNX_CLEANUP_MAX_NODES = 600
+
+
+def _weights_only(proto: onnx.ModelProto, quants: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """A model of just the weight ``Quant`` nodes and their initializers (for qonnx's InferDataTypes)."""
+    names = {i for n in quants for i in n.input}
+    graph = onnx.helper.make_graph(
+        [onnx.NodeProto.FromString(n.SerializeToString()) for n in quants], "weights", [],
+        [onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None) for n in quants],
+        [i for i in proto.graph.initializer if i.name in names],
+    )
+    return onnx.helper.make_model(graph, opset_imports=list(proto.opset_import))
+
+
+def check_qonnx_spec(path: str | os.PathLike[str], *, qonnx_cleanup: bool | None = None) -> dict[str, Any]:
+    """Check a QONNX file against the QONNX spec with qonnx's own tools.
+
+    Every node must be a standard ONNX op or a QONNX spec op (``Quant``/``IntQuant``, ``BipolarQuant``,
+    ``Trunc``, ``FloatQuant`` with a positive mantissa width) with only the attributes qonnx defines for
+    it; every weight a ``Quant`` node reads from an initializer must be integer codes inside the node's
+    container. Then qonnx's ``cleanup_model`` and ``InferDataTypes`` run on the whole graph, and each
+    weight ``Quant`` must keep its node and be inferred an integer datatype (unit scale: INTk).
+
+    Args:
+        path: a file from :func:`export_qonnx`.
+        qonnx_cleanup: run qonnx's cleanup on the whole graph; by default only for graphs of at most
+            ``QONNX_CLEANUP_MAX_NODES`` nodes (qonnx's passes are quadratic: minutes for a long unrolled
+            graph); otherwise ``InferDataTypes`` runs on the weight quantizers alone.
+
+    Returns:
+        ``{"passed": True, "nodes": count, "qonnx_cleanup": bool, "weight_datatypes": {codes
+        initializer: "INT4", ...}}``.
+
+    Raises:
+        ValueError: one line naming the first offending node, or the qonnx step that failed.
+    """
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.infer_datatypes import InferDataTypes
+    from qonnx.util.cleanup import cleanup_model
+
+    proto = onnx.load(str(path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        _check_node(node, inits)
+    quants = [n for n in proto.graph.node if n.op_type in ("Quant", "IntQuant") and n.input[0] in inits]
+    if qonnx_cleanup is None:
+        qonnx_cleanup = len(proto.graph.node) <= QONNX_CLEANUP_MAX_NODES
+    try:
+        if qonnx_cleanup:
+            model = cleanup_model(ModelWrapper(_expand_constants(proto)))
+        else:
+            model = ModelWrapper(_weights_only(proto, quants))
+        model = model.transform(InferDataTypes())
+    except Exception as err:  # qonnx raises assorted types (AssertionError, KeyError, onnx errors)
+        raise ValueError(f"qonnx cleanup/InferDataTypes fails on {path}: {_one_line(err)}") from None
+    cleaned = [n for n in model.graph.node if n.op_type in ("Quant", "IntQuant")
+               and model.get_initializer(n.input[0]) is not None]
+    if len(cleaned) != len(quants):  # cleanup folds weight quantizers it does not preserve
+        raise ValueError(f"qonnx cleanup kept {len(cleaned)} of {len(quants)} weight Quant nodes in {path}")
+    datatypes: dict[str, str] = {}
+    for original, node in zip(quants, cleaned, strict=True):
+        dtype = model.get_tensor_datatype(node.output[0])
+        if not dtype.is_integer():
+            raise ValueError(
+                f"qonnx infers {dtype.name} for the weight of node {original.name} (Quant); a unit-scale "
+                "Quant over integer codes is inferred INTk"
+            )
+        datatypes[original.input[0]] = dtype.name
+    return {"passed": True, "nodes": len(proto.graph.node), "qonnx_cleanup": qonnx_cleanup,
+            "weight_datatypes": datatypes}
+
+
 def verify_export(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -239,8 +394,10 @@ def verify_export(
         ``executor`` says what ran the file: ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx
         backend, quantizer nodes evaluated once by qonnx, the rest one onnxruntime session without
         optimizations) or ``"qonnx"`` (qonnx's ``execute_onnx``, for graphs that cannot be folded, e.g.
-        activation quantizers). Step files add ``"max_abs_state_error"`` and ``"max_rel_state_error"``:
-        final membranes against the model driven step by step in PyTorch.
+        activation quantizers). ``spec_check``: :func:`check_qonnx_spec`'s result for a QONNX file, or
+        ``{"passed": False, "error": message}`` (the outputs are compared all the same), or
+        ``{"passed": None, "why": ...}`` for an onnxruntime file. Step files add ``"max_abs_state_error"``
+        and ``"max_rel_state_error"``: final membranes against the model driven step by step in PyTorch.
 
     Raises:
         ValueError / FileNotFoundError: as :func:`run_export`, or a model whose outputs do not match the
@@ -282,6 +439,14 @@ def verify_export(
     if unpaired:
         log.warning("cannot pair the graph's spike tensors with neuron(s) %s; their spikes are not compared "
                     "(the outputs are)", ", ".join(unpaired))
+    if info.get("backend") == "onnxruntime":
+        spec: dict[str, Any] = {"passed": None, "why": "an onnxruntime file is plain ONNX, not QONNX"}
+    else:
+        try:
+            spec = check_qonnx_spec(path)
+        except ValueError as err:
+            spec = {"passed": False, "error": str(err)}
+            log.warning("%s is outside the QONNX spec: %s", path, err)
     report: dict[str, Any] = {
         "backend": backend,
         "executor": executor,
@@ -296,6 +461,7 @@ def verify_export(
         "spike_count_torch": count_torch,
         "spike_count_export": count_export,
         "seconds": seconds,
+        "spec_check": spec,
     }
     if info["mode"] == "step":
         errs = {name: np.abs(got["states"][name] - ref).max() for name, ref in ref_mems.items()}

@@ -14,7 +14,14 @@ import onnx
 from onnx import helper
 from torch import nn
 
-from hq_ptq.export.passes import _compact_constants, _infer_shapes, _to_onnxruntime
+from hq_ptq.export.passes import (
+    POT_AS,
+    _compact_constants,
+    _infer_shapes,
+    _int_weights,
+    _to_onnxruntime,
+    _transform,
+)
 from hq_ptq.export.trace import _build_qonnx
 from hq_ptq.files import atomic_write
 
@@ -47,11 +54,21 @@ def _export(
     dynamo: bool,
     allow_float: bool,
     time_dim: int,
+    pot_as: str,
 ) -> Path:
+    from qonnx.transformation.general import GiveUniqueNodeNames, RemoveUnusedTensors
+
     start = time.perf_counter()
+    if pot_as not in POT_AS:  # before tracing: a typo should not cost an export
+        raise ValueError(f"unknown pot_as {pot_as!r}; choose one of {', '.join(map(repr, POT_AS))}")
     qmodel, meta = _build_qonnx(model, example_input, mode, dynamo, allow_float, time_dim)
+    weights = _int_weights(qmodel, pot_as, scaled=backend == "onnxruntime")
+    qmodel = _infer_shapes(_transform(qmodel, RemoveUnusedTensors(), GiveUniqueNodeNames()))
     if backend == "onnxruntime":
         qmodel = _to_onnxruntime(qmodel)
+    else:
+        meta["weights"] = weights
+    meta["pot_as"] = pot_as
     meta["backend"] = backend
     meta["ops"] = sorted({n.op_type for n in qmodel.graph.node})
     out = _save(qmodel, meta, path)
@@ -69,13 +86,18 @@ def export_qonnx(
     dynamo: bool = False,
     allow_float: bool = False,
     time_dim: int = 0,
+    pot_as: str = "int",
 ) -> Path:
-    """Write ``model`` as a QONNX file with its weight quantizers as ``Quant``/``FloatQuant`` nodes.
+    """Write ``model`` as a QONNX file whose weights are integer codes behind spec-valid ``Quant`` nodes.
 
     The model is traced in eval mode with surrogate gradients off and its snnTorch neurons' hidden
     states reset; its training flags and neuron states are restored. Constants are folded except the
-    quantizer nodes, and the weights stay float initializers that the quantizer nodes turn into the
-    quantized values (exactly those PyTorch computes).
+    quantizer nodes. Each quantized weight is an integer initializer (the codes) behind a ``Quant``
+    node with scale 1 (qonnx infers INTk), then a ``Mul`` by its per-output-channel scale: exactly the
+    values PyTorch computes. Uniform b-bit: INTb; power of two: the codes ``0, ±2^j`` in the smallest
+    narrow container (2-bit INT2, 3-bit INT4, 4-bit INT8, 5-bit INT16, 6-bit INT32), marked by the
+    node's ``metadata_props`` ``hq_ptq.weight_kind`` / ``hq_ptq.pot_exponents`` and listed in the
+    file's metadata under ``"weights"``. Check a file with :func:`hq_ptq.export.check_qonnx_spec`.
 
     Args:
         model: a model with hq_ptq-quantized layers, called as :func:`hq_ptq.model_io.call` does
@@ -94,22 +116,26 @@ def export_qonnx(
         allow_float: export a model without quantized layers instead of raising.
         time_dim: (``"step"``) the axis of every input tensor that is time; 0 for time-first inputs,
             1 for batch-first ``[B, T, ...]`` ones (the model is then called on ``[B, 1, ...]`` slices).
+        pot_as: ``"int"`` (power-of-two weights as integer codes behind ``Quant``) or ``"float"``
+            (Brevitas' ``FloatQuant`` with 0 mantissa bits: exact, but outside the QONNX spec, which
+            needs a positive mantissa width, and not folded by FINN).
 
     Returns:
         The written path.
 
     Raises:
-        ValueError: unknown mode, no quantized layer, an example input that holds no tensor or that the
-            model rejects, a model that returns no tensor, or (step) a neuron outside MultiStepLeaky, a
-            layer called twice, fewer than 2 time steps, inputs of different lengths along ``time_dim``
-            or a readout that is not a mean, sum, last step or stack over time. Nothing is written then.
+        ValueError: unknown mode or pot_as, no quantized layer, an example input that holds no tensor or
+            that the model rejects, a model that returns no tensor, or (step) a neuron outside
+            MultiStepLeaky, a layer called twice, fewer than 2 time steps, inputs of different lengths
+            along ``time_dim`` or a readout that is not a mean, sum, last step or stack over time. Nothing
+            is written then.
 
     Example:
         >>> x, _ = next(iter(loader))  # [T, B, 2, H, W], the batch size the runtime will use
         >>> path = export_qonnx(qmodel, x, "model.qonnx.onnx", mode="step")
         >>> verify_export(qmodel, path, next_batch)["max_abs_output_error"]
     """
-    return _export(model, example_input, path, mode, "qonnx", dynamo, allow_float, time_dim)
+    return _export(model, example_input, path, mode, "qonnx", dynamo, allow_float, time_dim, pot_as)
 
 
 def export_onnxruntime(
@@ -121,20 +147,22 @@ def export_onnxruntime(
     dynamo: bool = False,
     allow_float: bool = False,
     time_dim: int = 0,
+    pot_as: str = "int",
 ) -> Path:
-    """Write ``model`` as a plain ONNX file for onnxruntime: QCDQ uniform weights, PoT weights folded.
+    """Write ``model`` as a plain ONNX file for onnxruntime: weights as QCDQ integer codes.
 
-    Arguments, layouts and errors as :func:`export_qonnx`. Uniform layers keep their integer codes
-    (QuantizeLinear → Clip → DequantizeLinear on the float weight); PoT layers become float
-    initializers holding exactly the PoT values. There is no activation quantization, so onnxruntime's
-    default optimizations reproduce PyTorch (measured); :func:`run_export` still sets
+    Arguments, layouts and errors as :func:`export_qonnx`. Weights of up to 8-bit containers (uniform,
+    PoT of 2-4 bits) keep their integer codes as QuantizeLinear → Clip → DequantizeLinear with the
+    per-channel scale; wider PoT weights (5-6 bits), and every PoT weight with ``pot_as="float"``,
+    become float initializers holding exactly the PoT values. There is no activation quantization, so
+    onnxruntime's default optimizations reproduce PyTorch (measured); :func:`run_export` still sets
     ``session.disable_quant_qdq = "1"``, because with activation QDQ nodes onnxruntime's QDQ fusions
     re-quantize float weights into integer kernels and move outputs by about 1e-2.
 
     Raises:
         ValueError: as :func:`export_qonnx`, or a quantizer with no onnxruntime equivalent.
     """
-    return _export(model, example_input, path, mode, "onnxruntime", dynamo, allow_float, time_dim)
+    return _export(model, example_input, path, mode, "onnxruntime", dynamo, allow_float, time_dim, pot_as)
 
 
 def export_info(path: str | os.PathLike[str]) -> dict[str, Any]:
