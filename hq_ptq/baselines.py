@@ -2,9 +2,11 @@
 
 torchao's weight-only integer quantization (``IntxWeightOnlyConfig`` through
 ``torchao.quantization.quantize_``) is the off-the-shelf reference: symmetric per-output-channel int8 or int4
-weights, no calibration data, no fine-tuning. torchao 0.18 takes 2-d (Linear) and 4-d (Conv2d) weights; it
-refuses the 3-d weights of the Conv1d token projections that make up most of a spiking transformer's blocks,
-and those stay float32.
+weights, no calibration data, no fine-tuning. torchao 0.18 takes 2-d (Linear) and 4-d (Conv2d) weights and
+refuses the 3-d weights of Conv1d. The token projections that make up most of a spiking transformer's blocks
+are pointwise Conv1d (kernel 1), which are Linear layers over the channel dimension: each is offered to
+torchao as the equivalent ``nn.Linear`` (:class:`PointwiseConv1dAsLinear`), so the baseline quantizes the
+same layers hq_ptq does instead of leaving them float32. Other Conv1d stay float32, with torchao's reason.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from hq_ptq.swap import find_layers
 
-__all__ = ["TORCHAO_BITS", "TorchaoResult", "torchao_weight_only"]
+__all__ = ["TORCHAO_BITS", "PointwiseConv1dAsLinear", "TorchaoResult", "torchao_weight_only"]
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +38,43 @@ class TorchaoResult:
         refused: layer name → torchao's reason, for every layer it would not take (left float32).
         sizes: layer name → weight parameters, over all the layers offered.
         seconds: wall time of the ``quantize_`` calls.
+        modules: layer name → the module torchao quantized (``name.linear`` for a reshaped pointwise
+            Conv1d, else the name itself), e.g. to find the layer's activity in the quantized model.
     """
 
     bits: dict[str, int]
     refused: dict[str, str]
     sizes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    modules: dict[str, str] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float:
         """Parameter-weighted average weight bits over the offered layers; refused layers count 32."""
         total = sum(self.sizes.values())
         return sum(n * self.bits.get(name, FP_BITS) for name, n in self.sizes.items()) / total
+
+
+class PointwiseConv1dAsLinear(nn.Module):
+    """A kernel-1 ``Conv1d`` on ``[N, C, L]`` computed by the equivalent ``nn.Linear`` on ``[N, L, C]``."""
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        self.linear = nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+                                device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight[:, :, 0])
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _is_pointwise_conv1d(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv1d) and m.kernel_size == (1,) and m.stride == (1,)
+            and m.padding in ((0,), "valid") and m.dilation == (1,) and m.groups == 1
+            and m.padding_mode == "zeros")
 
 
 def torchao_weight_only(
@@ -61,7 +88,9 @@ def torchao_weight_only(
     """Quantize ``model``'s weights in place with torchao ``IntxWeightOnlyConfig`` (per-channel, symmetric).
 
     Each Conv/Linear matching the globs is offered to torchao on its own, so one layer it refuses does not
-    stop the rest; the refusals are returned with torchao's message.
+    stop the rest; the refusals are returned with torchao's message. Pointwise Conv1d layers are first
+    replaced in place by the equivalent :class:`PointwiseConv1dAsLinear` (same outputs, same parameter
+    count), which torchao takes; results are keyed by the original layer names.
 
     Args:
         model: a float model (not hq_ptq-quantized).
@@ -83,6 +112,14 @@ def torchao_weight_only(
             raise ValueError(f"torchao weight-only bits must be 8 or 4, got {b}")
     names = find_layers(model, include, exclude)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
+    targets = {}  # layer name -> the name torchao sees (the Linear inside a reshaped pointwise Conv1d)
+    for name in names:
+        module = model.get_submodule(name)
+        targets[name] = name
+        if _is_pointwise_conv1d(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, PointwiseConv1dAsLinear(module))
+            targets[name] = f"{name}.linear"
     done: dict[str, int] = {}
     refused: dict[str, str] = {}
     start = time.perf_counter()
@@ -90,11 +127,11 @@ def torchao_weight_only(
         b = fixed.get(name, bits)
         config = IntxWeightOnlyConfig(weight_dtype=dtypes[b], granularity=PerAxis(0))
         try:
-            quantize_(model, config, filter_fn=lambda _m, fqn, name=name: fqn == name)
+            quantize_(model, config, filter_fn=lambda _m, fqn, target=targets[name]: fqn == target)
         except (ValueError, NotImplementedError, RuntimeError, AssertionError) as err:
             refused[name] = (str(err).splitlines() or [type(err).__name__])[0]
             continue
         done[name] = b
     seconds = time.perf_counter() - start
     log.info("torchao int%d: quantized %d layers, refused %d", bits, len(done), len(refused))
-    return TorchaoResult(bits=done, refused=refused, sizes=sizes, seconds=seconds)
+    return TorchaoResult(bits=done, refused=refused, sizes=sizes, seconds=seconds, modules=targets)

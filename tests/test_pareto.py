@@ -76,17 +76,16 @@ def test_every_row_and_column(run):
     assert rows["ours greedy @ 3"]["compression"] > rows["uniform 8-bit"]["compression"] > 1
 
 
-def test_torchao_rows_name_the_layers_it_refuses(run):
+def test_torchao_rows_quantize_every_layer(run):
     results, _, _ = run
     rows = {r["label"]: r for r in results["rows"]}
     for bits in (8, 4):
         r = rows[f"torchao int{bits}"]
-        assert r["torchao_refused"], "Conv1d layers must be reported as refused"
-        assert all(".conv" in n for n in r["torchao_refused"])
-        assert "head" in r["torchao_layers"]
-        # every layer is accounted for: taken or refused
-        assert len(r["torchao_layers"]) + len(r["torchao_refused"]) == len(rows["ours greedy @ 3.5"]["plan"])
-        assert 8 < r["avg_bits"] < 32
+        # the pointwise Conv1d token projections are offered as their equivalent Linear: none stays float
+        assert r["torchao_refused"] == {}
+        assert any(".conv" in n for n in r["torchao_layers"]) and "head" in r["torchao_layers"]
+        assert len(r["torchao_layers"]) == len(rows["ours greedy @ 3.5"]["plan"])
+        assert (r["avg_bits"] == 8) if bits == 8 else (4 < r["avg_bits"] < 8)
     # protected layers stay at int8 in the int4 row
     assert all(rows["torchao int4"]["torchao_layers"][n] == 8 for n in results["protected"]
                if n in rows["torchao int4"]["torchao_layers"])
@@ -190,3 +189,32 @@ def test_qat_settings_read_results_written_before_the_renames():
     want = " QAT settings: lr 0.0002, keep_bn_statistics True. BatchNorm statistics re-estimated after " \
            "quantization: 8 batches."
     assert _qat_text(old) == _qat_text(new) == want
+
+
+def test_paired_interval_verdicts():
+    from hq_ptq.bench.verdicts import paired_interval
+
+    # differences 1.0, 1.0, 0.5: mean 0.8333, sd 0.2887, t(0.975, 2) = 4.3027 -> half width 0.7171
+    res = paired_interval([1.0, 2.0, 3.0], [0.0, 1.0, 2.5])
+    assert res["mean"] == pytest.approx(0.83333333) and res["half_width"] == pytest.approx(0.71711, abs=1e-4)
+    assert res["verdict"] == "better"
+    assert paired_interval([0.0, 1.0, 2.5], [1.0, 2.0, 3.0])["verdict"] == "worse"
+    # a mean gain of 6 points whose interval still holds 0 is a tie, not a win
+    assert paired_interval([0.9, 0.91, 0.92], [0.8, 0.85, 0.9])["verdict"] == "tie"
+    assert paired_interval([0.9], [0.8])["verdict"] == "tie"  # one seed: no interval
+    with pytest.raises(ValueError, match="same seeds on both sides"):
+        paired_interval([0.9, 0.8], [0.8])
+
+
+def test_pointwise_conv1d_as_linear_is_the_same_layer():
+    import torch
+    from torch import nn
+
+    from hq_ptq.baselines import PointwiseConv1dAsLinear, _is_pointwise_conv1d
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(6, 5, kernel_size=1)
+    x = torch.randn(3, 6, 7)
+    assert torch.allclose(PointwiseConv1dAsLinear(conv)(x), conv(x), atol=1e-6)
+    assert not _is_pointwise_conv1d(nn.Conv1d(6, 5, kernel_size=3))
+    assert not _is_pointwise_conv1d(nn.Conv1d(6, 6, kernel_size=1, groups=2))

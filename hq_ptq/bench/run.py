@@ -160,7 +160,7 @@ def _torchao_row(float_net, test, bits: int, protected: list[str], recipe: Recip
     res = torchao_weight_only(model, bits, fixed=fixed, include=q.include, exclude=q.exclude)
     acc = evaluate(model, test, description=f"evaluate torchao int{bits}")
     size = _saved_size(model.state_dict())
-    energy = _energy_uj(model, test, res.bits)
+    energy = _energy_uj(model, test, {res.modules[n]: b for n, b in res.bits.items()})
     return {
         "label": f"torchao int{bits}",
         "family": "torchao",

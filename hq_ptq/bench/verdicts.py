@@ -14,6 +14,27 @@ def pts(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def paired_interval(a: list[float], b: list[float]) -> dict[str, Any]:
+    """Mean of ``a[i] - b[i]`` over paired seeds with its 95% Student-t interval, and the verdict.
+
+    ``"better"`` (a above b) or ``"worse"`` only when the interval excludes 0, else ``"tie"``; with one
+    seed there is no interval and the verdict is ``"tie"``.
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_interval needs the same seeds on both sides, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = math.fsum(diffs) / n
+    if n < 2:
+        return {"mean": mean, "half_width": math.inf, "n": n, "verdict": "tie"}
+    from scipy.stats import t
+
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "tie"
+    return {"mean": mean, "half_width": half, "n": n, "verdict": verdict}
+
+
 def claims(results: dict) -> list[dict[str, Any]]:
     """The issue's three claims, decided from the measured rows (``holds`` is True, False or None)."""
     rows = results["rows"]
