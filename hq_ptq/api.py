@@ -6,8 +6,10 @@ model ─► swap (Brevitas layers) ─► sensitivity (Hutchinson / Fisher / we
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,8 +21,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.config import QuantConfig
+from hq_ptq.config import QuantConfig, check_energy_budget
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
+from hq_ptq.energy import (
+    LayerActivity,
+    candidate_energy,
+    estimate_energy,
+    input_layout,
+    layer_cost,
+    measure_activity,
+)
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import OutputFn, call, describe, tensors
 from hq_ptq.plan import Plan
@@ -30,10 +40,11 @@ from hq_ptq.sensitivity import (
     fill_dead_layers,
     fisher_traces,
     hutchinson_traces,
+    loss_table,
     sensitivity_table,
     weight_traces,
 )
-from hq_ptq.sensitivity_cache import cached_traces, fingerprint
+from hq_ptq.sensitivity_cache import cached_table, cached_traces, fingerprint
 from hq_ptq.snn import detached_copy, eval_mode, reset_states, stable_surrogates
 from hq_ptq.space import Candidate, candidates, protected_layers, settle_protection, yielding_layers
 from hq_ptq.state import SEARCH_ATTR, apply_plan
@@ -171,12 +182,56 @@ def measure_traces(
     return metric, cached_on_main(lambda fn: cached_traces(path, fp, fn), compute)
 
 
+def measure_loss_table(
+    model: nn.Module,
+    rows: dict[str, list[Candidate]],
+    calib: list[tuple[Any, Any]],
+    loss_fn: LossFn | None,
+    config: QuantConfig,
+) -> dict[str, dict[Candidate, float]]:
+    """Metric ``"loss"``: the measured calibration-loss increase of each layer alone at each of its
+    candidates (:func:`hq_ptq.sensitivity.loss_table`), cached like the traces."""
+    shard = current_shard()
+    local = calib if shard is None else shard.take(calib)
+
+    def compute() -> dict[str, dict[Candidate, float]]:
+        total = 1 + sum(len(row) for row in rows.values())
+        with progress.task("sensitivity (loss)", total=total) as update:
+            seen = [0]
+
+            def tick(done: int, _total: int) -> None:
+                update(advance=done - seen[0])
+                seen[0] = done
+
+            return loss_table(model, rows, local, loss_fn, reset=reset_states, progress=tick, shard=shard,
+                              scale_init=config.scale_init)
+
+    digest_hex = data_digest(t for x, _ in calib for t in tensors(x))
+    if shard is not None:
+        check_same(digest_hex, "the calibration data")
+    if config.cache_dir is None:
+        return compute()
+    fp = fingerprint(
+        model,
+        list(rows),
+        metric="loss",
+        n_batches=len(calib),
+        seed=config.seed,
+        extra=f"{digest_hex}:scale_init={config.scale_init}",
+        candidates={name: [f"{s}:{b}" for s, b in row] for name, row in rows.items()},
+    )
+    path = Path(config.cache_dir) / f"table-{fp}.json"
+    return cached_on_main(lambda fn: cached_table(path, fp, fn, meta={"metric": "loss"}), compute)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """Per-layer sensitivity of a model: what the allocator needs, reusable across budgets.
 
     ``traces`` are the values the table was built from, after the dead-layer rule; ``dead`` names the
-    layers whose measured trace was exactly zero (:func:`hq_ptq.sensitivity.fill_dead_layers`).
+    layers whose measured trace was exactly zero (:func:`hq_ptq.sensitivity.fill_dead_layers`). With metric
+    ``"loss"`` the table is measured directly: ``traces`` then holds each layer's largest loss increase
+    (its worst candidate), for reports only, and no layer is dead.
     ``protected`` layers carry their protected candidate in the table besides the searched ones, so
     they can be released into the search (``yielding``) when a budget needs it.
     """
@@ -188,6 +243,10 @@ class Analysis:
     protected: dict[str, Candidate]
     yielding: tuple[str, ...] = ()
     dead: tuple[str, ...] = ()
+    # per-layer activity (kind, ops, ...) of the float model on the calibration batches, for an energy
+    # budget (hq_ptq.energy); None when it could not be measured, and activity_note says why
+    activity: dict[str, LayerActivity] | None = None
+    activity_note: str = ""
 
 
 def analyze(
@@ -223,35 +282,92 @@ def _score(
 ) -> Analysis:
     """:func:`analyze` after its checks (``quantize`` has made them already): traces, swap, score table."""
     cands = candidates(config)
-    metric, measured = measure_traces(model, names, calib, loss_fn, config)
-    traces, dead = fill_dead_layers(measured)
-    if dead:
-        warnings.warn(
-            f"{metric} traces are zero for layers {dead}: no gradient reached them on the calibration data "
-            "(neurons that never fire?); they rank as the least sensitive layers",
-            stacklevel=3,
-        )
     protected = protected_layers(names, config)
-    swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
-    layers = quant_layers(model)
-    table = sensitivity_table({n: layers[n] for n in names}, traces, cands, weight_error)
-    for name, cand in protected.items():  # a protected layer keeps its own candidate whatever is searched
-        if cand not in table[name]:
-            row = sensitivity_table({name: layers[name]}, traces, [cand], weight_error)[name]
-            table[name][cand] = row[cand]
+    # before any swap or quantizer: the float model's activity on the calibration batches
+    activity, activity_note = _measure_activity(model, names, calib)
+    if calib is not None and config.search.metric == "loss":
+        # a measured table, not traces x weight error; a protected layer's own candidate is measured too
+        own = {n: [c] for n, c in protected.items() if c not in cands}
+        rows = {n: [*cands, *own.get(n, [])] for n in names}
+        metric, dead = "loss", []
+        table = measure_loss_table(model, rows, calib, loss_fn, config)
+        traces = {n: max(row.values()) for n, row in table.items()}  # each layer's worst candidate
+        swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
+        layers = quant_layers(model)
+    else:
+        metric, measured = measure_traces(model, names, calib, loss_fn, config)
+        traces, dead = fill_dead_layers(measured)
+        if dead:
+            warnings.warn(
+                f"{metric} traces are zero for layers {dead}: no gradient reached them on the calibration "
+                "data (neurons that never fire?); they rank as the least sensitive layers",
+                stacklevel=3,
+            )
+        swap_layers(model, include=config.include, exclude=config.exclude, scheme="uniform", bits=8)
+        layers = quant_layers(model)
+        error = functools.partial(weight_error, scale_init=config.scale_init)
+        table = sensitivity_table({n: layers[n] for n in names}, traces, cands, error)
+        for name, cand in protected.items():  # a protected layer keeps its own candidate whatever is searched
+            if cand not in table[name]:
+                row = sensitivity_table({name: layers[name]}, traces, [cand], error)[name]
+                table[name][cand] = row[cand]
     sizes = {n: layers[n].weight.numel() for n in names}
-    return Analysis(table, sizes, traces, metric, protected, yielding_layers(names, config), tuple(dead))
+    return Analysis(
+        table, sizes, traces, metric, protected, yielding_layers(names, config), tuple(dead),
+        activity=activity, activity_note=activity_note,
+    )
 
 
-def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = None) -> Plan:
-    """Allocate (scheme, bits) per layer under ``budget`` from an :class:`Analysis`.
+def _measure_activity(
+    model: nn.Module, names: list[str], calib: list[tuple[Any, Any]] | None
+) -> tuple[dict[str, LayerActivity] | None, str]:
+    """Each layer's activity on the calibration batches (float model), or ``(None, why not)``.
+
+    Only an energy budget needs it, so a model the energy model does not fit still gets a bits-only plan.
+    """
+    if calib is None:
+        return None, "there is no calibration data (pass calib_data)"
+    time_first = input_layout(calib[0])
+    if time_first is None:
+        return None, (
+            f"the energy model needs inputs that are one tensor [B, ...] or [T, B, ...], got "
+            f"{describe(calib[0][0])}"
+        )
+    try:
+        activity = measure_activity(model, calib, max_batches=len(calib), time_first=time_first)
+    except Exception as err:  # any failure here must leave the bits-only search working; it is reported
+        return None, f"measuring the layers' activity failed ({first_line(err)})"
+    if not sum(sum(layer_cost(activity[n], None, None)) for n in names) > 0:
+        return None, "the quantized layers did no work on the calibration batches"
+    return {n: activity[n] for n in names}, ""
+
+
+def search_plan(
+    analysis: Analysis,
+    budget: float,
+    config: QuantConfig | None = None,
+    *,
+    energy_budget: float | None = None,
+) -> Plan:
+    """Allocate (scheme, bits) per layer under ``budget`` (and ``energy_budget``) from an :class:`Analysis`.
 
     The searched layers choose among ``config.search.schemes``/``bits``; protected layers keep their own
-    candidate, and default first/last protection yields when it alone would make the budget unreachable
-    (:func:`settle_protection`).
+    candidate, and default first/last protection yields when it alone would make a budget unreachable
+    (:func:`settle_protection`, and the same rule for the energy budget).
+
+    ``energy_budget`` is the plan's estimated energy per inference as a fraction of the same layers' FP32
+    energy (``0.1``: 10%), by :func:`hq_ptq.energy.layer_cost` on the activity measured by :func:`analyze`
+    on the calibration batches. When the activity is known, ``plan.meta["energy_fraction"]`` gives the
+    plan's fraction whether or not an energy budget was set.
     """
     config = config or QuantConfig()
     check_budget(budget)
+    check_energy_budget(energy_budget)
+    if energy_budget is not None and analysis.activity is None:
+        raise ValueError(
+            "energy_budget needs each layer's activity, which could not be measured: "
+            f"{analysis.activity_note}"
+        )
     protected, released = settle_protection(
         analysis.protected, analysis.yielding, analysis.sizes, budget, config
     )
@@ -264,11 +380,41 @@ def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = 
             stacklevel=2,
         )
     allowed = set(candidates(config))
+    energy, fp32_pj = None, None
+    if analysis.activity is not None:
+        costs = candidate_energy(analysis.activity, {n: list(row) for n, row in analysis.table.items()})
+        fp32_pj = math.fsum(sum(layer_cost(a, None, None)) for a in analysis.activity.values())
+        energy = {n: {c: v / fp32_pj for c, v in row.items()} for n, row in costs.items()}
+    if energy_budget is not None:
+        s = config.search
+        protected, released_e = _release_for_energy(
+            protected, analysis.yielding, energy, allowed, energy_budget
+        )
+        if released_e:
+            warnings.warn(
+                f"holding the first/last layers at {s.protect_scheme} {s.protect_bits} bits would make "
+                f"energy_budget {energy_budget:g} unreachable; {released_e} are searched like the other "
+                "layers",
+                stacklevel=2,
+            )
+            released = [*released, *released_e]
     table = {
         name: (row if name in protected else {c: v for c, v in row.items() if c in allowed})
         for name, row in analysis.table.items()
     }
-    plan = allocate(table, analysis.sizes, budget, method=config.search.method, protected=protected)
+    plan = allocate(
+        table,
+        analysis.sizes,
+        budget,
+        method=config.search.method,
+        protected=protected,
+        energy=energy if energy_budget is not None else None,
+        energy_budget=energy_budget,
+    )
+    if analysis.activity is not None:
+        fraction = estimate_energy(analysis.activity, plan).quant_pj / fp32_pj
+        found = {"energy_fraction": fraction, "energy_fp32_pj": fp32_pj, "energy_pj": fraction * fp32_pj}
+        plan = Plan(plan.layers, plan.budget, plan.method, {**plan.meta, **found})
     meta = {
         **plan.meta,
         "metric": analysis.metric,
@@ -280,10 +426,39 @@ def search_plan(analysis: Analysis, budget: float, config: QuantConfig | None = 
     return Plan(layers=plan.layers, budget=plan.budget, method=plan.method, meta=meta)
 
 
+def _release_for_energy(
+    protected: dict[str, Candidate],
+    yielding: tuple[str, ...],
+    energy: dict[str, dict[Candidate, float]],
+    allowed: set[Candidate],
+    energy_budget: float,
+) -> tuple[dict[str, Candidate], list[str]]:
+    """:func:`settle_protection`'s rule for the energy budget: while even the cheapest plan (protected
+    layers at their candidate, the others at their cheapest allowed one) is over ``energy_budget``,
+    release the yielding protected layer whose release saves the most energy."""
+    kept = dict(protected)
+    released: list[str] = []
+
+    def cheapest(name: str) -> float:
+        return min(v for c, v in energy[name].items() if c in allowed)
+
+    def lowest() -> float:
+        return math.fsum(energy[n][kept[n]] if n in kept else cheapest(n) for n in energy)
+
+    left = [n for n in yielding if n in kept]
+    while left and lowest() > energy_budget * (1 + 1e-9):
+        name = max(left, key=lambda n: energy[n][kept[n]] - cheapest(n))
+        left.remove(name)
+        del kept[name]
+        released.append(name)
+    return kept, released
+
+
 def quantize(
     model: nn.Module,
     budget: float = 3.5,
     *,
+    energy_budget: float | None = None,
     calib_data: Batches | None = None,
     train_data: Batches | None = None,
     loss_fn: LossFn | None = None,
@@ -308,6 +483,9 @@ def quantize(
             ``model(**x)``). snnTorch neurons are reset (:func:`hq_ptq.snn.reset_states`) before every
             forward hq_ptq runs, so no membrane carries over between batches.
         budget: parameter-weighted average weight bits over the quantized layers.
+        energy_budget: also keep the plan's estimated energy per inference (45 nm model, docs/ENERGY.md) at
+            most this fraction of the same layers' FP32 energy, e.g. ``0.1`` for 10%; needs ``calib_data``
+            (each layer's activity is measured on it) and inputs that are one tensor. None: bits only.
         calib_data: iterable of ``(inputs, targets)`` batches for the sensitivity analysis and, once the plan
             is applied, for re-estimating BatchNorm statistics (``config.bn_recalibration_batches``
             batches); drawn once, so a generator is fine. Without it the data-free metric ("data_free") is
@@ -338,6 +516,9 @@ def quantize(
     config = config or QuantConfig()
     # every check that can fail runs before the model is touched
     check_budget(budget)
+    check_energy_budget(energy_budget)
+    if energy_budget is not None and calib_data is None:
+        raise ValueError("energy_budget needs calib_data: each layer's activity is measured on it")
     candidates(config)
     _check_weights(model)
     names = find_layers(model, config.include, config.exclude)
@@ -364,8 +545,8 @@ def quantize(
         # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
         first = calib[: config.search.calib_batches] if calib else None
         analysis = _score(model, names, first, loss_fn, config)
-        plan = search_plan(analysis, budget, config)
-        apply_plan(model, plan)
+        plan = search_plan(analysis, budget, config, energy_budget=energy_budget)
+        apply_plan(model, plan, scale_init=config.scale_init)
         if calib is not None and config.bn_recalibration_batches:
             recalibrate_bn(model, calib, config.bn_recalibration_batches)
         if qat:

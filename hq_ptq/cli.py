@@ -56,6 +56,14 @@ def main(
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe value: section.key=value")
 ]
+EnergyBudgetOption = Annotated[
+    float | None,
+    typer.Option(
+        "--energy-budget",
+        help="Also keep the estimated energy per inference at most this fraction of the FP32 model's, e.g. "
+        "0.1 (45 nm model, docs/ENERGY.md; measured on the calibration data)",
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -97,6 +105,16 @@ def train_cmd(
     console.print(f"test accuracy: [bold]{100 * result.test_accuracy:.2f}%[/bold]   checkpoint: {path}")
 
 
+def energy_line(plan) -> str | None:
+    """The plan's estimated energy as a share of FP32 (the search's figure), or None when unknown."""
+    fraction = plan.meta.get("energy_fraction")
+    if fraction is None:
+        return None
+    budget = plan.meta.get("energy_budget")
+    wanted = f" (energy budget {100 * budget:.4g}%)" if budget is not None else ""
+    return f"estimated energy: {100 * fraction:.2f}% of FP32 on the calibration data{wanted}"
+
+
 def plan_table(plan) -> Table:
     table = Table(title=f"plan: {plan.avg_bits:.3f} average bits (budget {plan.budget})")
     for col in ("layer", "scheme", "bits", "params", "sensitivity Ω"):
@@ -121,6 +139,7 @@ def run_cmd(
     ] = 1,
     export: Annotated[bool, typer.Option(help="Write and verify the QONNX and onnxruntime files")] = True,
     model: ModelOption = None,
+    energy_budget: EnergyBudgetOption = None,
 ) -> None:
     """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table.
 
@@ -129,12 +148,15 @@ def run_cmd(
     fp_checkpoint=FILE loads weights into it).
     """
     result = _run_recipe(
-        recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model
+        recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model,
+        energy_budget=energy_budget,
     )
     if result is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
     r, result, out = result
     console.print(plan_table(result.plan))
+    if energy_line(result.plan):
+        console.print(energy_line(result.plan), highlight=False)
     summary = Table(title=f"{r.name}: {r.model_name} on {r.data_name}")
     for col in ("model", "avg bits", "accuracy", "Δ vs float"):
         summary.add_column(col, justify="right")
@@ -156,18 +178,27 @@ def run_cmd(
         console.print(f"resumed: QAT continued from step {result.qat_resumed_from} of its checkpoint")
 
 
-def _run_recipe(recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None):
+def _run_recipe(
+    recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None,
+    energy_budget=None,
+):
     """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
 
+    ``energy_budget`` (``--energy-budget``) replaces the recipe's ``[quant] energy_budget``.
     Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
     """
     import os
+    from dataclasses import replace
 
     from hq_ptq import distributed
+    from hq_ptq.config import check_energy_budget
     from hq_ptq.pipeline import ensure_float_checkpoint, launched_run, run_recipe
     from hq_ptq.recipe import load_recipe
 
     r = load_recipe(recipe, overrides, model=model)
+    if energy_budget is not None:
+        check_energy_budget(energy_budget)
+        r = replace(r, energy_budget=energy_budget)
     out = out or Path("runs") / r.name
     torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
@@ -249,8 +280,9 @@ def quantize_cmd(
         ),
     ] = None,
     qat_steps: Annotated[int, typer.Option(help="QAT steps (0: post-training only)")] = 150,
-    metric: Annotated[str, typer.Option(help="hessian, fisher or data_free")] = "hessian",
+    metric: Annotated[str, typer.Option(help="hessian, fisher, data_free or loss")] = "hessian",
     model: ModelOption = None,
+    energy_budget: EnergyBudgetOption = None,
     loss: Annotated[
         str | None,
         typer.Option(help="package.module:function, loss(outputs, targets) (default cross-entropy)"),
@@ -266,9 +298,12 @@ def quantize_cmd(
 
     config = QuantConfig(search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps))
     plan, fp_acc, q_acc, out = quantize_checkpoint(
-        checkpoint, budget, out, data=data, config=config, model=model, loss=loss, output_fn=output_fn
+        checkpoint, budget, out, data=data, config=config, model=model, loss=loss, output_fn=output_fn,
+        energy_budget=energy_budget,
     )
     console.print(plan_table(plan))
+    if energy_line(plan):
+        console.print(energy_line(plan), highlight=False)
     console.print(f"float {_pct(fp_acc)} → quantized {_pct(q_acc)} at {plan.avg_bits:.3f} bits; wrote {out}")
 
 
@@ -345,7 +380,7 @@ def export_cmd(
         int | None, typer.Option(help="Batch size baked into a zoo model's graph (default 1)")
     ] = None,
     runtime: Annotated[
-        str, typer.Option(help="qonnx (Quant/FloatQuant nodes) or onnxruntime (QCDQ)")
+        str, typer.Option(help="qonnx (integer weight codes behind Quant nodes) or onnxruntime (QCDQ)")
     ] = "qonnx",
     model: ModelOption = None,
     data: Annotated[

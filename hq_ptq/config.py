@@ -10,8 +10,10 @@ import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METRICS = ("hessian", "fisher", "data_free")
+METRICS = ("hessian", "fisher", "data_free", "loss")
 METHODS = ("greedy", "milp")
+# how a new quantizer's per-channel scale starts: the error-minimising threshold, or the channel absmax
+SCALE_INITS = ("mse", "absmax")
 
 # old key -> new key, for the one-line error that names the new key (recipes, --set, from_dict, keyword args)
 RENAMED = {
@@ -125,7 +127,8 @@ class QATConfig:
     # Keep BatchNorm running statistics fixed during QAT (BN in eval mode), the usual QAT practice: at the
     # values re-estimated after the plan is applied (quant.bn_recalibration_batches), or the float model's
     # when that is 0. Updating them from a few small batches of a half-trained quantized model adds noise.
-    # On digits at 3.5 bits: mean drop over 3 seeds 0.28 -> 0.19 points; 0.00 over 5 (docs/BENCHMARKS.md).
+    # With it, the digits quality bar's mean drop at 3.5 bits over 5 QAT seeds is 0.00 points
+    # (benchmarks/results/digits.json, benchmarks/digits.py; docs/BENCHMARKS.md).
     keep_bn_statistics: bool = True
     # write a resumable checkpoint every this many steps (and after the last) when a run has an output
     # folder; 0 turns it off
@@ -159,14 +162,23 @@ class QuantConfig:
     cache_dir: str | None = None
     # After the plan is applied, re-estimate every BatchNorm's running statistics on this many calibration
     # batches of the quantized model (0: keep the float model's). Quantized weights shift each BN's input
-    # statistics; on a fashion subset this alone took uniform 3-bit from 80.65% to 83.75% before QAT
-    # (power-of-two 3-bit: 83.00% -> 83.45%), on digits the 3-bit plan's PTQ accuracy from 95.56% to 98.67%
-    # (mean of 5 seeds), with the same accuracy after QAT. QAT then starts from, and keeps, these values.
+    # statistics; on the fashion Pareto benchmark it took the PTQ accuracy of uniform 3-bit from 80.65% to
+    # 83.75% and of power-of-two 3-bit from 83.00% to 83.45%
+    # (benchmarks/results/pareto-fashion-spikformer.json against the same file at commit 7507073, without
+    # it; docs/BENCHMARKS.md). QAT then starts from, and keeps, these values.
     # (hq_ptq.recalibrate_bn does the re-estimation.)
     bn_recalibration_batches: int = 8
+    # Where each quantizer's learnable per-channel scale starts (scoring candidates and applying the plan
+    # alike): "mse", the threshold that minimises the layer's weight error, or "absmax", the channel's
+    # largest weight (Brevitas' own init); QAT refines it from there.
+    scale_init: str = "mse"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _tuple(self.include))
+        if self.scale_init not in SCALE_INITS:
+            raise ValueError(
+                f"quant.scale_init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}"
+            )
         object.__setattr__(self, "exclude", _tuple(self.exclude))
         if self.bn_recalibration_batches < 0:
             raise ValueError(
@@ -186,6 +198,18 @@ class QuantConfig:
         _check_keys(SearchConfig, search, "search")
         _check_keys(QATConfig, qat, "qat")
         return cls(search=SearchConfig(**search), qat=QATConfig(**qat), **data)
+
+
+def check_energy_budget(energy_budget: float | None) -> None:
+    """Raise ValueError unless ``energy_budget`` is None or a fraction of the FP32 energy in (0, 1]."""
+    if energy_budget is None:
+        return
+    number = not isinstance(energy_budget, bool) and isinstance(energy_budget, (int, float))
+    if not (number and 0 < energy_budget <= 1):
+        raise ValueError(
+            "energy_budget must be a fraction of the FP32 model's estimated energy in (0, 1], e.g. 0.1 for "
+            f"10%, got {energy_budget!r}"
+        )
 
 
 def section_from_dict(cls: type, data: dict[str, Any], section: str) -> Any:

@@ -12,11 +12,20 @@ are. :func:`estimate_energy` turns that activity and a per-layer bit plan into p
 * **mac** layer (real-valued inputs, such as a head on time-averaged features, or the model's own input
   when it is not binary, such as DVS event counts): every dense MAC is a float32 multiply-accumulate.
 
-Compute: an accumulate costs a float32 add in the FP32 model and an integer add at the layer's weight
-bit width in the quantized model; MAC layers stay float32 MACs in both (hq_ptq quantizes weights,
-not activations). Memory: every weight is read from SRAM once per time step in which its layer runs,
-at 32 bits (FP32) or at the plan's bits. The formulas, conventions and limitations are in
-``docs/ENERGY.md``; every constant lives in :data:`HOROWITZ_45NM`.
+Compute depends on the layer's kind and, in the quantized model, on its (scheme, bits):
+:func:`layer_cost` is the one cost model, used both by :func:`estimate_energy` (the report) and by the
+search's energy budget (:func:`candidate_energy`), so the two never disagree. An accumulate costs a
+float32 add in the FP32 model and an integer add at the weight's bit width in the quantized model; a
+MAC layer's uniform weight times a float activation stays a float32 MAC, while a power-of-two weight
+turns it into an exponent add plus the accumulate. Memory: every weight is read from SRAM once per time
+step in which its layer runs, at 32 bits (FP32) or at the plan's bits. The formulas, conventions and
+limitations are in ``docs/ENERGY.md``; every constant lives in :data:`HOROWITZ_45NM`.
+
+The picojoules are computed from operation counts (:func:`layer_ops`, a :class:`LayerOps` per layer and
+column): accumulates, shift-and-adds and multiply-accumulates, named as NeuroBench's synaptic operations
+(``Effective_ACs``, ``Effective_MACs``, ``Dense``). The report carries those counts, the weight memory in
+bits and the neuron-state memory (membrane elements counted by :func:`measure_activity`), so an
+accelerator designer reads the same numbers the pJ come from (``docs/ENERGY.md`` §8).
 """
 
 from __future__ import annotations
@@ -33,17 +42,26 @@ import torch
 from torch import nn
 
 from hq_ptq.plan import Plan
-from hq_ptq.snn import reset_states
+from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
 from hq_ptq.swap import find_layers, layer_quant, quant_layers
 
 __all__ = [
+    "FP32_EXPONENT_BITS",
     "HOROWITZ_45NM",
+    "MEMBRANE_BITS",
+    "Activity",
     "EnergyConstants",
     "EnergyReport",
     "LayerActivity",
     "LayerEnergy",
+    "LayerOps",
+    "candidate_energy",
     "estimate_energy",
+    "input_layout",
+    "layer_cost",
+    "layer_ops",
     "measure_activity",
+    "op_energy",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +76,7 @@ class EnergyConstants:
         fp32_add: float32 add, the accumulate of a float spiking layer.
         fp32_mac: float32 multiply-accumulate (mult 3.7 + add 0.9).
         sram_read_32: one 32-bit word read from an 8 KB SRAM array.
+        barrel_shift_per_add: a barrel shift as a multiple of an integer add at the same width.
     """
 
     # Horowitz, "Computing's energy problem", ISSCC 2014, 45 nm table; the same values appear in
@@ -70,6 +89,10 @@ class EnergyConstants:
     # Horowitz: an 8 KB SRAM 64-bit access is ~10 pJ; the 32-bit load used in SNN papers is half, 5 pJ
     # (PMC8934428 table 3, "E_mem"). Read cost is taken as proportional to the bits read.
     sram_read_32: float = 5.0
+    # Horowitz's table has no shifter. A log-depth barrel shifter and a ripple adder of the same width
+    # are both ~b·log b gates of similar energy, so we take a shift to cost one add at the same width
+    # (an assumption, not a measurement; docs/ENERGY.md §3).
+    barrel_shift_per_add: float = 1.0
 
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
@@ -95,6 +118,10 @@ class EnergyConstants:
         """SRAM read energy per weight bit (5 pJ / 32 = 0.156 pJ)."""
         return self.sram_read_32 / 32
 
+    def shift(self, bits: float) -> float:
+        """Barrel shift at ``bits``: ``barrel_shift_per_add · int_add(bits)``."""
+        return self.barrel_shift_per_add * self.int_add(bits)
+
     def weight_read(self, bits: float) -> float:
         """Energy of reading one ``bits``-wide weight from SRAM."""
         _check_bits(bits, "bits")
@@ -105,6 +132,13 @@ HOROWITZ_45NM = EnergyConstants()
 """The default 45 nm constants (Horowitz, ISSCC 2014)."""
 
 FP_BITS = 32
+# A power-of-two weight times a float32 activation adds the weight's exponent to the activation's 8-bit
+# exponent field: an integer add at this width.
+FP32_EXPONENT_BITS = 8
+# Layer kinds (LayerActivity.kind)
+KINDS = ("spike", "count", "mac")
+# Width of one stored membrane potential: float32 by default; an integer neuron datapath passes its own.
+MEMBRANE_BITS = 32
 
 
 def _check_bits(bits: Any, what: str) -> None:
@@ -179,9 +213,54 @@ class LayerActivity:
             return self.mean_abs * self.macs
         return self.macs
 
+    @property
+    def neurobench_spiking(self) -> bool:
+        """NeuroBench's AC rule: every input is in {-1, 0, 1} (integers whose nonzero values all have
+        magnitude 1, i.e. ``mean_abs == rate``); otherwise its synaptic operations are MACs."""
+        return self.binary or (self.integer and self.calls > 0 and self.mean_abs == self.rate)
+
+    @property
+    def neurobench_effective(self) -> float:
+        """NeuroBench's effective synaptic operations: nonzero inputs × fan-out, ``rate · macs``."""
+        return self.rate * self.macs
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, with the derived ``kind``, ``ops`` and ``macs_per_step``."""
         return {**asdict(self), "kind": self.kind, "ops": self.ops, "macs_per_step": self.macs_per_step}
+
+
+class Activity(dict[str, LayerActivity]):
+    """What :func:`measure_activity` returns: layer name → :class:`LayerActivity`, in model order.
+
+    A plain ``dict`` for every existing use, plus ``neurons``: spiking-neuron name → membrane elements
+    per sample (the size of one time step's membrane tensor of one sample, i.e. the neuron state a
+    streaming implementation keeps), in model order. :func:`estimate_energy` reads it for the
+    neuron-state memory; a hand-built ``{name: LayerActivity}`` dict simply has no neuron count.
+    """
+
+    def __init__(self, layers: Mapping[str, LayerActivity] = (), neurons: Mapping[str, int] | None = None):
+        super().__init__(layers)
+        self.neurons: dict[str, int] = dict(neurons or {})
+
+
+def _neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, time_first)`` of every neuron whose membrane is counted.
+
+    A :class:`~hq_ptq.snn.MultiStepLeaky` (and snnTorch's ``LeakyParallel``) takes ``[T, ...]`` in one
+    call; any other snnTorch neuron takes one step per call. The ``snn.Leaky`` inside a MultiStepLeaky is
+    its state, not a second neuron, so it is skipped.
+    """
+    out: list[tuple[str, nn.Module, bool]] = []
+    wrappers: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue
+        if isinstance(m, MultiStepLeaky):
+            wrappers.append(name)
+            out.append((name, m, True))
+        elif is_spiking_neuron(m):
+            out.append((name, m, type(m).__name__ == "LeakyParallel"))
+    return out
 
 
 class _Stats:
@@ -243,7 +322,7 @@ def measure_activity(
     *,
     max_batches: int = 4,
     time_first: bool = True,
-) -> dict[str, LayerActivity]:
+) -> Activity:
     """Spike rates, input kinds and dense MACs of every weight layer, per inference.
 
     Hooks every hq_ptq-quantized layer and every plain ``Conv1d``/``Conv2d``/``Linear`` (so a float
@@ -257,7 +336,9 @@ def measure_activity(
         time_first: Inputs are ``[T, B, ...]`` (the zoo); ``False`` for ``[B, ...]`` (then T = 1).
 
     Returns:
-        Layer name → :class:`LayerActivity`, in model order.
+        Layer name → :class:`LayerActivity`, in model order, as an :class:`Activity` whose ``neurons``
+        gives the membrane elements per sample of every snnTorch neuron / ``MultiStepLeaky`` (forward
+        hooks: one time step's input size per sample, which is the membrane's size).
 
     Raises:
         ValueError: No weight layer, no batch, or a malformed batch.
@@ -268,7 +349,29 @@ def measure_activity(
     modules = dict(model.named_modules())
     hq = quant_layers(model)
     stats = {n: _Stats() for n in names}
-    current: dict[str, torch.Tensor] = {}
+    current: dict[str, Any] = {}
+    neuron_mods = _neuron_modules(model)
+    # membrane elements per sample: one call's per-step input size (the membrane has the input's shape),
+    # summed over the calls of one forward for a multi-step neuron (each call is its own state), the
+    # largest call for a step-wise neuron (called once per step on the same state)
+    neuron_elems: dict[str, float] = {n: 0.0 for n, _, _ in neuron_mods}
+    neuron_batch: dict[str, float] = {}
+
+    def make_neuron_hook(name: str, time_first_neuron: bool):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not args or not isinstance(_value(args[0]), torch.Tensor):
+                return
+            x = _value(args[0])
+            if time_first_neuron:
+                if x.dim() < 2:
+                    return
+                per_sample = x[0].numel() / current["batch"]
+                neuron_batch[name] = neuron_batch.get(name, 0.0) + per_sample
+            else:
+                per_sample = x.numel() / current["batch"]
+                neuron_batch[name] = max(neuron_batch.get(name, 0.0), per_sample)
+
+        return hook
 
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -295,6 +398,7 @@ def measure_activity(
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+    handles += [m.register_forward_hook(make_neuron_hook(n, tf)) for n, m, tf in neuron_mods]
     # per module, so a model with some submodules deliberately frozen in eval comes back as it was
     modes = [(m, m.training) for m in model.modules()]
     samples, time_steps, seen = 0, None, 0
@@ -307,8 +411,12 @@ def measure_activity(
                     raise ValueError(f"batches have different time steps ({time_steps} and {t}); use one T")
                 time_steps = t
                 current["input"] = inputs.to(device)
+                current["batch"] = max(b, 1)
                 reset_states(model)
+                neuron_batch.clear()
                 model(current["input"])
+                for n, elems in neuron_batch.items():
+                    neuron_elems[n] = max(neuron_elems[n], elems)
                 samples += b
                 seen += 1
     finally:
@@ -320,7 +428,7 @@ def measure_activity(
     if seen == 0:
         raise ValueError("batches yielded nothing; pass at least one (inputs, targets) batch")
 
-    out: dict[str, LayerActivity] = {}
+    out = Activity(neurons={n: round(e) for n, e in neuron_elems.items()})
     for name in names:
         s, module = stats[name], modules[name]
         if s.calls == 0:
@@ -343,7 +451,8 @@ def measure_activity(
             calls=s.calls,
             samples=samples,
         )
-    log.info("measured activity of %d layers on %d samples (T=%d)", len(out), samples, time_steps)
+    log.info("measured activity of %d layers and %d neurons on %d samples (T=%d)", len(out),
+             len(out.neurons), samples, time_steps)
     return out
 
 
@@ -351,10 +460,48 @@ def measure_activity(
 # Energy
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class LayerOps:
+    """Synaptic operations of one layer per inference (one sample, all T steps), by datapath.
+
+    Named as NeuroBench's synaptic operations (``neurobench/metrics/workload/synaptic_operations.py``):
+    an operation whose input is a binary spike is an accumulate (``Effective_ACs``), one whose input is
+    a real value is a multiply-accumulate (``Effective_MACs``); ``dense_macs`` counts every weight use,
+    zero inputs included (NeuroBench's ``Dense``). hq_ptq adds ``shifts``: a power-of-two weight on a
+    non-binary input, where the multiply becomes a shift (an exponent add for a float input) followed
+    by the accumulate. These are the counts the layer's compute pJ are made of (:func:`layer_ops`,
+    ``docs/ENERGY.md`` §8), so ``effective_acs + shifts + effective_macs`` is what the datapath runs:
+
+    * ``spike``: ``rate·macs`` accumulates;
+    * ``count``: ``mean|x|·macs`` accumulates (a value k is k spikes), or for power-of-two weights
+      ``rate·macs`` shift-and-adds when that is cheaper;
+    * ``mac``: ``macs`` multiply-accumulates (dense: a float input is not skipped), or ``macs``
+      shift-and-adds for power-of-two weights.
+
+    Args:
+        dense_macs: Every weight times every input position, per inference.
+        effective_acs: Accumulates.
+        effective_macs: Multiply-accumulates (each holds one multiply).
+        shifts: Shift-and-adds (each replaces one multiply-accumulate).
+    """
+
+    dense_macs: float
+    effective_acs: float
+    effective_macs: float
+    shifts: float
+
+    @property
+    def synops(self) -> float:
+        """All effective synaptic operations: ``effective_acs + shifts + effective_macs``."""
+        return self.effective_acs + self.shifts + self.effective_macs
+
+
+@dataclass(frozen=True)
 class LayerEnergy:
     """Energy of one layer per inference, in pJ, for the FP32 model and the quantized plan.
 
     ``bits``/``scheme`` are ``None`` for a layer the plan leaves in float (costed as FP32).
+    ``fp32_ops``/``quant_ops`` are the operation counts each column's compute pJ are made of
+    (:func:`layer_ops`); ``params`` the layer's weights (memory: ``params · 32`` or ``params · bits``).
     """
 
     name: str
@@ -368,6 +515,22 @@ class LayerEnergy:
     fp32_memory_pj: float
     quant_compute_pj: float
     quant_memory_pj: float
+    params: int = 0
+    fp32_ops: LayerOps | None = None
+    quant_ops: LayerOps | None = None
+    # NeuroBench's own classification of this layer (LayerActivity.neurobench_spiking / _effective)
+    neurobench_spiking: bool = False
+    neurobench_effective: float = 0.0
+
+    @property
+    def fp32_weight_bits(self) -> int:
+        """Weight memory of the FP32 layer: ``params · 32`` bits."""
+        return self.params * FP_BITS
+
+    @property
+    def quant_weight_bits(self) -> int:
+        """Weight memory at the plan's bits (32 for a layer the plan leaves in float)."""
+        return self.params * (FP_BITS if self.bits is None else self.bits)
 
     @property
     def fp32_pj(self) -> float:
@@ -380,8 +543,9 @@ class LayerEnergy:
         return self.quant_compute_pj + self.quant_memory_pj
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with the totals."""
-        return {**asdict(self), "fp32_pj": self.fp32_pj, "quant_pj": self.quant_pj}
+        """JSON-ready dict with the totals and the weight memory."""
+        return {**asdict(self), "fp32_pj": self.fp32_pj, "quant_pj": self.quant_pj,
+                "fp32_weight_bits": self.fp32_weight_bits, "quant_weight_bits": self.quant_weight_bits}
 
 
 @dataclass(frozen=True)
@@ -391,6 +555,9 @@ class EnergyReport:
     layers: tuple[LayerEnergy, ...]
     constants: EnergyConstants = HOROWITZ_45NM
     time_steps: int = 1
+    # spiking-neuron name → membrane elements per sample (Activity.neurons); None when not measured
+    neurons: tuple[tuple[str, int], ...] | None = None
+    membrane_bits: int = MEMBRANE_BITS
 
     def _sum(self, attr: str) -> float:
         return math.fsum(getattr(layer, attr) for layer in self.layers)
@@ -423,21 +590,208 @@ class EnergyReport:
             "ratio": self.ratio,
         }
 
+    def operations(self) -> dict[str, Any]:
+        """Operation counts and memory per inference, in NeuroBench's terms (``docs/ENERGY.md`` §8).
+
+        ``fp32`` / ``quantized``: the effective synaptic operations each column's compute pJ are made of
+        (sums of the layers' :class:`LayerOps`), ``Dense`` every weight use. ``neurobench``: the same
+        activity classified as NeuroBench does, by input alone (binary or ternary input: AC, any other:
+        MAC; zero inputs skipped in both). Memory: weights at 32 bits against the plan's bits, and the
+        neuron state (membrane elements × 32 bits for FP32, × ``membrane_bits`` for the quantized
+        column), ``None`` when the neurons were not counted.
+        """
+
+        def column(attr: str) -> dict[str, float]:
+            ops = [getattr(layer, attr) for layer in self.layers if getattr(layer, attr) is not None]
+            return {
+                "Effective_ACs": math.fsum(o.effective_acs for o in ops),
+                "Effective_MACs": math.fsum(o.effective_macs for o in ops),
+                "shifts": math.fsum(o.shifts for o in ops),
+                "synops": math.fsum(o.synops for o in ops),
+            }
+
+        nb_acs = math.fsum(layer.neurobench_effective for layer in self.layers if layer.neurobench_spiking)
+        nb_macs = math.fsum(layer.neurobench_effective for layer in self.layers
+                          if not layer.neurobench_spiking)
+        state = None
+        if self.neurons is not None:
+            elements = sum(n for _, n in self.neurons)
+            state = {
+                "elements": elements,
+                "fp32_bits": elements * FP_BITS,
+                "quant_bits": elements * self.membrane_bits,
+                "membrane_bits": self.membrane_bits,
+                "neurons": dict(self.neurons),
+            }
+        return {
+            "unit": "operations per inference (one sample, all T steps); memory in bits",
+            "Dense": self._sum("macs"),
+            "fp32": column("fp32_ops"),
+            "quantized": column("quant_ops"),
+            "neurobench": {"Effective_ACs": nb_acs, "Effective_MACs": nb_macs},
+            "weight_memory_bits": {
+                "fp32": sum(layer.fp32_weight_bits for layer in self.layers),
+                "quantized": sum(layer.quant_weight_bits for layer in self.layers),
+            },
+            "neuron_state_memory_bits": state,
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: totals, constants, conventions and one entry per layer."""
+        """JSON-ready dict: totals, operations, constants, conventions and one entry per layer."""
         return {
             "unit": "pJ per inference",
             "time_steps": self.time_steps,
             "totals": self.totals(),
+            "operations": self.operations(),
             "constants": asdict(self.constants),
             "conventions": {
                 "accumulate": "spike: rate*MACs, count: mean|x|*MACs; fp32 add (FP32) or int add at b bits",
                 "int_add": "linear in bits through (8, int_add_8) and (32, int_add_32)",
-                "mac_layers": "float32 MAC per dense MAC in both models (activations stay float)",
+                "count_pot": "min(mean|x|*MACs int adds, rate*MACs (shift + int add)) at b bits",
+                "mac_layers": "uniform: float32 MAC per dense MAC (activations stay float); "
+                "pot: int add at the 8-bit float exponent + fp32 add",
                 "weight_reads": "each weight read once per time step its layer runs, at 32 or b bits",
             },
             "layers": [layer.to_dict() for layer in self.layers],
         }
+
+
+def _shifts(scheme: str | None) -> bool:
+    """True when ``scheme`` stores power-of-two weights (a multiply by one is a shift or exponent add)."""
+    if scheme is None:
+        return False
+    from hq_ptq.schemes import SCHEMES
+
+    return SCHEMES[scheme].codes == "pot" if scheme in SCHEMES else scheme == "pot"
+
+
+def op_energy(kind: str, bits: int | None, constants: EnergyConstants = HOROWITZ_45NM) -> dict[str, float]:
+    """pJ of one operation of each type in a ``kind`` layer at ``bits`` (``None``: float32).
+
+    ``"ac"``: an accumulate, ``fp32_add`` (float) or ``int_add(b)``. ``"mac"``: a multiply-accumulate,
+    ``fp32_mac`` in both columns (a uniform weight times a float activation stays a float multiply).
+    ``"shift"``: a shift-and-add replacing a multiply-accumulate: on a ``mac`` layer (float input) an
+    exponent add ``int_add(8)`` plus ``fp32_add``; on a ``count`` layer ``shift(b) + int_add(b)``. A
+    float32 layer has no shifts (its entry is still given, for completeness).
+    """
+    c = constants
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "mac":
+        shift = c.int_add(FP32_EXPONENT_BITS) + c.fp32_add
+    else:
+        b = FP_BITS if bits is None else bits
+        shift = c.shift(b) + c.int_add(b)
+    return {"ac": c.fp32_add if bits is None else c.int_add(bits), "shift": shift, "mac": c.fp32_mac}
+
+
+def layer_ops(
+    act: LayerActivity,
+    scheme: str | None,
+    bits: int | None,
+    constants: EnergyConstants = HOROWITZ_45NM,
+) -> LayerOps:
+    """The synaptic operations one layer runs per inference, at ``(scheme, bits)`` (``bits=None``: float32).
+
+    With ``ops`` as in :class:`LayerActivity` (``docs/ENERGY.md`` §2 and §8):
+
+    * ``spike``: ``rate·macs`` accumulates, whatever the scheme.
+    * ``count`` (inputs 0..k): ``mean|x|·macs`` accumulates (a value k is k spikes); power-of-two
+      weights: ``rate·macs`` shift-and-adds instead when those cost less (the hardware takes the
+      cheaper datapath per layer, so ``constants`` matter here).
+    * ``mac`` (real inputs): ``macs`` multiply-accumulates (dense, float32 in both columns); power-of-two
+      weights: ``macs`` shift-and-adds (exponent add + float accumulate).
+
+    A ``scheme`` of ``None`` with bits is uniform.
+    """
+    kind = act.kind
+    macs, nonzero, accumulates = act.macs, act.rate * act.macs, act.ops
+    if kind == "mac":
+        if bits is not None and _shifts(scheme):
+            return LayerOps(macs, 0.0, 0.0, macs)
+        return LayerOps(macs, 0.0, macs, 0.0)
+    if kind == "count" and bits is not None and _shifts(scheme):
+        # a PoT weight can still be accumulated k times; the cheaper datapath wins (ties: accumulate)
+        unit = op_energy(kind, bits, constants)
+        if nonzero * unit["shift"] < accumulates * unit["ac"]:
+            return LayerOps(macs, 0.0, 0.0, nonzero)
+    return LayerOps(macs, accumulates, 0.0, 0.0)
+
+
+def layer_cost(
+    act: LayerActivity,
+    scheme: str | None,
+    bits: int | None,
+    constants: EnergyConstants = HOROWITZ_45NM,
+) -> tuple[float, float]:
+    """``(compute_pj, memory_pj)`` of one layer per inference: the one cost model of hq_ptq.
+
+    Compute is the operation counts of :func:`layer_ops` times the energy of each operation
+    (:func:`op_energy`), so the counts a report gives and the pJ it gives never disagree:
+
+    * ``spike``: ``rate·macs`` accumulates at ``int_add(b)``, whatever the scheme.
+    * ``count`` (inputs 0..k): uniform: ``mean|x|·macs`` accumulates (a value k is k spikes);
+      power-of-two: the cheaper of that and one shift-and-add per nonzero input,
+      ``rate·macs·(shift(b) + int_add(b))`` (the count shifted by the weight's exponent).
+    * ``mac`` (real inputs): uniform: ``macs`` float32 MACs (activations stay float); power-of-two: ``macs``
+      exponent adds at ``int_add(8)`` (the float32 exponent field) plus a float32 accumulate.
+
+    ``bits=None`` is the float32 layer (``fp32_add`` per accumulate, ``fp32_mac`` per MAC). Memory is
+    ``params·steps`` weight reads at ``b`` bits (32 for float), whatever the scheme. A ``scheme`` of
+    ``None`` with bits is costed as uniform.
+    """
+    ops = layer_ops(act, scheme, bits, constants)
+    return _compute_pj(ops, act.kind, bits, constants), _memory_pj(act, bits, constants)
+
+
+def _compute_pj(ops: LayerOps, kind: str, bits: int | None, constants: EnergyConstants) -> float:
+    unit = op_energy(kind, bits, constants)
+    return math.fsum((ops.effective_acs * unit["ac"], ops.shifts * unit["shift"],
+                      ops.effective_macs * unit["mac"]))
+
+
+def _memory_pj(act: LayerActivity, bits: int | None, constants: EnergyConstants) -> float:
+    return act.params * act.steps * constants.weight_read(FP_BITS if bits is None else bits)
+
+
+def candidate_energy(
+    activity: Mapping[str, LayerActivity],
+    candidates: Mapping[str, Iterable[tuple[str, int]]],
+    constants: EnergyConstants = HOROWITZ_45NM,
+) -> dict[str, dict[tuple[str, int], float]]:
+    """pJ per inference of every ``(scheme, bits)`` candidate of every layer, by :func:`layer_cost`.
+
+    The energy table the search's energy budget takes (:func:`hq_ptq.search.allocate`).
+
+    Raises:
+        ValueError: a layer with no measured activity.
+    """
+    missing = [n for n in candidates if n not in activity]
+    if missing:
+        raise ValueError(f"no measured activity for layers {', '.join(missing[:5])}; measure the same model")
+    return {
+        name: {(s, b): math.fsum(layer_cost(activity[name], s, b, constants)) for s, b in cands}
+        for name, cands in candidates.items()
+    }
+
+
+def input_layout(batch: Any) -> bool | None:
+    """``time_first`` for :func:`measure_activity` on ``(inputs, targets)`` batches like ``batch``.
+
+    False when the inputs tensor is batch-first (its first dimension is the targets' batch size), True when
+    only its second is, None when the inputs are not one tensor (the energy model does not apply).
+    """
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        return None
+    inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor) or inputs.dim() == 0:
+        return None
+    b = targets.shape[0] if targets.dim() else 1
+    if inputs.shape[0] == b:
+        return False
+    if inputs.dim() > 1 and inputs.shape[1] == b:
+        return True
+    return None
 
 
 def _bits_map(plan_or_bits: Plan | Mapping[str, int] | None, activity: Mapping[str, LayerActivity]):
@@ -460,6 +814,9 @@ def estimate_energy(
     activity: Mapping[str, LayerActivity],
     plan_or_bits: Plan | Mapping[str, int] | None = None,
     constants: EnergyConstants = HOROWITZ_45NM,
+    *,
+    membrane_bits: int = MEMBRANE_BITS,
+    neurons: Mapping[str, int] | None = None,
 ) -> EnergyReport:
     """Energy per inference of the FP32 model and of the quantized plan.
 
@@ -467,23 +824,39 @@ def estimate_energy(
 
     * FP32: ``ops · fp32_add`` (spike/count) or ``macs · fp32_mac`` (mac), plus
       ``weight_reads · 32 · sram_read_bit``.
-    * quantized at b bits: ``ops · int_add(b)`` (spike/count) or ``macs · fp32_mac`` (mac), plus
-      ``weight_reads · b · sram_read_bit``. A layer without bits is costed as FP32.
+    * quantized at (scheme, b bits): :func:`layer_cost`, the same function the search's energy budget
+      uses. A layer without bits is costed as FP32; a ``{layer: bits}`` entry takes the scheme the
+      measured layer carries, uniform if none.
 
     Args:
         activity: From :func:`measure_activity`.
         plan_or_bits: A :class:`~hq_ptq.plan.Plan`, ``{layer: bits}``, or ``None`` to use the bits the
             measured hq_ptq layers carried.
         constants: Energy per operation.
+        membrane_bits: Width of one stored membrane potential in the quantized column's neuron-state
+            memory (the FP32 column always uses 32); an integer neuron datapath passes e.g. 16.
+        neurons: Neuron name → membrane elements per sample; default: ``activity.neurons`` when the
+            activity comes from :func:`measure_activity`, else the neuron state is reported as unknown.
 
     Returns:
-        An :class:`EnergyReport`.
+        An :class:`EnergyReport`; its per-layer :class:`LayerOps` are the counts the compute pJ are
+        made of, and :meth:`EnergyReport.operations` their totals and the memory in bits.
 
     Raises:
         ValueError: Empty activity, a planned layer that was not measured, or bits outside 1..64.
     """
     if not activity:
         raise ValueError("activity is empty; run measure_activity on the model first")
+    _check_bits(membrane_bits, "membrane_bits")
+    if neurons is None:
+        neurons = getattr(activity, "neurons", None)
+    neuron_state = None
+    if neurons is not None:
+        bad = [n for n, e in neurons.items() if isinstance(e, bool) or not isinstance(e, int) or e < 0]
+        if bad:
+            raise ValueError(f"neurons: membrane elements must be integers >= 0, got {bad[0]!r}: "
+                             f"{neurons[bad[0]]!r}")
+        neuron_state = tuple((str(n), int(e)) for n, e in neurons.items())
     bits_map = _bits_map(plan_or_bits, activity)
     unknown = [n for n in bits_map if n not in activity]
     if unknown:
@@ -502,24 +875,24 @@ def estimate_energy(
         log.info("%d layers have no bits in the plan and are costed as FP32: %s", len(floats),
                  ", ".join(floats[:5]))
 
-    c = constants
     layers = []
     for name, act in activity.items():
-        kind = act.kind
-        reads = act.params * act.steps
-        fp_compute = act.macs * c.fp32_mac if kind == "mac" else act.ops * c.fp32_add
-        fp_memory = reads * c.weight_read(FP_BITS)
         bits, scheme = bits_map.get(name, (None, None))
         if bits is None:
-            q_compute, q_memory = fp_compute, fp_memory
-        else:
-            # MAC layers keep float activations, so their multiply stays float; only the weight read shrinks.
-            q_compute = act.macs * c.fp32_mac if kind == "mac" else act.ops * c.int_add(bits)
-            q_memory = reads * c.weight_read(bits)
+            scheme = None
+        # the counts first; the pJ are those counts times the energy per operation (layer_cost)
+        fp_ops = layer_ops(act, None, None, constants)
+        q_ops = layer_ops(act, scheme, bits, constants)
         layers.append(LayerEnergy(
-            name=name, kind=kind, bits=None if bits is None else int(bits), scheme=scheme, macs=act.macs,
-            ops=act.ops, weight_reads=reads, fp32_compute_pj=fp_compute, fp32_memory_pj=fp_memory,
-            quant_compute_pj=q_compute, quant_memory_pj=q_memory,
+            name=name, kind=act.kind, bits=None if bits is None else int(bits), scheme=scheme, macs=act.macs,
+            ops=act.ops, weight_reads=act.params * act.steps,
+            fp32_compute_pj=_compute_pj(fp_ops, act.kind, None, constants),
+            fp32_memory_pj=_memory_pj(act, None, constants),
+            quant_compute_pj=_compute_pj(q_ops, act.kind, bits, constants),
+            quant_memory_pj=_memory_pj(act, bits, constants),
+            params=act.params, fp32_ops=fp_ops, quant_ops=q_ops,
+            neurobench_spiking=act.neurobench_spiking, neurobench_effective=act.neurobench_effective,
         ))
     time_steps = max(a.time_steps for a in activity.values())
-    return EnergyReport(layers=tuple(layers), constants=constants, time_steps=time_steps)
+    return EnergyReport(layers=tuple(layers), constants=constants, time_steps=time_steps,
+                        neurons=neuron_state, membrane_bits=int(membrane_bits))

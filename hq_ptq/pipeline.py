@@ -22,12 +22,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from hq_ptq import progress
 from hq_ptq.api import analyze, check_budget, recalibrate_bn, search_plan
 from hq_ptq.checkpoint import load_float, save_float
-from hq_ptq.config import QuantConfig
-from hq_ptq.data import make_loaders
+from hq_ptq.config import QuantConfig, check_energy_budget
+from hq_ptq.data import collate_time_first, get_dataset, make_loaders
 from hq_ptq.distributed import is_active, is_main, rank
 from hq_ptq.files import atomic_write_text
 from hq_ptq.model_io import OutputFn, describe
@@ -75,6 +76,18 @@ def dataset_loaders(data: dict[str, Any], seed: int = 0):
         seed=seed,
         **options,
     )
+
+
+def validation_loader(recipe: Recipe, n_val: int, batch_size: int = 256) -> DataLoader:
+    """A time-first loader of ``n_val`` training samples the recipe's ``train`` split never contains (the
+    dataset's ``val`` split, :func:`hq_ptq.data.registry.split_subset`), for choosing settings without the
+    test set. Zoo datasets only."""
+    if recipe.data_factory is not None:
+        raise ValueError("a validation split needs a zoo dataset; hold out part of your own training data")
+    options = {k: v for k, v in recipe.data.items() if k not in DATA_LOADER_KEYS}
+    options.pop("val_subset", None)
+    val = get_dataset(recipe.data["name"], "val", val_subset=int(n_val), **options)
+    return DataLoader(val, batch_size=batch_size, shuffle=False, collate_fn=collate_time_first)
 
 
 def call_factory(reference: str, kwargs: dict[str, Any], what: str) -> Any:
@@ -186,6 +199,7 @@ def quantize_checkpoint(
     model: str | None = None,
     loss: str | None = None,
     output_fn: str | None = None,
+    energy_budget: float | None = None,
 ) -> tuple[Plan, float, float, Path]:
     """Float checkpoint → quantize (+ QAT when config.qat.steps) → packed checkpoint.
 
@@ -193,13 +207,15 @@ def quantize_checkpoint(
     ``data`` names another. With ``model`` (``"package.module:function"``) the checkpoint's weights (a
     safetensors file or a ``torch.save`` state_dict) load into the model that function builds, and ``data``
     must be the ``"package.module:function"`` returning its ``(train, test)`` batches; ``loss`` and
-    ``output_fn`` name the model's loss and class-score functions the same way.
+    ``output_fn`` name the model's loss and class-score functions the same way. ``energy_budget`` is
+    :func:`hq_ptq.quantize`'s (a fraction of the FP32 model's estimated energy).
     Returns ``(plan, float accuracy, quantized accuracy, packed path)``.
     """
     from hq_ptq.api import quantize
     from hq_ptq.pack import save
 
     config = config or QuantConfig()
+    check_energy_budget(energy_budget)
     loss_fn = resolve(loss, "--loss") if loss else None
     scores_fn = resolve(output_fn, "--output-fn") if output_fn else None
     if model is not None:
@@ -224,6 +240,7 @@ def quantize_checkpoint(
     quantize(
         net,
         budget,
+        energy_budget=energy_budget,
         calib_data=train,
         train_data=train if config.qat.steps else None,
         loss_fn=loss_fn,
@@ -358,7 +375,7 @@ def quantize_and_finetune(
     With ``checkpoint`` QAT writes resumable checkpoints there; ``resume`` continues from it when present.
     Under torch.distributed every rank fine-tunes (DDP) and rank 0 alone evaluates (the others get NaN).
     """
-    apply_plan(model, plan)
+    apply_plan(model, plan, scale_init=recipe.quant.scale_init)
     if recipe.quant.bn_recalibration_batches:
         recalibrate_bn(model, train, recipe.quant.bn_recalibration_batches)
     ptq_acc = _evaluate(model, test, "evaluate PTQ", output_fn)
@@ -411,6 +428,7 @@ def run_recipe(
     """
     budget = recipe.budget if budget is None else budget
     check_budget(budget)  # before minutes of loading and calibration
+    check_energy_budget(recipe.energy_budget)
     check_references(recipe)  # and a misspelled factory fails now
     loss_fn, output_fn = recipe_functions(recipe)
     config = _with_cache(recipe, out_dir)
@@ -425,7 +443,7 @@ def run_recipe(
 
     t0 = time.perf_counter()
     analysis = analyze(model, calib_data=train, loss_fn=loss_fn, config=config)
-    plan = search_plan(analysis, budget, config)
+    plan = search_plan(analysis, budget, config, energy_budget=recipe.energy_budget)
     seconds["search"] = time.perf_counter() - t0
     checkpoint = Path(out_dir) / QAT_CHECKPOINT if out_dir is not None else None
     tuned = quantize_and_finetune(
@@ -489,8 +507,8 @@ def export_batches(test: Iterable) -> tuple[Any, Any, str]:
 
 
 def export_artifacts(model: nn.Module, test, out_dir: Path, *, user: bool = False) -> dict[str, Path]:
-    """QONNX (Quant/FloatQuant nodes) and onnxruntime files of the quantized model, each verified against
-    PyTorch on test inputs it was not traced with.
+    """QONNX (integer weight codes behind Quant nodes) and onnxruntime files of the quantized model, each
+    verified against PyTorch on test inputs it was not traced with.
 
     A zoo model is traced unrolled over T at batch 1 on a time-first test sample ``[T, 1, ...]``. A user's
     model (``user=True``) is traced on one whole test batch as the model takes it and verified on another of
@@ -532,7 +550,7 @@ def write_artifacts(
 ) -> dict[str, Path]:
     """plan.json, packed checkpoint, QONNX/ORT exports (unless ``export=False``), energy estimate and report
     files of a finished run; every file is written atomically."""
-    from hq_ptq.energy import estimate_energy, measure_activity
+    from hq_ptq.energy import estimate_energy, input_layout, measure_activity
     from hq_ptq.pack import inspect, save
     from hq_ptq.report import write_report
 
@@ -553,7 +571,7 @@ def write_artifacts(
     if not user:
         energy = estimate_energy(measure_activity(model, test, max_batches=4), result.plan)
     else:
-        layout = _activity_layout(test)
+        layout = input_layout(next(iter(test)))
         if layout is None:
             log.warning("no energy estimate: it needs a model that takes one tensor [B, ...] or [T, B, ...]")
         else:
@@ -571,19 +589,15 @@ def write_artifacts(
     return files
 
 
-def _activity_layout(test: Iterable) -> bool | None:
-    """``time_first`` for :func:`hq_ptq.energy.measure_activity` on a user's batches: False when the inputs
-    tensor is batch-first (its first dimension is the targets' batch size), True when only its second is,
-    None when the inputs are not one tensor (the energy model does not apply)."""
-    inputs, targets = next(iter(test))
-    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor) or inputs.dim() == 0:
+def _energy_fraction(analysis, plan: Plan) -> float | None:
+    """``plan``'s estimated energy as a fraction of the FP32 layers', on the analysis's calibration activity
+    (the figure the search's energy budget uses), or None when the activity is unknown."""
+    from hq_ptq.energy import estimate_energy
+
+    if analysis.activity is None:
         return None
-    b = targets.shape[0] if targets.dim() else 1
-    if inputs.shape[0] == b:
-        return False
-    if inputs.dim() > 1 and inputs.shape[1] == b:
-        return True
-    return None
+    report = estimate_energy(analysis.activity, plan)
+    return report.quant_pj / report.fp32_pj if report.fp32_pj > 0 else None
 
 
 # Homogeneous baselines of a sweep: every searched layer on one (scheme, bits); protected layers as in search.
@@ -615,7 +629,8 @@ def sweep_recipe(
     fp_acc = evaluate(float_net, test, output_fn=output_fn, description="evaluate float")
     analysis = analyze(detached_copy(float_net), calib_data=train, loss_fn=loss_fn, config=config)
     points: list[tuple[str, str, Plan]] = [
-        (f"search @ {b:g}", "hetero", search_plan(analysis, b, config)) for b in budgets
+        (f"search @ {b:g}", "hetero", search_plan(analysis, b, config, energy_budget=recipe.energy_budget))
+        for b in budgets
     ]
     for scheme, bits in baselines:
         if scheme in config.search.schemes and all((scheme, bits) in c for c in analysis.table.values()):
@@ -640,6 +655,8 @@ def sweep_recipe(
             "accuracy": q_acc,
             "fp_accuracy": fp_acc,
             "qat_seconds": qat_s,
+            # the search's estimate (calibration activity, docs/ENERGY.md); None when it is unknown
+            "energy_fraction": _energy_fraction(analysis, plan),
         }
         entries.append(entry)
         log.info("%s: %.3f bits, PTQ %.4f, QAT %.4f", label, plan.avg_bits, ptq_acc, q_acc)

@@ -29,7 +29,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_renamed, section_from_dict
+from hq_ptq.config import (
+    QATConfig,
+    QuantConfig,
+    SearchConfig,
+    check_energy_budget,
+    check_renamed,
+    section_from_dict,
+)
 from hq_ptq.errors import first_line
 from hq_ptq.train import TrainConfig
 
@@ -39,8 +46,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TOP_KEYS = ("description", "fp_checkpoint", "model", "data", "train", "quant", "search", "qat")
-# [quant]: the budget plus QuantConfig's own fields ([search] and [qat] are sections of their own)
-QUANT_KEYS = ("budget", *(f.name for f in fields(QuantConfig) if f.name not in ("search", "qat")))
+# [quant]: the budgets plus QuantConfig's own fields ([search] and [qat] are sections of their own)
+QUANT_KEYS = (
+    "budget",
+    "energy_budget",
+    *(f.name for f in fields(QuantConfig) if f.name not in ("search", "qat")),
+)
 DATA_LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
 # [model] keys that are not keyword arguments of the model's builder
 MODEL_KEYS = ("name", "factory", "loss", "output_fn")
@@ -58,6 +69,8 @@ class Recipe:
     quant: QuantConfig
     budget: float
     fp_checkpoint: Path | None
+    # the plan's estimated energy as a fraction of the FP32 model's (hq_ptq.quantize's energy_budget)
+    energy_budget: float | None = None
 
     @property
     def model_factory(self) -> str | None:
@@ -98,6 +111,7 @@ class Recipe:
             "data": self.data,
             "train": asdict(self.train),
             "budget": self.budget,
+            "energy_budget": self.energy_budget,
             "quant": self.quant.to_dict(),
         }
 
@@ -264,6 +278,11 @@ def load_recipe(
         if key not in QUANT_KEYS:
             raise _suggest(key, QUANT_KEYS, "quant.")
     budget = float(quant.pop("budget", 3.5))
+    energy_budget = quant.pop("energy_budget", None)
+    try:
+        check_energy_budget(energy_budget)
+    except ValueError as err:
+        raise ValueError(f"{path}: quant.{err}") from None
     quant_cfg = QuantConfig(
         search=section_from_dict(SearchConfig, raw.get("search", {}), "search"),
         qat=section_from_dict(QATConfig, raw.get("qat", {}), "qat"),
@@ -287,4 +306,5 @@ def load_recipe(
         quant=quant_cfg,
         budget=budget,
         fp_checkpoint=ckpt,
+        energy_budget=None if energy_budget is None else float(energy_budget),
     )

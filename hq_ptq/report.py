@@ -19,7 +19,7 @@ from hq_ptq.energy import EnergyReport
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
 
-__all__ = ["BOTTLENECK_BITS", "REPORT_VERSION", "bottleneck_layers", "write_report"]
+__all__ = ["BOTTLENECK_BITS", "REPORT_VERSION", "bottleneck_layers", "pot_saving_layers", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ def bottleneck_layers(plan: Plan, min_bits: int = BOTTLENECK_BITS) -> list[str]:
     return [c.name for c in plan.layers if c.bits >= min_bits]
 
 
+def pot_saving_layers(energy: EnergyReport) -> list[str]:
+    """Layers quantized power-of-two whose inputs are not binary spikes: where PoT saves energy (a multiply
+    becomes a shift or an exponent add, docs/ENERGY.md §2), in model order."""
+    return [e.name for e in energy.layers if e.scheme == "pot" and e.kind != "spike"]
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     *,
@@ -63,7 +69,8 @@ def write_report(
         results: Run results; ``fp_accuracy`` and ``q_accuracy`` (fractions in [0, 1]) feed the summary,
             ``ptq_accuracy``, ``recipe``, ``budget`` and anything else JSON-able are kept as given.
         sweep: Accuracy-vs-bits points, each ``{"label", "kind": "hetero"|"uniform"|"pot"|...,
-            "avg_bits", "accuracy", ...}``.
+            "avg_bits", "accuracy", ...}``; an ``energy_fraction`` (estimated energy / FP32) adds the
+            accuracy-energy column.
         energy: From :func:`hq_ptq.energy.estimate_energy`.
         sizes: File or storage sizes, e.g. ``{"fp32_bytes": ..., "packed_bytes": ...}``.
 
@@ -151,7 +158,7 @@ def _summary(plan: Plan, results: Mapping[str, Any], energy: EnergyReport | None
     if energy is not None:
         t = energy.totals()
         summary.update(energy_fp32_uj=t["fp32_pj"] / 1e6, energy_quant_uj=t["quant_pj"] / 1e6,
-                       energy_ratio=t["ratio"])
+                       energy_ratio=t["ratio"], pot_saving_layers=pot_saving_layers(energy))
     return summary
 
 
@@ -270,7 +277,21 @@ def _markdown(
             f"{t['quant_compute_pj'] / 1e6:.4g} µJ, weight reads {t['fp32_memory_pj'] / 1e6:.4g} → "
             f"{t['quant_memory_pj'] / 1e6:.4g} µJ; 45 nm model, T={energy.time_steps}, see docs/ENERGY.md)"
         )
+        saving = pot_saving_layers(energy)
+        facts.append(
+            "- power-of-two where it saves energy (inputs not binary spikes, multiply → shift or exponent "
+            "add): " + (", ".join(f"`{_cell(n)}`" for n in saving) if saving else "none")
+        )
+    if isinstance(meta.get("energy_fraction"), (int, float)):
+        wanted = meta.get("energy_budget")
+        facts.append(
+            f"- search's energy estimate (calibration data): {100 * meta['energy_fraction']:.2f}% of FP32"
+            + (f", energy budget {100 * wanted:.4g}%" if isinstance(wanted, (int, float)) else "")
+        )
     lines += facts + [""]
+
+    if energy is not None:
+        lines += _operations_table(energy)
 
     lines += [f"## Bottleneck layers (≥ {BOTTLENECK_BITS} bits)", ""]
     protected = set(plan.meta.get("protected") or ()) if isinstance(plan.meta, Mapping) else set()
@@ -301,11 +322,20 @@ def _markdown(
     lines.append("")
 
     if sweep:
-        lines += ["## Accuracy against average bits", "", "| label | kind | avg bits | accuracy |",
-                  "|---|---|---|---|"]
+        # the accuracy-energy points, when the sweep knows each plan's energy
+        with_energy = any(_float(p.get("energy_fraction")) is not None for p in sweep)
+        head = "| label | kind | avg bits | accuracy |" + (" energy (% of FP32) |" if with_energy else "")
+        title = "## Accuracy against average bits" + (" and energy" if with_energy else "")
+        lines += [title, "", head, "|---|---|---|---|" + ("---|" if with_energy else "")]
         for p in sorted(sweep, key=lambda p: (str(p["kind"]), _float(p["avg_bits"]))):
-            lines.append(f"| {_cell(p['label'])} | {_cell(p['kind'])} | {_num(p['avg_bits'], '.3f')} | "
-                         f"{_pct(_float(p['accuracy']))} |")
+            row = (f"| {_cell(p['label'])} | {_cell(p['kind'])} | {_num(p['avg_bits'], '.3f')} | "
+                   f"{_pct(_float(p['accuracy']))} |")
+            if with_energy:
+                row += f" {_pct(_float(p.get('energy_fraction')))} |"
+            lines.append(row)
+        if with_energy:
+            lines.append("")
+            lines.append("Energy: the search's 45 nm estimate on the calibration data (docs/ENERGY.md).")
         lines.append("")
     if sizes:
         lines += ["## Sizes", "", "| item | value |", "|---|---|"]
@@ -317,6 +347,40 @@ def _markdown(
     if "pareto" in files:
         lines += [f"![accuracy against average bits]({files['pareto']})", ""]
     return "\n".join(lines)
+
+
+def _operations_table(energy: EnergyReport) -> list[str]:
+    """Synaptic operations and memory per inference, FP32 against quantized (NeuroBench's names)."""
+    ops = energy.operations()
+    fp, q = ops["fp32"], ops["quantized"]
+    weights = ops["weight_memory_bits"]
+    state = ops["neuron_state_memory_bits"]
+    lines = [
+        "## Operations and memory per inference",
+        "",
+        "| | FP32 | quantized |",
+        "|---|---|---|",
+        *(f"| {label} | {_num(fp[key], '.4g')} | {_num(q[key], '.4g')} |" for label, key in (
+            ("accumulates (Effective_ACs)", "Effective_ACs"),
+            ("shift-and-adds (power-of-two weights)", "shifts"),
+            ("multiply-accumulates (Effective_MACs)", "Effective_MACs"),
+        )),
+        f"| dense MACs (Dense) | {_num(ops['Dense'], '.4g')} | {_num(ops['Dense'], '.4g')} |",
+        f"| weight memory (kbit) | {weights['fp32'] / 1e3:.4g} | {weights['quantized'] / 1e3:.4g} |",
+    ]
+    if state is None:
+        lines.append("| neuron-state memory (kbit) | n/a | n/a |")
+    else:
+        lines.append(f"| neuron-state memory (kbit) | {state['fp32_bits'] / 1e3:.4g} | "
+                     f"{state['quant_bits'] / 1e3:.4g} |")
+    lines.append("")
+    note = (f"Per inference (one sample, T={energy.time_steps}). The compute energy above is these counts "
+            "times the 45 nm energy per operation; weight reads are priced from the weight bits "
+            "(docs/ENERGY.md §8).")
+    if state is not None:
+        note += (f" Neuron state: {state['elements']:,} membrane elements × 32 bits (FP32) / "
+                 f"× {state['membrane_bits']} bits (quantized).")
+    return lines + [note, ""]
 
 
 def _float(x: Any) -> float | None:

@@ -6,18 +6,24 @@ The sensitivity of layer ``l`` to candidate ``c = (scheme, bits)`` is
 
 where ``H_l`` is the diagonal block of the loss Hessian for the layer's weight and ``n_l``
 its number of elements. Three trace metrics are provided: Hutchinson (``"hessian"``), the
-empirical Fisher diagonal (``"fisher"``) and a data-free constant (``"data_free"``: the Hessian
-taken as identity). Traces are cached in JSON keyed by a fingerprint of the model weights and the
-analysis options, because the Hessian pass is the expensive part (:mod:`hq_ptq.sensitivity_cache`).
+empirical Fisher trace (``"fisher"``: the mean over samples of the per-sample squared gradient) and a
+data-free constant (``"data_free"``: the Hessian taken as identity). A fourth metric measures the table
+directly instead of estimating it (``"loss"``, :func:`loss_table`): Omega_l(c) is the calibration-loss
+increase when layer ``l`` alone takes candidate ``c``, the ground truth the trace metrics approximate to
+second order. Traces (and the loss table) are cached in JSON keyed by a fingerprint of the model weights
+and the analysis options, because these passes are the expensive part (:mod:`hq_ptq.sensitivity_cache`).
 
 Spiking nets: snnTorch surrogates are differentiable twice, but the "Hessian" is then the
 Jacobian of a pseudo-gradient. It is not symmetric and its trace can be negative. Hutchinson is
-still unbiased for that trace; :func:`hutchinson_traces` reports its magnitude (see there).
+still unbiased for that trace; :func:`hutchinson_traces` returns its magnitude and logs a WARNING naming
+the layers whose trace was negative, as it does for layers whose estimate stopped at the probe cap
+above the relative-error target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,7 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq.distributed import Shard
-from hq_ptq.model_io import call, map_tensors
+from hq_ptq.errors import first_line
+from hq_ptq.model_io import call, describe, map_tensors, tensors
+from hq_ptq.snn import detached_copy
+from hq_ptq.swap import set_layer_quant, swap_layers
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +48,6 @@ ResetFn = Callable[[nn.Module], object]  # return value ignored (reset_states re
 ProgressFn = Callable[[int, int], None]
 Candidate = tuple[str, int]
 Table = dict[str, dict[Candidate, float]]
-
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,30 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return map_tensors(x, lambda t: t if t.device == device else t.to(device))
 
 
+def _split_batch(batch: Batch) -> Batch:
+    try:
+        inputs, targets = batch
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
+        ) from None
+    return inputs, targets
+
+
+def _scalar_loss(
+    model: nn.Module, batch: Batch, loss_fn: LossFn, reset: ResetFn | None, device: torch.device
+) -> torch.Tensor:
+    """``loss_fn`` on one batch from a fresh neuron state, checked to be a scalar (grad or not)."""
+    inputs, targets = _split_batch(batch)
+    if reset is not None:
+        reset(model)
+    outputs = call(model, _to_device(inputs, device))
+    loss = loss_fn(outputs, _to_device(targets, device))
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor; reduce it (e.g. mean) over the batch")
+    return loss
+
+
 def _batch_loss(
     model: nn.Module,
     batch: Batch,
@@ -128,18 +160,7 @@ def _batch_loss(
     device: torch.device,
     names: list[str],
 ) -> torch.Tensor:
-    try:
-        inputs, targets = batch
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"each batch must be an (inputs, targets) pair, got {type(batch).__name__}"
-        ) from None
-    if reset is not None:
-        reset(model)
-    outputs = call(model, _to_device(inputs, device))
-    loss = loss_fn(outputs, _to_device(targets, device))
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ValueError("loss_fn must return a scalar tensor; reduce it (e.g. mean) over the batch")
+    loss = _scalar_loss(model, batch, loss_fn, reset, device)
     if not loss.requires_grad:
         raise ValueError(
             f"the loss does not depend on any of the layers {names}; check that they belong to "
@@ -401,20 +422,31 @@ def hutchinson_traces(
     _check_traces(traces, "hessian")
     negative = [n for n, t in traces.items() if t < 0]
     if negative:
-        logger.info(
+        logger.warning(
             "negative pseudo-Hessian trace for %s (surrogate gradients); using its magnitude",
             negative,
         )
-    noisy = [n for n, e in est.items() if e.rel_stderr > rel_tol]
+    noisy = sorted(
+        ((n, e.rel_stderr) for n, e in est.items() if n not in zero and e.rel_stderr > rel_tol),
+        key=lambda item: -item[1],
+    )
     if noisy:
-        logger.info(
-            "hutchinson did not reach rel_tol=%.3g in %d probes for %s; raise search.hutchinson_probes for "
-            "tighter traces",
-            rel_tol,
+        worst = ", ".join(f"{n} {r:.3g}" for n, r in noisy[:NOISY_SHOWN])
+        more = f" and {len(noisy) - NOISY_SHOWN} more" if len(noisy) > NOISY_SHOWN else ""
+        logger.warning(
+            "hutchinson stopped at the %d-probe cap above rel_tol=%.3g for %d layers "
+            "(relative stderr: %s%s); "
+            "raise search.hutchinson_probes for tighter traces",
             max_samples,
-            noisy,
+            rel_tol,
+            len(noisy),
+            worst,
+            more,
         )
     return {n: abs(t) for n, t in traces.items()}
+
+
+NOISY_SHOWN = 5  # layers named, worst first, when Hutchinson stops at its probe cap
 
 
 def fisher_traces(
@@ -427,17 +459,36 @@ def fisher_traces(
     progress: ProgressFn | None = None,
     shard: Shard | None = None,
 ) -> dict[str, float]:
-    """Empirical-Fisher proxy of Tr(H_l)/n_l: mean over batches of sum(g_l^2)/n_l.
+    """Empirical Fisher trace per element, Tr(F_l)/n_l = mean_i ||g_{i,l}||^2 / n_l.
 
-    ``g_l`` is the batch-mean gradient of the loss (one backward per batch, no per-sample
-    gradients), so the values shrink with batch size; only their ratios across layers matter for
-    allocation. Same model handling as :func:`hutchinson_traces`. With ``shard``, ``batches`` are this
-    rank's global batches ``rank, rank+world, ...``; the per-batch values are summed over ranks and
-    added in batch order, so every rank returns the single-process result.
+    ``g_{i,l}`` is the gradient w.r.t. layer ``l``'s weight of sample ``i``'s own loss (the loss of a
+    batch holding that sample alone), and the mean runs over every sample of every batch. It is an
+    estimate of Tr(H_l)/n_l near a minimum (F = H for a well-fitted likelihood loss), with the
+    per-sample squares instead of the square of the batch mean, so it does not shrink with batch size.
+
+    How the per-sample gradients are found:
+
+    * each batch is split into single-sample micro-batches along the batch dimension of its inputs,
+      found in every input tensor as the one dimension whose size is ``len(targets)``; each micro-batch
+      gets one forward and backward. The split is accepted when the mean of the micro-batch losses
+      equals the batch loss (relative tolerance ``MICRO_BATCH_RTOL``; the loss must average over samples);
+    * with the default cross-entropy, when the split is ambiguous (e.g. time-first ``[T, B, ...]`` inputs
+      with ``T == B``) or not accepted: per-sample losses (``reduction="none"`` on the ``[B, classes]``
+      scores) are backpropagated one by one through the one batch graph (exact too, but each backward
+      costs a whole batch's);
+    * otherwise (a ``loss_fn`` of your own that cannot be split): a WARNING names why and the whole
+      computation falls back to the batch-mean estimator ``mean over batches of ||mean_i g_{i,l}||^2 / n_l``
+      (one backward per batch; it shrinks with batch size, its ratios across layers are what allocation
+      uses). It is kept only as that fallback.
+
+    Same model handling as :func:`hutchinson_traces`. With ``shard``, ``batches`` are this rank's global
+    batches ``rank, rank+world, ...``; per-batch sums are summed over ranks and added in batch order, so
+    every rank returns the single-process result (and all ranks fall back together).
 
     Raises:
         ValueError: a layer's value is non-finite (a layer no gradient reached gets exactly 0).
     """
+    default = loss_fn is None
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     weights = _layer_weights(layers)
     names = list(weights)
@@ -445,18 +496,153 @@ def fisher_traces(
     data, n_batches, _ = _sharded_batches(batches, shard)
     device = params[0].device
     rows = torch.zeros(n_batches, len(names), dtype=torch.float64)
+    counts = torch.zeros(n_batches, dtype=torch.float64)
     sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
+    rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
+    why = ""
+    with _analysis_mode(model, params):
+        try:
+            for k, batch in enumerate(data):
+                got = _sample_squared_grads(model, batch, loss_fn, default, reset, device, params, names)
+                if isinstance(got, str):
+                    why = got
+                    break
+                rows[rank + k * world], counts[rank + k * world] = got
+                if progress is not None:
+                    progress(k + 1, len(data))
+        finally:
+            if reset is not None:
+                reset(model)
+    failed = torch.tensor([1.0 if why else 0.0], dtype=torch.float64)
+    if shard is not None:
+        # one collective: each row is computed on one rank (zero on the others), and any rank's failure counts
+        packed = shard.reduce(torch.cat([rows.flatten(), counts, failed]))
+        rows = packed[: rows.numel()].reshape(rows.shape)
+        counts, failed = packed[rows.numel() : -1], packed[-1:]
+    if failed.item() > 0:
+        logger.warning(
+            "fisher: no per-sample gradients (%s); using the batch-mean estimator, whose values shrink with "
+            "batch size; pass inputs with one batch dimension of size len(targets) for the true Fisher",
+            why or "another rank could not split its batches",
+        )
+        return _batch_mean_fisher(model, names, params, data, n_batches, loss_fn, reset, shard)
+    total = torch.zeros(len(names), dtype=torch.float64)
+    for row in rows:  # in batch order, so the sum is the same for any number of ranks
+        total += row
+    traces = {n: float(total[i] / sizes[i]) / float(counts.sum()) for i, n in enumerate(names)}
+    _check_traces(traces, "fisher")
+    return traces
+
+
+# the mean of single-sample losses must match the batch loss this closely for a split to be accepted
+MICRO_BATCH_RTOL = 1e-3
+
+
+def _squared_norms(grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
     zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([g.detach().double().pow(2).sum().cpu() if g is not None else zero for g in grads])
+
+
+def _micro_batches(batch: Batch) -> list[Batch] | str:
+    """``batch`` split into single-sample ``(inputs, targets)`` pairs, or why it cannot be.
+
+    The batch dimension of each input tensor is its one dimension of size ``len(targets)``; targets are
+    split along their first dimension.
+    """
+    inputs, targets = _split_batch(batch)
+    if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
+        return f"targets are {describe(targets)}, not a tensor with a leading batch dimension"
+    n = targets.shape[0]
+    dims: list[int] = []
+    for t in tensors(inputs):
+        found = [d for d, size in enumerate(t.shape) if size == n]
+        if len(found) != 1:
+            return (
+                f"an input of shape {tuple(t.shape)} has {len(found)} dimensions of the batch size "
+                f"len(targets) = {n}, so its batch dimension is ambiguous"
+            )
+        dims.append(found[0])
+    if not dims:
+        return "the inputs hold no tensor to split"
+    if n == 1:
+        return [(inputs, targets)]
+
+    def sample(i: int) -> Batch:
+        dim = iter(dims)
+        return map_tensors(inputs, lambda t: t.narrow(next(dim), i, 1)), targets.narrow(0, i, 1)
+
+    return [sample(i) for i in range(n)]
+
+
+def _sample_squared_grads(
+    model: nn.Module,
+    batch: Batch,
+    loss_fn: LossFn,
+    default: bool,
+    reset: ResetFn | None,
+    device: torch.device,
+    params: list[torch.Tensor],
+    names: list[str],
+) -> tuple[torch.Tensor, int] | str:
+    """``(sum_i ||g_{i,l}||^2 per layer, number of samples)`` for one batch, or why it cannot be had
+    (see :func:`fisher_traces` for the order of the ways tried)."""
+    whole = float(_batch_loss(model, batch, loss_fn, reset, device, names).detach())
+    split = _micro_batches(batch)
+    why = split if isinstance(split, str) else ""
+    if not why:
+        total = torch.zeros(len(params), dtype=torch.float64)
+        losses: list[float] = []
+        try:
+            for sample in split:
+                loss = _batch_loss(model, sample, loss_fn, reset, device, names)
+                total += _squared_norms(torch.autograd.grad(loss, params, allow_unused=True))
+                losses.append(float(loss.detach()))
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
+            why = f"the model or loss fails on a single-sample batch ({first_line(err)})"
+        else:
+            mean = math.fsum(losses) / len(losses)
+            if abs(mean - whole) <= MICRO_BATCH_RTOL * abs(whole) + 1e-7:
+                return total, len(split)
+            why = f"the single-sample losses average {mean:.6g}, not the batch loss {whole:.6g}"
+    if not default:
+        return why
+    # cross-entropy on class scores: each sample's own loss, backpropagated through the one batch graph
+    inputs, targets = _split_batch(batch)
+    if reset is not None:
+        reset(model)
+    outputs = call(model, _to_device(inputs, device))
+    targets = _to_device(targets, device)
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() < 2 or outputs.shape[0] != len(targets):
+        return f"{why}; and the outputs {describe(outputs)} are not [batch, classes] scores"
+    per_sample = F.cross_entropy(outputs, targets, reduction="none").reshape(len(targets), -1).mean(dim=1)
+    total = torch.zeros(len(params), dtype=torch.float64)
+    for i in range(len(per_sample)):
+        grads = torch.autograd.grad(per_sample[i], params, retain_graph=True, allow_unused=True)
+        total += _squared_norms(grads)
+    return total, len(per_sample)
+
+
+def _batch_mean_fisher(
+    model: nn.Module,
+    names: list[str],
+    params: list[torch.Tensor],
+    data: list[Batch],
+    n_batches: int,
+    loss_fn: LossFn,
+    reset: ResetFn | None,
+    shard: Shard | None,
+) -> dict[str, float]:
+    """The fallback of :func:`fisher_traces`: mean over batches of ||batch-mean gradient||^2 / n_l."""
+    device = params[0].device
+    rows = torch.zeros(n_batches, len(names), dtype=torch.float64)
+    sizes = torch.tensor([p.numel() for p in params], dtype=torch.float64)
     rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
     with _analysis_mode(model, params):
         try:
             for k, batch in enumerate(data):
                 loss = _batch_loss(model, batch, loss_fn, reset, device, names)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                sq = [g.detach().double().pow(2).sum().cpu() if g is not None else zero for g in grads]
-                rows[rank + k * world] = torch.stack(sq) / sizes
-                if progress is not None:
-                    progress(k + 1, len(data))
+                rows[rank + k * world] = _squared_norms(grads) / sizes
         finally:
             if reset is not None:
                 reset(model)
@@ -468,6 +654,111 @@ def fisher_traces(
     traces = {n: float(total[i]) / n_batches for i, n in enumerate(names)}
     _check_traces(traces, "fisher")
     return traces
+
+
+def loss_table(
+    model: nn.Module,
+    rows: Mapping[str, Iterable[Candidate]],
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    *,
+    reset: ResetFn | None = None,
+    progress: ProgressFn | None = None,
+    shard: Shard | None = None,
+    scale_init: str = "mse",
+) -> Table:
+    """The measured score table: Omega_l(c) = max(0, L(model, layer l alone at c) - L(float model)).
+
+    ``L`` is the mean of ``loss_fn`` over ``batches`` (each batch's loss weighs the same), in eval mode,
+    without gradients and from a fresh neuron state per forward. For each layer, one copy of the model
+    (:func:`hq_ptq.snn.detached_copy`) has that layer alone swapped to an hq_ptq quant layer and takes each
+    of the layer's candidates in turn (:func:`hq_ptq.swap.set_layer_quant`, i.e. the quantizer a plan
+    gives it); every other layer stays as it is in ``model``, which is never changed.
+
+    Negative increases (quantization noise that happens to lower the calibration loss) are clamped at 0:
+    on the calibration data the candidate is free, as it would be under any metric that is >= 0.
+
+    Args:
+        model: called as :mod:`hq_ptq.model_io` says; its Conv/Linear layers named in ``rows`` are float.
+        rows: ``{layer name: its (scheme, bits) candidates}``.
+        batches: ``(inputs, targets)`` pairs; materialised into a list.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``; default cross-entropy.
+        reset: ``reset(model)`` before every forward (spiking neuron state).
+        progress: ``progress(done, total)`` after the float loss and after each (layer, candidate).
+        shard: data-parallel rank; ``batches`` are then this rank's global batches ``rank, rank+world, ...``
+            and the per-batch losses are summed over ranks, so every rank returns the single-process table.
+        scale_init: where each candidate's scale starts (:func:`hq_ptq.swap.set_layer_quant`).
+
+    Returns:
+        ``{layer_name: {(scheme, bits): omega}}``, every value finite and >= 0.
+
+    Raises:
+        ValueError: empty rows or candidates, a name that is not a layer of ``model``, a non-finite loss.
+    """
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    cands = {name: [(str(s), int(b)) for s, b in row] for name, row in rows.items()}
+    if not cands:
+        raise ValueError("rows is empty; pass {layer name: [(scheme, bits), ...]}")
+    empty = [n for n, row in cands.items() if not row]
+    if empty:
+        raise ValueError(
+            f"no candidates for layers {empty}; pass (scheme, bits) pairs such as ('uniform', 4)"
+        )
+    modules = dict(model.named_modules())
+    unknown = [n for n in cands if n not in modules]
+    if unknown:
+        raise ValueError(f"layers {unknown} are not submodules of the model; check the layer names")
+    data, n_batches, _ = _sharded_batches(batches, shard)
+    entries = [("", ("", 0))] + [(name, c) for name, row in cands.items() for c in row]  # first: float
+    losses = torch.zeros(n_batches, len(entries), dtype=torch.float64)
+    rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    done = 0
+
+    def measure(net: nn.Module, column: int) -> None:
+        nonlocal done
+        for k, batch in enumerate(data):
+            losses[rank + k * world, column] = float(_scalar_loss(net, batch, loss_fn, reset, device))
+        done += 1
+        if progress is not None:
+            progress(done, len(entries))
+
+    with _analysis_mode(model, []), torch.no_grad():
+        try:
+            measure(model, 0)
+            column = 1
+            for name, row in cands.items():
+                copy = detached_copy(model)  # in eval mode with no grads, as the model is here
+                swap_layers(copy, include=(glob.escape(name),), exclude=())
+                layer = copy.get_submodule(name)
+                for scheme, bits in row:
+                    set_layer_quant(layer, scheme, bits, scale_init=scale_init)
+                    measure(copy, column)
+                    column += 1
+                del copy, layer
+        finally:
+            if reset is not None:
+                reset(model)
+    if shard is not None:
+        losses = shard.reduce(losses)  # each row is computed on one rank, zero on the others
+    total = torch.zeros(len(entries), dtype=torch.float64)
+    for row_losses in losses:  # in batch order, so the sum is the same for any number of ranks
+        total += row_losses
+    mean = total / n_batches
+    bad = [
+        f"{n or 'float model'} {c if n else ''}".strip()
+        for (n, c), v in zip(entries, mean.tolist())
+        if not math.isfinite(v)
+    ]
+    if bad:
+        raise ValueError(
+            f"the calibration loss is non-finite for {bad}; check the loss and inputs for NaN/inf"
+        )
+    base = float(mean[0])
+    table: Table = {name: {} for name in cands}
+    for (name, cand), value in zip(entries[1:], mean[1:].tolist(), strict=True):
+        table[name][cand] = max(0.0, value - base)
+    return table
 
 
 # A trace this far below the largest one is a zero up to round-off: e.g. a surrogate gradient of 1e-13

@@ -1,4 +1,5 @@
-"""The JSON cache of sensitivity traces (and the Omega table, for inspection): :func:`table_to_json`,
+"""The JSON cache of sensitivity traces (and the Omega table: for inspection, or as the measured result of
+metric ``"loss"``, :func:`cached_table`): :func:`table_to_json`,
 :func:`table_from_json`, the :func:`fingerprint` of a trace computation (model weights, layers, metric
 and options) and :func:`cached_traces`, which recomputes only when the fingerprint differs. The traces
 themselves come from :mod:`hq_ptq.sensitivity`.
@@ -145,3 +146,30 @@ def cached_traces(
     table_to_json(table(traces) if table is not None else None, traces, p, full_meta)
     logger.info("sensitivity traces saved to %s", p)
     return traces
+
+
+def cached_table(
+    path: str | os.PathLike[str],
+    fingerprint: str,
+    compute: Callable[[], Table],
+    *,
+    meta: Mapping[str, Any] | None = None,
+) -> Table:
+    """Load a measured score table (metric ``"loss"``) from ``path`` if its fingerprint matches, else
+    ``compute()`` and save it. The fingerprint must cover the candidates of every row (a different row set
+    is a different table). A malformed or stale cache is recomputed."""
+    p = Path(path)
+    if p.is_file():
+        try:
+            table, _, old_meta = table_from_json(p)
+        except ValueError as exc:
+            logger.warning("%s; recomputing", exc)
+        else:
+            if old_meta.get("fingerprint") == fingerprint:
+                logger.info("sensitivity table loaded from %s", p)
+                return table
+            logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
+    table = compute()
+    table_to_json(table, {}, p, {**dict(meta or {}), "fingerprint": fingerprint})
+    logger.info("sensitivity table saved to %s", p)
+    return table

@@ -33,8 +33,11 @@ class SearchReport:
     meta: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, *, scale_init: str = "mse") -> nn.Module:
     """Give every layer of ``plan`` its (scheme, bits), swapping float layers first; returns the model.
+
+    Each layer's quantizer is new, its scale starting at ``scale_init`` (``"mse"`` or ``"absmax"``,
+    :func:`hq_ptq.swap.set_layer_quant`); ``hq_ptq.load`` then restores saved scales over it.
 
     Raises:
         ValueError: the plan names a layer the model does not have or one that is not a Conv/Linear, or
@@ -57,7 +60,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         swap_layers(model, include=tuple(to_swap), scheme="uniform", bits=8)
         layers = quant_layers(model)
     for choice in plan.layers:
-        set_layer_quant(layers[choice.name], choice.scheme, choice.bits, choice.sensitivity)
+        set_layer_quant(
+            layers[choice.name], choice.scheme, choice.bits, choice.sensitivity, scale_init=scale_init
+        )
     setattr(model, SEARCH_ATTR, SearchReport(plan.budget, plan.method, dict(plan.meta)))
     return model
 

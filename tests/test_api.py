@@ -239,3 +239,28 @@ def test_quantize_recalibrates_bn_when_asked():
         runs[batches] = model[1].running_mean.clone()
     assert torch.equal(runs[0], torch.zeros(8))  # never trained: the float model's initial statistics
     assert not torch.equal(runs[2], runs[0])
+
+
+def test_scale_init_reaches_scoring_and_the_applied_plan():
+    """quant.scale_init is used both where candidates are scored and where the plan is applied, so the
+    score table's weight errors are those of the layers the plan produces."""
+    from hq_ptq.swap import weight_error
+
+    errors = {}
+    for init in ("mse", "absmax"):
+        model = _cnn()
+        config = QuantConfig(scale_init=init, search=SearchConfig(metric="data_free"))
+        analysis = hq_ptq.analyze(model, config=config)
+        layer = quant_layers(model)["2"]
+        errors[init] = analysis.table["2"][("pot", 3)]
+        assert errors[init] == pytest.approx(weight_error(layer, "pot", 3, scale_init=init), rel=1e-6)
+        plan = hq_ptq.search_plan(analysis, 4.0, config)
+        fresh = _cnn()
+        hq_ptq.apply_plan(fresh, plan, scale_init=init)
+        applied = quant_layers(fresh)["2"]
+        scheme, bits = applied.hq_quant.scheme, applied.hq_quant.bits
+        assert float((applied.quant_weight().value - applied.weight).pow(2).sum()) == pytest.approx(
+            weight_error(applied, scheme, bits, scale_init=init), rel=1e-5)
+    assert errors["mse"] < errors["absmax"]
+    with pytest.raises(ValueError, match="quant.scale_init must be one of mse, absmax, got 'max'"):
+        QuantConfig(scale_init="max")

@@ -243,3 +243,148 @@ def test_constants_live_in_one_place():
     rep = estimate_energy(act, {n: 4 for n in act}, constants=doubled)
     assert rep.fp32_pj == pytest.approx(2 * base.fp32_pj) and rep.quant_pj == pytest.approx(2 * base.quant_pj)
     assert math.isclose(rep.ratio, base.ratio)
+
+
+# ---------------------------------------------------------------------------------------------
+# operation counts (NeuroBench's names) and memory: the counts the pJ are made of
+# ---------------------------------------------------------------------------------------------
+def _add(bits: int) -> float:
+    return 0.03 + (bits - 8) * (0.1 - 0.03) / 24
+
+
+def test_spike_layer_counts_accumulates_at_its_rate():
+    act = measure_activity(_model(), _batches(2))
+    rep = estimate_energy(act, Plan(tuple(LayerChoice(n, "pot", 4, a.params, 0.0) for n, a in act.items())))
+    fc = next(e for e in rep.layers if e.name == "fc")
+    # exact binary spikes, half of the 16 inputs on: ACs = rate x dense MACs, in both columns, any scheme
+    for ops in (fc.fp32_ops, fc.quant_ops):
+        assert ops == energy_mod.LayerOps(dense_macs=FC_MACS, effective_acs=0.5 * FC_MACS,
+                                          effective_macs=0.0, shifts=0.0)
+        assert ops.synops == 0.5 * FC_MACS
+    # the real-valued head: dense float MACs in FP32, one shift-and-add per dense MAC with PoT weights
+    head = next(e for e in rep.layers if e.name == "head")
+    assert head.fp32_ops == energy_mod.LayerOps(HEAD_MACS, 0.0, HEAD_MACS, 0.0)
+    assert head.quant_ops == energy_mod.LayerOps(HEAD_MACS, 0.0, 0.0, HEAD_MACS)
+    # NeuroBench's own classification, by input alone: s+s (0/2) is a MAC layer there, skipping zeros
+    assert act["fc"].neurobench_spiking and not act["fc2"].neurobench_spiking
+    nb = rep.operations()["neurobench"]
+    assert nb["Effective_ACs"] == pytest.approx(0.25 * CONV_MACS + 0.5 * FC_MACS + 0.5 * GCONV_MACS)
+    assert nb["Effective_MACs"] == pytest.approx(0.5 * FC_MACS + act["head"].rate * HEAD_MACS)
+
+
+def test_count_layer_takes_the_cheaper_pot_datapath():
+    act = measure_activity(_model(), _batches(1))
+    fc2 = act["fc2"]  # values 0 and 2, rate 0.5, mean|x| 1.0
+    assert energy_mod.layer_ops(fc2, "uniform", 4) == energy_mod.LayerOps(FC_MACS, FC_MACS, 0.0, 0.0)
+    assert energy_mod.layer_ops(fc2, "pot", 4, EnergyConstants(barrel_shift_per_add=2.0)).shifts == 0.0
+    cheap = EnergyConstants(barrel_shift_per_add=0.5)
+    ops = energy_mod.layer_ops(fc2, "pot", 4, cheap)
+    assert ops == energy_mod.LayerOps(FC_MACS, 0.0, 0.0, 0.5 * FC_MACS)
+    assert energy_mod.layer_cost(fc2, "pot", 4, cheap)[0] == pytest.approx(0.5 * FC_MACS * 1.5 * _add(4))
+
+
+class LifNet(nn.Module):
+    """Input ``[T, B, 2, 4, 4]`` real-valued. Membranes per sample: ``lif1`` 3x4x4 = 48 (multi-step),
+    ``lif2`` 5 (multi-step), ``step`` 5 (a step-wise snn.Leaky called T times on the same state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import snntorch as snn
+
+        from hq_ptq.snn import MultiStepLeaky
+
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.lif1 = MultiStepLeaky(beta=0.5, threshold=0.1)
+        self.fc = nn.Linear(48, 5)
+        self.lif2 = MultiStepLeaky(beta=0.5, threshold=0.1)
+        self.step = snn.Leaky(beta=0.5, threshold=0.1, init_hidden=False)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, b = x.shape[:2]
+        s = self.lif1(self.conv(x.flatten(0, 1)).reshape(t, b, 48))
+        s = self.lif2(self.fc(s.flatten(0, 1)).reshape(t, b, 5))
+        mem, outs = torch.zeros(b, 5), []
+        for s_t in s.unbind(0):
+            spk, mem = self.step(s_t, mem)
+            outs.append(spk)
+        return self.head(torch.stack(outs).mean(0))
+
+
+def _lif_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(T, B, 2, 4, 4, generator=g), torch.zeros(B, dtype=torch.long))]
+
+
+def test_real_first_layer_macs_or_shifts_and_neuron_state():
+    torch.manual_seed(0)
+    act = measure_activity(LifNet(), _lif_batches())
+    conv_macs = T * 48 * 2 * 9
+    conv = act["conv"]
+    assert conv.kind == "mac" and conv.rate == 1.0 and conv.macs == conv_macs
+    # membranes: one per-step tensor per sample; the Leaky inside a MultiStepLeaky is not a second neuron
+    assert act.neurons == {"lif1": 48, "lif2": 5, "step": 5}
+    layers = ("conv", "fc", "head")
+    def plan(scheme: str) -> Plan:
+        return Plan(tuple(LayerChoice(n, scheme, 4, act[n].params, 0.0) for n in layers))
+
+    uniform = estimate_energy(act, plan("uniform"))
+    pot = estimate_energy(act, plan("pot"), membrane_bits=16)
+    u, p = (next(e for e in r.layers if e.name == "conv") for r in (uniform, pot))
+    assert u.quant_ops == energy_mod.LayerOps(conv_macs, 0.0, conv_macs, 0.0)  # MACs = dense MACs
+    assert p.quant_ops == energy_mod.LayerOps(conv_macs, 0.0, 0.0, conv_macs)  # shifts = dense MACs
+    assert p.quant_compute_pj == pytest.approx(conv_macs * (0.03 + 0.9))
+    assert u.quant_compute_pj == u.fp32_compute_pj == pytest.approx(conv_macs * 4.6)
+    # memory: weights at 32 bits against 4, neuron state at 32 bits against membrane_bits
+    ops = pot.operations()
+    params = sum(act[n].params for n in layers)
+    assert ops["weight_memory_bits"] == {"fp32": 32 * params, "quantized": 4 * params}
+    state = ops["neuron_state_memory_bits"]
+    assert (state["elements"], state["fp32_bits"], state["quant_bits"]) == (58, 58 * 32, 58 * 16)
+    assert uniform.operations()["neuron_state_memory_bits"]["quant_bits"] == 58 * 32
+    # a hand-built activity dict has no neuron count; an explicit one can be passed
+    plain = dict(act)
+    assert estimate_energy(plain, {"conv": 4}).operations()["neuron_state_memory_bits"] is None
+    given = estimate_energy(plain, {"conv": 4}, neurons={"x": 10}).operations()["neuron_state_memory_bits"]
+    assert given["quant_bits"] == 320
+    with pytest.raises(ValueError, match="membrane_bits"):
+        estimate_energy(act, {"conv": 4}, membrane_bits=0)
+
+
+def _mixed_plan(act) -> Plan:
+    schemes = {"conv": ("uniform", 8), "fc": ("pot", 3), "fc2": ("pot", 4), "gconv": ("uniform", 2)}
+    return Plan(tuple(LayerChoice(n, *schemes[n], act[n].params, 0.0) for n in schemes))  # head left float
+
+
+def test_totals_are_the_sum_over_layers_and_pj_are_counts_times_constants():
+    act = measure_activity(_model(), _batches(2, scale=3.0))  # conv: event counts, a MAC layer
+    cheap = EnergyConstants(barrel_shift_per_add=0.5)
+    rep = estimate_energy(act, _mixed_plan(act), cheap)
+    ops = rep.operations()
+    for column, attr in (("fp32", "fp32_ops"), ("quantized", "quant_ops")):
+        for key, field in (("Effective_ACs", "effective_acs"), ("Effective_MACs", "effective_macs"),
+                           ("shifts", "shifts")):
+            by_layer = [getattr(getattr(e, attr), field) for e in rep.layers]
+            assert ops[column][key] == pytest.approx(sum(by_layer))
+    assert ops["Dense"] == CONV_MACS + 2 * FC_MACS + GCONV_MACS + HEAD_MACS
+    assert ops["quantized"]["shifts"] == pytest.approx(0.5 * FC_MACS)  # fc2: 0/2 counts, cheap shift
+    bits = {"conv": 8, "fc": 3, "fc2": 4, "gconv": 2, "head": 32}
+    assert ops["weight_memory_bits"]["quantized"] == sum(act[n].params * b for n, b in bits.items())
+    assert ops["weight_memory_bits"]["fp32"] == 32 * sum(a.params for a in act.values())
+    # every layer's pJ are its counts times the per-operation energies, written out here by hand
+    for e in rep.layers:
+        fp, q = e.fp32_ops, e.quant_ops
+        assert e.fp32_compute_pj == pytest.approx(fp.effective_acs * 0.9 + fp.effective_macs * 4.6)
+        b = bits[e.name]
+        shift = 0.03 + 0.9 if e.kind == "mac" else 1.5 * _add(b)
+        ac = 0.9 if e.bits is None else _add(b)
+        assert e.quant_compute_pj == pytest.approx(q.effective_acs * ac + q.shifts * shift
+                                                   + q.effective_macs * 4.6)
+        assert e.quant_memory_pj == pytest.approx(e.weight_reads * b * 5.0 / 32)
+        assert fp.dense_macs == q.dense_macs == e.macs
+    # the report's JSON keeps every earlier key and adds the operations
+    d = rep.to_dict()
+    assert {"unit", "time_steps", "totals", "constants", "conventions", "layers"} < set(d)
+    assert d["operations"] == ops and d["totals"] == rep.totals()
+    assert d["layers"][0]["quant_ops"]["effective_macs"] == CONV_MACS
+    assert d["layers"][0]["quant_weight_bits"] == 8 * act["conv"].params

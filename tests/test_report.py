@@ -91,6 +91,38 @@ def test_full_report(tmp_path: Path):
     assert md.count("| `") == len(LAYERS)  # one plan row per layer
 
 
+def test_report_gives_operations_and_memory(tmp_path: Path):
+    act = {
+        c.name: LayerActivity(
+            name=c.name, layer_type="Conv1d", params=c.params, macs=64.0 * c.params, steps=4.0, time_steps=4,
+            rate=0.2, mean_abs=0.2, binary=c.name != "head", integer=c.name != "head", model_input=False,
+        )
+        for c in LAYERS
+    }
+    energy = estimate_energy(act, PLAN, neurons={"lif": 1000}, membrane_bits=16)
+    paths = write_report(tmp_path, plan=PLAN, results=RESULTS, energy=energy)
+    doc = _strict_json(paths["json"])
+    ops = doc["energy"]["operations"]
+    spikes = 0.2 * 64 * sum(c.params for c in LAYERS if c.name != "head")
+    assert ops["fp32"]["Effective_ACs"] == pytest.approx(spikes)
+    # the real-valued head is uniform: a float MAC in both columns, no shifts
+    assert ops["quantized"]["Effective_MACs"] == ops["fp32"]["Effective_MACs"] == 64 * 640
+    assert ops["quantized"]["shifts"] == 0
+    assert ops["weight_memory_bits"] == {"fp32": 32 * PLAN.total_params, "quantized": PLAN.size_bits}
+    assert ops["neuron_state_memory_bits"]["quant_bits"] == 16_000
+    md = paths["md"].read_text(encoding="utf-8")
+    table = md.split("## Operations and memory per inference")[1].split("##")[0]
+    kbit = (32 * PLAN.total_params / 1e3, PLAN.size_bits / 1e3)
+    assert f"| weight memory (kbit) | {kbit[0]:.4g} | {kbit[1]:.4g} |" in table
+    assert "| neuron-state memory (kbit) | 32 | 16 |" in table
+    assert f"| accumulates (Effective_ACs) | {spikes:.4g} | {spikes:.4g} |" in table
+    assert f"| multiply-accumulates (Effective_MACs) | {64 * 640:.4g} | {64 * 640:.4g} |" in table
+    assert "| shift-and-adds (power-of-two weights) | 0 | 0 |" in table
+    # without a neuron count the row says so
+    md = write_report(tmp_path / "b", plan=PLAN, results=RESULTS, energy=_energy())["md"].read_text("utf-8")
+    assert "| neuron-state memory (kbit) | n/a | n/a |" in md
+
+
 def test_minimal_report_with_unknown_scores(tmp_path: Path):
     # unknown sensitivities (NaN normalised to None, as get_plan gives them): still strict JSON and a plot
     plan = Plan(tuple(LayerChoice(c.name, c.scheme, 4, c.params, float("nan")) for c in LAYERS),

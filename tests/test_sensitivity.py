@@ -16,6 +16,7 @@ from hq_ptq.sensitivity import (
     fisher_traces,
     hutchinson_estimates,
     hutchinson_traces,
+    loss_table,
     sensitivity_table,
     weight_traces,
 )
@@ -362,3 +363,219 @@ def test_hutchinson_through_brevitas_quant_layers():
     batches = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
     traces = hutchinson_traces(model, {"0": model[0], "2": model[2]}, batches, max_samples=16)
     assert all(math.isfinite(t) and t > 0 for t in traces.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# metric "loss": the measured table
+
+
+def _mean_ce(model: nn.Module, batches, overrides: dict[str, torch.Tensor] | None = None) -> float:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    with torch.no_grad():
+        losses = [
+            float(F.cross_entropy(functional_call(model, {**params, **(overrides or {})}, (x,)), y))
+            for x, y in batches
+        ]
+    return sum(losses) / len(losses)
+
+
+def _quantized(layer: nn.Linear, scheme: str, bits: int) -> torch.Tensor:
+    """The weight an hq_ptq quant layer at (scheme, bits) uses, computed on a separate copy."""
+    import copy
+
+    from hq_ptq.schemes import quantized_weight
+    from hq_ptq.swap import swap_layers
+
+    holder = nn.Sequential(copy.deepcopy(layer))
+    swap_layers(holder, scheme=scheme, bits=bits)
+    with torch.no_grad():
+        return quantized_weight(holder[0]).detach()
+
+
+def test_loss_table_is_the_loss_increase_of_one_layer_alone():
+    model = _mlp()
+    batches = _mlp_batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = {"0": [("uniform", 2), ("pot", 3)], "2": [("uniform", 2)]}
+    table = loss_table(model, rows, batches)
+    base = _mean_ce(model, batches)
+    increases = []
+    for name, row in rows.items():
+        for scheme, bits in row:
+            # only this layer's weight is quantized: the others keep their float weights
+            hand = _mean_ce(model, batches, {f"{name}.weight": _quantized(model[int(name)], scheme, bits)})
+            assert abs(hand - base) > 1e-4  # every candidate moves the loss measurably
+            assert table[name][(scheme, bits)] == pytest.approx(max(0.0, hand - base), rel=1e-4, abs=1e-6)
+            increases.append(hand - base)
+    assert max(increases) > 1e-3  # not all clamped: the check compares real increases
+    assert set(table) == {"0", "2"} and set(table["0"]) == {("uniform", 2), ("pot", 3)}
+    # the model is never changed: still float layers, same values
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_loss_table_clamps_negative_increases_at_zero():
+    model = _mlp()
+    batches = _mlp_batches()
+
+    def gain(out, y):  # quantization that raises the cross-entropy lowers this loss
+        return -F.cross_entropy(out, y)
+
+    rows = {"0": [("uniform", 2), ("pot", 3)], "2": [("uniform", 2)]}
+    table = loss_table(model, rows, batches, gain)
+    base = -_mean_ce(model, batches)
+    clamped = 0
+    for name, row in rows.items():
+        for scheme, bits in row:
+            hand = -_mean_ce(model, batches, {f"{name}.weight": _quantized(model[int(name)], scheme, bits)})
+            assert table[name][(scheme, bits)] == pytest.approx(max(0.0, hand - base), rel=1e-4, abs=1e-6)
+            clamped += hand - base < -1e-4
+    assert clamped and all(v >= 0 for row in table.values() for v in row.values())
+
+
+def test_loss_table_reports_progress_and_bad_rows():
+    model = _mlp()
+    calls: list[tuple[int, int]] = []
+    rows = {"0": [("uniform", 4)], "2": [("uniform", 4), ("pot", 4)]}
+    loss_table(model, rows, _mlp_batches(1), progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 4) for i in range(1, 5)]  # the float model, then each (layer, candidate)
+    with pytest.raises(ValueError, match="no candidates for layers"):
+        loss_table(model, {"0": []}, _mlp_batches(1))
+    with pytest.raises(ValueError, match="not submodules"):
+        loss_table(model, {"nope": [("uniform", 4)]}, _mlp_batches(1))
+
+
+def test_analyze_loss_metric_caches_the_table_and_scores_protected_layers(tmp_path, monkeypatch):
+    import hq_ptq.api as api
+    from hq_ptq.config import QuantConfig, SearchConfig
+
+    def three_layers() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    calls = []
+    measured = api.loss_table
+    monkeypatch.setattr(api, "loss_table", lambda *a, **k: calls.append(1) or measured(*a, **k))
+    config = QuantConfig(
+        search=SearchConfig(metric="loss", schemes=("uniform",), bits=(2, 4), calib_batches=1),
+        cache_dir=str(tmp_path),
+    )
+    first = api.analyze(three_layers(), calib_data=_mlp_batches(), config=config)
+    assert first.metric == "loss" and len(calls) == 1
+    # protected first/last layers carry their own candidate, measured like the others
+    assert set(first.table["0"]) == set(first.table["4"]) == {("uniform", 2), ("uniform", 4), ("uniform", 8)}
+    assert set(first.table["2"]) == {("uniform", 2), ("uniform", 4)}
+    assert all(v >= 0 for row in first.table.values() for v in row.values())
+    assert max(v for row in first.table.values() for v in row.values()) > 0
+    assert first.traces == {n: max(row.values()) for n, row in first.table.items()}
+    again = api.analyze(three_layers(), calib_data=_mlp_batches(), config=config)
+    assert len(calls) == 1 and again.table == first.table  # read back from the cache
+    assert len(list(tmp_path.glob("table-*.json"))) == 1
+    wider = QuantConfig(
+        search=SearchConfig(metric="loss", schemes=("uniform",), bits=(2, 3, 4), calib_batches=1),
+        cache_dir=str(tmp_path),
+    )
+    api.analyze(three_layers(), calib_data=_mlp_batches(), config=wider)
+    assert len(calls) == 2  # other candidates, other table
+
+
+# ------------------------------------------------------------------------------------------------
+# metric "fisher": per-sample squared gradients
+
+
+def _grad(model: nn.Module, name: str, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    w = params[name].clone().requires_grad_(True)
+    loss = F.cross_entropy(functional_call(model, {**params, name: w}, (inputs,)), targets)
+    return torch.autograd.grad(loss, w)[0]
+
+
+def _hand_fisher(model: nn.Module, name: str, batches, batch_dim: int = 0) -> tuple[float, float]:
+    """(mean_i ||g_i||^2 / n, mean over batches of ||mean_i g_i||^2 / n) for one weight, by hand."""
+    n = dict(model.named_parameters())[name].numel()
+    squares, batch_means = [], []
+    for x, y in batches:
+        grads = [_grad(model, name, x.narrow(batch_dim, i, 1), y[i : i + 1]) for i in range(len(y))]
+        squares += [float(g.pow(2).sum()) for g in grads]
+        batch_means.append(float(torch.stack(grads).mean(0).pow(2).sum()))
+    return sum(squares) / len(squares) / n, sum(batch_means) / len(batch_means) / n
+
+
+def test_fisher_is_the_mean_per_sample_squared_gradient():
+    model = _mlp()
+    batches = _mlp_batches()
+    layers = {"0": model[0], "2": model[2]}
+    default = fisher_traces(model, layers, batches)
+    custom = fisher_traces(model, layers, batches, lambda out, y: F.cross_entropy(out, y))  # micro-batches
+    for name in layers:
+        true, batch_mean = _hand_fisher(model, f"{name}.weight", batches)
+        assert default[name] == pytest.approx(true, rel=1e-4)
+        assert custom[name] == pytest.approx(true, rel=1e-4)
+        assert true > 2 * batch_mean  # the old estimator is a different (smaller) number
+
+
+class _TimeFirst(nn.Module):
+    """Takes time-first [T, B, F] inputs, like the zoo's spiking models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x)).mean(0)
+
+
+def _time_first_batches(steps: int, batch: int):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randn(steps, batch, 4, generator=g), torch.randint(0, 3, (batch,), generator=g))]
+
+
+def test_fisher_custom_loss_splits_time_first_inputs(caplog):
+    model = _TimeFirst()
+    batches = _time_first_batches(steps=5, batch=6)
+    true, _ = _hand_fisher(model, "fc.weight", batches, batch_dim=1)
+    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+        got = fisher_traces(model, {"fc": model.fc}, batches, lambda out, y: F.cross_entropy(out, y))
+    assert got["fc"] == pytest.approx(true, rel=1e-4)
+    assert not caplog.records
+
+
+def test_fisher_ambiguous_batch_dimension(caplog):
+    model = _TimeFirst()
+    batches = _time_first_batches(steps=6, batch=6)  # T == B: which dimension is the batch?
+    true, batch_mean = _hand_fisher(model, "fc.weight", batches, batch_dim=1)
+    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+        default = fisher_traces(model, {"fc": model.fc}, batches)
+    # the default cross-entropy needs no split: per-sample losses through the batch graph, exact, silent
+    assert default["fc"] == pytest.approx(true, rel=1e-4)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+        custom = fisher_traces(model, {"fc": model.fc}, batches, lambda out, y: F.cross_entropy(out, y))
+    assert custom["fc"] == pytest.approx(batch_mean, rel=1e-4)  # the batch-mean fallback
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert "ambiguous" in record.getMessage() and "batch-mean" in record.getMessage()
+
+
+# ------------------------------------------------------------------------------------------------
+# metric "hessian": what is logged
+
+
+def test_hutchinson_warns_at_the_probe_cap_and_on_negative_traces(caplog):
+    model = _mlp()
+    layers = {"0": model[0], "2": model[2]}
+    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+        hutchinson_traces(model, layers, _mlp_batches(), rel_tol=1e-6, min_samples=2, max_samples=4)
+    [record] = [r for r in caplog.records if "probe cap" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "for 2 layers" in record.getMessage() and "0 0." in record.getMessage()
+    caplog.clear()
+
+    def concave(out, y):  # the negated cross-entropy has a negative-definite Hessian in the last layer
+        return -F.cross_entropy(out, y)
+
+    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+        traces = hutchinson_traces(model, {"2": model[2]}, _mlp_batches(), concave, max_samples=8)
+    assert traces["2"] > 0
+    assert any(r.levelname == "WARNING" and "negative" in r.getMessage() for r in caplog.records)
