@@ -5,6 +5,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+# Two pytest workers (one torch thread each, tests/conftest.py), one test file per worker so module fixtures
+# are built once: the suite then fits the 10-minute budget on a 2-core machine. `make test PYTEST_WORKERS=0`
+# runs in one process.
+PYTEST_WORKERS ?= 2
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint install install-dev clean
@@ -26,7 +30,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/hq-ptq run digits-spikformer
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check hq_ptq tests benchmarks examples
