@@ -280,7 +280,7 @@ def quantize_cmd(
         ),
     ] = None,
     qat_steps: Annotated[int, typer.Option(help="QAT steps (0: post-training only)")] = 150,
-    metric: Annotated[str, typer.Option(help="hessian, fisher, data_free or loss")] = "hessian",
+    metric: Annotated[str, typer.Option(help="fisher, hessian, data_free or loss")] = "fisher",
     model: ModelOption = None,
     energy_budget: EnergyBudgetOption = None,
     loss: Annotated[

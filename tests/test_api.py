@@ -56,7 +56,7 @@ def test_data_free_quantize_warns_and_respects_budget():
 def test_quantize_with_calibration_and_qat_changes_weights():
     model = _cnn()
     data = _batches()
-    search = SearchConfig(hutchinson_probes=8, hutchinson_rel_tol=0.5)
+    search = SearchConfig(metric="hessian", hutchinson_probes=8, hutchinson_rel_tol=0.5)
     cfg = QuantConfig(search=search, qat=QATConfig(steps=3))
     before = {
         n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)

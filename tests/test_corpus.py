@@ -21,7 +21,7 @@ from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import reset_states
 from hq_ptq.swap import layer_quant, quant_layers
 
-FAST = QuantConfig(search=SearchConfig(hutchinson_probes=16), qat=QATConfig(steps=3))
+FAST = QuantConfig(search=SearchConfig(metric="fisher"), qat=QATConfig(steps=3))
 
 
 def _outputs(model: torch.nn.Module, inputs) -> list[torch.Tensor]:
@@ -88,6 +88,6 @@ def test_calibrated_qat_quantize_save_load_export(entry: CorpusModel, tmp_path):
         hq_ptq.quantize(model, 3.5, calib_data=entry.batches(4, 0), train_data=entry.batches(4, 1),
                         loss_fn=entry.loss_fn, config=FAST)
     plan = _check_plan(model, 3.5)
-    assert plan.meta["metric"] == "hessian"
+    assert plan.meta["metric"] == "fisher"
     loaded = _round_trip(model, entry, tmp_path, "qat")
     _export_and_verify(loaded, entry, tmp_path, "qonnx")
