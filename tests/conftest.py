@@ -77,6 +77,17 @@ def step_leaky(lif, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(spikes), torch.stack(mems)
 
 
+def small_cnn():
+    """A seeded plain CNN for [B, 1, 8, 8] inputs and 4 classes: two Conv2d, two Linear."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4),
+    )
+
+
 def mutate_bytes(good: bytes, data, op: str, span: int | None = None) -> bytes:
     """``good`` with one hypothesis-drawn change at a position below ``span`` (default: anywhere): ``flip``
     one byte, ``truncate`` there, or ``insert`` 1-16 random bytes. The fuzz tests of every file format."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import snntorch as snn
 import torch
+from conftest import small_cnn
 from torch import nn
 
 import hq_ptq
@@ -15,21 +16,6 @@ from hq_ptq.snn import reset_states
 from hq_ptq.swap import quant_layers
 
 
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64, 32),
-        nn.ReLU(),
-        nn.Linear(32, 4),
-    )
-
-
 def _batches(n=3, b=8, shape=(1, 8, 8), classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [
@@ -38,7 +24,7 @@ def _batches(n=3, b=8, shape=(1, 8, 8), classes=4, seed=0):
 
 
 def test_data_free_quantize_warns_and_respects_budget():
-    model = _cnn()
+    model = small_cnn()
     with pytest.warns(UserWarning, match="calib_data"):
         out = hq_ptq.quantize(model, budget=4.0)
     assert out is model
@@ -54,7 +40,7 @@ def test_data_free_quantize_warns_and_respects_budget():
 
 
 def test_quantize_with_calibration_and_qat_changes_weights():
-    model = _cnn()
+    model = small_cnn()
     data = _batches()
     search = SearchConfig(metric="hessian", hutchinson_probes=8, hutchinson_rel_tol=0.5)
     cfg = QuantConfig(search=search, qat=QATConfig(steps=3))
@@ -78,12 +64,12 @@ def test_quantize_with_calibration_and_qat_changes_weights():
 
 
 def test_plan_round_trip_reproduces_the_model():
-    model = _cnn()
+    model = small_cnn()
     data = _batches()
     cfg = QuantConfig(search=SearchConfig(metric="fisher"), qat=QATConfig(steps=0))
     hq_ptq.quantize(model, budget=3.5, calib_data=data, config=cfg)
     plan = hq_ptq.Plan.from_dict(hq_ptq.get_plan(model).to_dict())
-    fresh = _cnn()
+    fresh = small_cnn()
     hq_ptq.apply_plan(fresh, plan)
     x = torch.randn(4, 1, 8, 8)
     assert torch.equal(fresh(x), model(x))
@@ -95,7 +81,7 @@ def test_plan_round_trip_reproduces_the_model():
 def test_unreachable_budget_names_range():
     with pytest.raises(ValueError, match="unreachable"):
         hq_ptq.quantize(
-            _cnn(),
+            small_cnn(),
             budget=1.0,
             calib_data=_batches(),
             config=QuantConfig(search=SearchConfig(metric="data_free")),
@@ -105,7 +91,7 @@ def test_unreachable_budget_names_range():
 def test_model_without_layers_and_bad_weights_fail_loudly():
     with pytest.raises(ValueError, match="no Conv1d/Conv2d/Linear layer matches"):
         hq_ptq.quantize(nn.Sequential(nn.ReLU()), budget=4, calib_data=_batches())
-    model = _cnn()
+    model = small_cnn()
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -180,7 +166,7 @@ def test_spikformer_tiny_end_to_end():
             assert r.abs().max() <= n + 1e-4, c
 
 
-def _bn_cnn() -> nn.Module:
+def _bnsmall_cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1),
@@ -196,7 +182,7 @@ def _bn_cnn() -> nn.Module:
 
 
 def test_recalibrate_bn_averages_the_quantized_models_batch_statistics():
-    model = _bn_cnn()
+    model = _bnsmall_cnn()
     data = _batches(n=4)
     with pytest.warns(UserWarning, match="calib_data"):  # the data-free plan is enough here
         hq_ptq.quantize(model, budget=3.0, config=QuantConfig(search=SearchConfig(protect_first_last=False)))
@@ -232,7 +218,7 @@ def test_quantize_recalibrates_bn_when_asked():
     data = _batches(n=3)
     runs = {}
     for batches in (0, 2):
-        model = _bn_cnn()
+        model = _bnsmall_cnn()
         search = SearchConfig(hutchinson_probes=8, protect_first_last=False)
         cfg = QuantConfig(search=search, bn_recalibration_batches=batches)
         hq_ptq.quantize(model, budget=3.0, calib_data=data, config=cfg)
@@ -248,14 +234,14 @@ def test_scale_init_reaches_scoring_and_the_applied_plan():
 
     errors = {}
     for init in ("mse", "absmax"):
-        model = _cnn()
+        model = small_cnn()
         config = QuantConfig(scale_init=init, search=SearchConfig(metric="data_free"))
         analysis = hq_ptq.analyze(model, config=config)
         layer = quant_layers(model)["2"]
         errors[init] = analysis.table["2"][("pot", 3)]
         assert errors[init] == pytest.approx(weight_error(layer, "pot", 3, scale_init=init), rel=1e-6)
         plan = hq_ptq.search_plan(analysis, 4.0, config)
-        fresh = _cnn()
+        fresh = small_cnn()
         hq_ptq.apply_plan(fresh, plan, scale_init=init)
         applied = quant_layers(fresh)["2"]
         scheme, bits = applied.hq_quant.scheme, applied.hq_quant.bits

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import small_cnn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -235,19 +236,6 @@ def test_both_budgets_hold_and_milp_is_exact(problem):
 # ---------------------------------------------------------------------------------------------
 # quantize / search_plan
 # ---------------------------------------------------------------------------------------------
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(64, 32),
-        nn.ReLU(),
-        nn.Linear(32, 4),
-    )
 
 
 def _batches(n=2, b=8):
@@ -259,7 +247,7 @@ CONFIG = QuantConfig(search=SearchConfig(metric="fisher", calib_batches=2), bn_r
 
 
 def test_search_plan_energy_budget_on_real_valued_layers():
-    analysis = hq_ptq.analyze(_cnn(), calib_data=_batches(), config=CONFIG)
+    analysis = hq_ptq.analyze(small_cnn(), calib_data=_batches(), config=CONFIG)
     assert {a.kind for a in analysis.activity.values()} == {"mac"}  # a CNN's inputs are real
     bits_only = hq_ptq.search_plan(analysis, 4.0, CONFIG)
     assert 0 < bits_only.meta["energy_fraction"] <= 1
@@ -278,15 +266,15 @@ def test_search_plan_energy_budget_on_real_valued_layers():
 
 
 def test_quantize_energy_budget_end_to_end_and_errors():
-    model = _cnn()
+    model = small_cnn()
     hq_ptq.quantize(model, 4.0, energy_budget=0.3, calib_data=_batches(), config=CONFIG)
     plan = hq_ptq.get_plan(model)
     assert plan.meta["energy_fraction"] <= 0.3 and plan.meta["energy_budget"] == 0.3
     model(torch.randn(2, 1, 8, 8))
     with pytest.raises(ValueError, match="energy_budget needs calib_data"):
-        hq_ptq.quantize(_cnn(), 4.0, energy_budget=0.3, config=CONFIG)
+        hq_ptq.quantize(small_cnn(), 4.0, energy_budget=0.3, config=CONFIG)
     with pytest.raises(ValueError, match="energy_budget must be a fraction"):
-        hq_ptq.quantize(_cnn(), 4.0, energy_budget=0.0, calib_data=_batches(), config=CONFIG)
+        hq_ptq.quantize(small_cnn(), 4.0, energy_budget=0.0, calib_data=_batches(), config=CONFIG)
 
 
 class _TwoInputs(nn.Module):
