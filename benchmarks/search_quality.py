@@ -86,7 +86,7 @@ def run(args) -> dict:
                 key = (seed, tuple((c.name, c.scheme, c.bits) for c in plan.layers))
                 if key not in plan_cache:  # the same plan on the same BN batches measures the same
                     model = detached_copy(fp)
-                    apply_plan(model, plan)
+                    apply_plan(model, plan, scale_init=config.scale_init)
                     if bn_batches:
                         recalibrate_bn(model, bn_batches, len(bn_batches))
                     plan_cache[key] = evaluate(model, val, description=f"{metric} {method} {budget}")
