@@ -218,3 +218,24 @@ def test_pointwise_conv1d_as_linear_is_the_same_layer():
     assert torch.allclose(PointwiseConv1dAsLinear(conv)(x), conv(x), atol=1e-6)
     assert not _is_pointwise_conv1d(nn.Conv1d(6, 5, kernel_size=3))
     assert not _is_pointwise_conv1d(nn.Conv1d(6, 6, kernel_size=1, groups=2))
+
+
+def test_claims_are_decided_by_paired_intervals():
+    from hq_ptq.bench.verdicts import claims
+
+    def row(label, family, accs, budget=None, bits=3.0):
+        return {"label": label, "family": family, "avg_bits": bits, "budget": budget,
+                "accuracy": sum(accs) / len(accs), "ptq_accuracy": accs[0], "qat_accuracy": accs}
+
+    homo = row("uniform 3-bit", "uniform", [0.80, 0.81, 0.82])
+    for ours_accs, holds in (([0.85, 0.86, 0.87], True),    # every seed +5 points: better
+                             ([0.75, 0.76, 0.77], False),   # every seed -5 points: worse
+                             ([0.90, 0.78, 0.80], None)):   # mean +1.7 points, interval holds 0: a tie
+        ours = row("ours greedy @ 3", "ours-greedy", ours_accs, budget=3.0)
+        got = claims({"rows": [homo, ours], "fp_accuracy": 0.9, "n_test": 1000})
+        claim = next(c for c in got if "best homogeneous" in c["claim"])
+        assert claim["holds"] is holds and claim["tie"] is (holds is None), claim
+    single = row("ours greedy @ 3", "ours-greedy", [0.95], budget=3.0)  # one seed decides nothing
+    got = claims({"rows": [row("uniform 3-bit", "uniform", [0.80]), single], "fp_accuracy": 0.9,
+                  "n_test": 1000})
+    assert next(c for c in got if "best homogeneous" in c["claim"])["holds"] is None

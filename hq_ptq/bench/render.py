@@ -96,7 +96,9 @@ def markdown(results: dict, command: str) -> str:
     lines += [f"- {n}" for n in notes]
     lines += ["", "Claims, decided by the code from the rows above:", ""]
     for c in results["claims"]:
-        mark = {True: "**holds**", False: "**fails**", None: "**measured**"}[c["holds"]]
+        # a comparison whose interval holds 0 is a tie, neither holds nor fails
+        mark = "**tie**" if c.get("tie") else {True: "**holds**", False: "**fails**", None: "**measured**"}[
+            c["holds"]]
         lines.append(f"- {c['claim']}: {mark}. {c['detail']}.")
     return "\n".join(lines) + "\n"
 

@@ -43,14 +43,18 @@ def claims(results: dict) -> list[dict[str, Any]]:
     hetero = [r for r in rows if r["family"] in HETERO]
     out = []
 
-    def verdict(a: dict, b: dict) -> str:
-        # a mean difference inside the seeds' spread, or below one test sample, is not a measured ranking
+    def compare(a: dict, b: dict) -> tuple[bool | None, str]:
+        """``holds`` for "a >= b" and the detail: with per-seed QAT accuracies on both rows, their paired 95%
+        interval decides (better: holds, worse: fails, tie: None); a single measurement decides nothing."""
         d = a["accuracy"] - b["accuracy"]
-        spread = math.hypot(a.get("qat_std", 0.0), b.get("qat_std", 0.0))
-        noise = max(spread, sample)
-        within = "within" if abs(d) <= noise + 1e-12 else "beyond"
-        return (f"{'+' if d >= 0 else ''}{pts(d)} pts ({d / sample:+.0f} test samples), {within} the noise "
-                f"(max of the seeds' combined std {pts(spread)} pts and one test sample)")
+        head = f"{'+' if d >= 0 else ''}{pts(d)} pts ({d / sample:+.0f} test samples)"
+        seeds_a, seeds_b = a.get("qat_accuracy"), b.get("qat_accuracy")
+        if not seeds_a or not seeds_b or len(seeds_a) != len(seeds_b) or len(seeds_a) < 2:
+            return None, f"{head}; one measurement per row, no interval: undecided"
+        res = paired_interval(seeds_a, seeds_b)
+        holds = {"better": True, "worse": False, "tie": None}[res["verdict"]]
+        return holds, (f"{head}; paired over {res['n']} seeds {'+' if res['mean'] >= 0 else ''}"
+                       f"{pts(res['mean'])} ± {pts(res['half_width'])} pts (95%): {res['verdict']}")
 
     # 1a. heterogeneous vs the best homogeneous row at (about) equal average bits
     levels: dict[float, list[dict]] = {}
@@ -67,21 +71,20 @@ def claims(results: dict) -> list[dict[str, Any]]:
                                   "not measured at equal bits"})
             continue
         h = max(near, key=lambda r: (r["avg_bits"], r["accuracy"]))
-        holds = h["accuracy"] >= best["accuracy"]
-        out.append({"claim": claim, "holds": holds,
+        holds, detail = compare(h, best)
+        out.append({"claim": claim, "holds": holds, "tie": holds is None,
                     "detail": f"{h['label']} ({h['avg_bits']:.3f} bits) {pts(h['accuracy'])}% vs "
-                              f"{best['label']} {pts(best['accuracy'])}%: "
-                              f"{verdict(h, best)}"})
+                              f"{best['label']} {pts(best['accuracy'])}%: {detail}"})
 
     # 1b. heterogeneous vs uniform-only mixed precision at the compare budget
     mp = next((r for r in rows if r["family"] == "uniform-mp"), None)
     if mp is not None:
         for h in [r for r in hetero if r["budget"] == mp["budget"]]:
+            holds, detail = compare(h, mp)
             out.append({"claim": f"{h['label']} >= uniform-only MP at {mp['budget']:g}",
-                        "holds": h["accuracy"] >= mp["accuracy"],
+                        "holds": holds, "tie": holds is None,
                         "detail": f"{pts(h['accuracy'])}% ({h['avg_bits']:.3f} bits) vs "
-                                  f"{pts(mp['accuracy'])}% ({mp['avg_bits']:.3f} bits): "
-                                  f"{verdict(h, mp)}"})
+                                  f"{pts(mp['accuracy'])}% ({mp['avg_bits']:.3f} bits): {detail}"})
 
     # 2. search speed against the differentiable search, at equal or better accuracy
     dn = next((r for r in rows if r["family"] == "dnas"), None)
@@ -89,14 +92,15 @@ def claims(results: dict) -> list[dict[str, Any]]:
                 and r["budget"] == dn["budget"]]
     for ours in searched:
         speed = dn["search_seconds"] / ours["search_seconds"]
-        acc_ok = ours["accuracy"] >= dn["accuracy"]
+        acc_holds, acc_detail = compare(ours, dn)
+        acc_ok = acc_holds is not False  # "equal or better": a tie counts as equal
         per_step = dn["dnas"]["seconds"] / dn["dnas"]["steps"]
         out.append({"claim": f"our search ({ours['label']}) >= 10x faster than DNAS at equal or better "
                              "accuracy",
                     "holds": speed >= 10 and acc_ok,
                     "detail": f"ours {ours['search_seconds']:.1f} s vs DNAS {dn['search_seconds']:.1f} s "
                               f"({dn['dnas']['steps']} steps): {speed:.1f}x; accuracy "
-                              f"{pts(ours['accuracy'])}% vs {pts(dn['accuracy'])}%: {verdict(ours, dn)}; "
+                              f"{pts(ours['accuracy'])}% vs {pts(dn['accuracy'])}%: {acc_detail}; "
                               f"at {per_step:.2f} s/step DNAS would reach 10x our search time after "
                               f"{10 * ours['search_seconds'] / per_step:.0f} steps"})
 
