@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/search_quality.py [--recipe fashion-spikformer] [--seeds 0,1,2]
         [--budgets 2.25,2.5,3.0,3.5] [--metrics loss,fisher,hessian,data_free] [--val 1000] [--threads 2]
         [--set section.key=value ...] [--out benchmarks/results]
+    .venv/bin/python benchmarks/search_quality.py --compare A.json B.json METRIC   (two saved runs, paired)
 
 For every seed (which draws the calibration batches and seeds Hutchinson's probes), every metric is analysed
 once on the float model; then for every budget and allocator (greedy, MILP) the plan is applied to a fresh
@@ -154,7 +155,24 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_runs(a_path: Path, b_path: Path, metric: str, method: str = "greedy") -> str:
+    """Markdown: one metric's plans in two saved runs (e.g. two scale inits) with paired 95% intervals."""
+    a, b = json.loads(Path(a_path).read_text()), json.loads(Path(b_path).read_text())
+    lines = [f"| budget | {a_path.name} | {b_path.name} | a − b (points, 95%) | verdict |",
+             "|---:|---:|---:|---:|---|"]
+    for budget in a["budgets"]:
+        x = _accs(a["rows"], metric=metric, method=method, budget=budget)
+        y = _accs(b["rows"], metric=metric, method=method, budget=budget)
+        v = paired_interval(x, y)
+        lines.append(f"| {budget:g} | {100 * statistics.mean(x):.2f} | {100 * statistics.mean(y):.2f} | "
+                     f"{100 * v['mean']:+.2f} ± {100 * v['half_width']:.2f} | {v['verdict']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--compare"]:  # --compare A.json B.json METRIC: two saved runs side by side
+        print(compare_runs(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="fashion-spikformer")
     parser.add_argument("--seeds", default="0,1,2")
