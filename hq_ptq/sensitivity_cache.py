@@ -117,6 +117,22 @@ def fingerprint(
     return h.hexdigest()
 
 
+def _load_fresh(p: Path, fingerprint: str, what: str) -> tuple[Table, dict[str, float]] | None:
+    """``(table, traces)`` saved at ``p`` under ``fingerprint``; None when absent, malformed or stale."""
+    if not p.is_file():
+        return None
+    try:
+        table, traces, old_meta = table_from_json(p)
+    except ValueError as exc:
+        logger.warning("%s; recomputing", exc)
+        return None
+    if old_meta.get("fingerprint") != fingerprint:
+        logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
+        return None
+    logger.info("sensitivity %s loaded from %s", what, p)
+    return table, traces
+
+
 def cached_traces(
     path: str | os.PathLike[str],
     fingerprint: str,
@@ -131,16 +147,9 @@ def cached_traces(
     inspected; ``meta`` adds fields to the saved meta. A malformed or stale cache is recomputed.
     """
     p = Path(path)
-    if p.is_file():
-        try:
-            _, traces, old_meta = table_from_json(p)
-        except ValueError as exc:
-            logger.warning("%s; recomputing", exc)
-        else:
-            if old_meta.get("fingerprint") == fingerprint:
-                logger.info("sensitivity traces loaded from %s", p)
-                return traces
-            logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
+    saved = _load_fresh(p, fingerprint, "traces")
+    if saved is not None:
+        return saved[1]
     traces = dict(compute())
     full_meta = {**dict(meta or {}), "fingerprint": fingerprint}
     table_to_json(table(traces) if table is not None else None, traces, p, full_meta)
@@ -159,16 +168,9 @@ def cached_table(
     ``compute()`` and save it. The fingerprint must cover the candidates of every row (a different row set
     is a different table). A malformed or stale cache is recomputed."""
     p = Path(path)
-    if p.is_file():
-        try:
-            table, _, old_meta = table_from_json(p)
-        except ValueError as exc:
-            logger.warning("%s; recomputing", exc)
-        else:
-            if old_meta.get("fingerprint") == fingerprint:
-                logger.info("sensitivity table loaded from %s", p)
-                return table
-            logger.info("sensitivity cache %s is stale (fingerprint differs); recomputing", p)
+    saved = _load_fresh(p, fingerprint, "table")
+    if saved is not None:
+        return saved[0]
     table = compute()
     table_to_json(table, {}, p, {**dict(meta or {}), "fingerprint": fingerprint})
     logger.info("sensitivity table saved to %s", p)
