@@ -19,6 +19,7 @@ _HOMES = {
     "load": "pack", "save": "pack",
     "LayerChoice": "plan", "Plan": "plan",
     "finetune": "qat",
+    "integerize": "integer", "reference_mode": "integer", "save_integer": "integer",
     "detached_copy": "snn", "reset_states": "snn", "set_lif_backend": "snn", "to_multistep": "snn",
     "to_stepwise": "snn",
     "apply_plan": "state", "get_plan": "state",
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from hq_ptq.api import analyze, quantize, recalibrate_bn, search_plan
     from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
     from hq_ptq.export import export_onnxruntime, export_qonnx, run_export, verify_export
+    from hq_ptq.integer import integerize, reference_mode, save_integer
     from hq_ptq.pack import load, save
     from hq_ptq.plan import LayerChoice, Plan
     from hq_ptq.qat import finetune
@@ -66,6 +68,9 @@ __all__ = [
     "reset_states",
     "detached_copy",
     "finetune",
+    "integerize",
+    "reference_mode",
+    "save_integer",
     "to_multistep",
     "to_stepwise",
     "set_lif_backend",

@@ -77,6 +77,17 @@ def test_run_writes_report_and_artifacts(tiny):
     bad = runner.invoke(app, ["export", str(out / "model.hqpt.safetensors"), "--mode", "sideways"])
     assert bad.exit_code == 2 and "mode" in bad.output
 
+    int_path = out / "model.int.safetensors"
+    exported = runner.invoke(app, ["export", str(out / "model.hqpt.safetensors"), "--integer", "--T", "2",
+                                   "--membrane-bits", "12"])
+    assert exported.exit_code == 0, exported.output
+    assert "reproduces every output bit for bit" in " ".join(exported.output.split())
+    from safetensors import safe_open
+
+    with safe_open(str(int_path), "pt") as f:
+        assert json.loads(f.metadata()["layers"]) and f.metadata()["membrane_bits"] == "12"
+        assert all(not f.get_tensor(k).is_floating_point() for k in f.keys())  # integers only
+
 
 def test_quantize_checkpoint(tiny):
     root, _ = tiny

@@ -1,0 +1,613 @@
+"""Integer-only inference: :func:`integerize` turns a quantized spiking model into one whose every weight,
+current, membrane and threshold is an integer, and :func:`reference_mode` runs the same integer model through
+a small pure-NumPy (int64) implementation of its layers, the bit-exact reference.
+
+What the integer model computes, layer by layer (found by one probe forward on calibration batches):
+
+* **Synapse into a neuron** (a quantized Conv/Linear, optionally through a BatchNorm, whose output is the
+  input current of a multi-step LIF): the weight is its integer codes (uniform ``c``; power-of-two
+  ``±2^j``, so the product is a shift). The weight scale, BatchNorm and bias fold into one dyadic
+  requantization per output channel, ``current = (acc * M_c + B_c) >> S_c`` (integer multiply, add,
+  arithmetic shift), which expresses the current in the neuron's fixed-point unit.
+* **LIF neuron**: the membrane is a signed ``membrane_bits`` integer in units of ``threshold / 2^K`` (so
+  the threshold is ``2^K``; ``K`` leaves the headroom the calibration batches need). The leak is an
+  arithmetic right shift when ``beta = 2^-k`` (the zoo's 0.5) and a fixed-point multiply otherwise; the
+  reset is the float neuron's (to zero, or subtract the threshold, from the previous step's spike);
+  the membrane saturates at the width. A neuron fed by anything else (a spike-by-spike attention product
+  times a constant, a residual sum) takes its input as a fixed-point number ``x * 2^f``, which it checks.
+* **Synapse into anything else** (the classifier head, a residual stream): the same dyadic
+  requantization into a fixed-point output with ``out_frac_bits`` fractional bits.
+* Everything between layers (residual sums of spikes, spike-by-spike matmuls, max-pooling, means over a
+  power-of-two count) runs as the model's own code on these exact integer (or fixed-point) values.
+
+Tensors stay torch float32 (integers below 2^24 are exact in float32; that bound is checked); the
+integer layers compute in float64 and round nowhere but where their shifts say. What the integer path
+refuses, naming the module: a parametrized module that is not a quantized Conv/Linear, a BatchNorm or a
+multi-step LIF; a BatchNorm not directly behind a quantized layer; neurons that return membranes,
+per-channel or learnable-but-tensor thresholds; inputs to a layer that are not fixed-point numbers (e.g.
+real-valued pixels: quantize them first).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hq_ptq.model_io import call, class_scores
+from hq_ptq.schemes import quantized_weight, weight_codes
+from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
+from hq_ptq.swap import layer_quant, quant_layers
+
+__all__ = ["IntegerLIF", "IntegerReport", "IntegerSynapse", "compare", "integerize", "reference_mode",
+           "save_integer"]
+
+EXACT_FLOAT32 = 2**24  # every integer of smaller magnitude is exact in float32
+MAX_INPUT_FRAC = 16  # a layer input needs at most this many fractional bits to count as fixed point
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _frac_bits(x: torch.Tensor, where: str) -> int:
+    """Fewest fractional bits ``f`` with ``x * 2^f`` integral (at most :data:`MAX_INPUT_FRAC`)."""
+    x = x.detach().double()
+    for f in range(MAX_INPUT_FRAC + 1):
+        y = x * 2.0**f
+        if torch.equal(y, torch.round(y)):
+            return f
+    raise ValueError(
+        f"{where} gets inputs that are not fixed-point numbers (not integers over 2^{MAX_INPUT_FRAC}); "
+        "integer inference needs events, spike counts or fixed-point values there"
+    )
+
+
+def _fixed(x: torch.Tensor, frac: int, where: str) -> torch.Tensor:
+    """``x * 2^frac`` as float64 integers; raises unless exact."""
+    y = x.detach().double() * 2.0**frac
+    if not torch.equal(y, torch.round(y)):
+        raise ValueError(
+            f"{where} expects fixed-point inputs with {frac} fractional bits (as on the calibration "
+            "batches) and got other values"
+        )
+    return y
+
+
+def _dyadic(gain: torch.Tensor, offset: torch.Tensor, mult_bits: int) -> tuple[torch.Tensor, ...]:
+    """Per-channel integers ``(M, B, S)`` with ``(acc * M + B) >> S ~= gain * acc + offset`` (rounded to
+    nearest): ``M`` has ``mult_bits`` significant bits (sign apart), ``S >= 0``."""
+    g = gain.double().abs().clamp_min(1e-30)
+    shift = torch.clamp(torch.floor((mult_bits - 1) - torch.log2(g)), min=0, max=62)
+    mult = torch.round(gain.double() * 2.0**shift)
+    bias = torch.round(offset.double() * 2.0**shift) + torch.where(shift > 0, 2.0 ** (shift - 1), 0.0)
+    return mult, bias, shift
+
+
+def _requantize(acc: torch.Tensor, mult, bias, shift) -> torch.Tensor:
+    """``floor((acc * M + B) / 2^S)``: the integer multiply-add-shift, exact in float64 below 2^53."""
+    return torch.floor((acc * mult + bias) / 2.0**shift)
+
+
+def _check_exact(y: torch.Tensor, where: str) -> torch.Tensor:
+    if y.numel() and float(y.abs().max()) >= EXACT_FLOAT32:
+        raise ValueError(f"{where}: an integer reached 2^24, beyond float32's exact range")
+    return y.float()
+
+
+class IntegerSynapse(nn.Module):
+    """A quantized Conv1d/Conv2d/Linear with its BatchNorm folded, on integers.
+
+    ``forward(x)`` takes fixed-point inputs (``in_frac`` fractional bits), accumulates them against the
+    integer ``weight`` and requantizes each output channel: ``(acc * mult + bias) >> shift``. The result
+    is the next neuron's input current in its own unit (``out_frac = None``) or a fixed-point value
+    with ``out_frac`` fractional bits.
+    """
+
+    def __init__(self, kind: str, weight: torch.Tensor, conv: dict[str, Any], in_frac: int,
+                 mult: torch.Tensor, bias: torch.Tensor, shift: torch.Tensor, out_frac: int | None,
+                 name: str) -> None:
+        super().__init__()
+        self.kind, self.conv, self.in_frac, self.out_frac, self.name = kind, conv, in_frac, out_frac, name
+        self.register_buffer("weight", weight.float())  # integer codes; `weight` so model code reading
+        self.register_buffer("mult", mult.double())  # layer.weight.dtype still finds float32
+        self.register_buffer("bias_int", bias.double())
+        self.register_buffer("shift", shift.double())
+        self.reference = False
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}, weight {tuple(self.weight.shape)} in ±{int(self.weight.abs().max())}, "
+                f"in_frac={self.in_frac}, out_frac={self.out_frac}")
+
+    def _channels(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = [1] * dim
+        shape[1 if self.kind != "linear" else -1] = -1
+        return t.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xi = _fixed(x, self.in_frac, self.name)
+        if self.reference:
+            acc = torch.from_numpy(_np_accumulate(self.kind, xi.numpy().astype(np.int64),
+                                                  self.weight.numpy().astype(np.int64), self.conv))
+            y = _np_requantize(acc.numpy(), *(self._channels(t, acc.dim()).numpy().astype(np.int64)
+                                              for t in (self.mult, self.bias_int, self.shift)))
+            y = torch.from_numpy(y.astype(np.float64))
+        else:
+            w = self.weight.double()
+            if self.kind == "linear":
+                acc = F.linear(xi, w)
+            elif self.kind == "conv1d":
+                acc = F.conv1d(xi, w, None, **self.conv)
+            else:
+                acc = F.conv2d(xi, w, None, **self.conv)
+            params = (self.mult, self.bias_int, self.shift)
+            y = _requantize(acc, *(self._channels(t, acc.dim()) for t in params))
+        if self.out_frac is not None:
+            return _check_exact(y, self.name) / 2.0**self.out_frac
+        return _check_exact(y, self.name)
+
+
+class IntegerLIF(nn.Module):
+    """A multi-step LIF on integers: input currents ``[T, ...]`` in, spikes ``[T, ...]`` out.
+
+    The membrane is a signed ``bits``-bit integer whose threshold is ``2^k`` (``k = threshold_bits``).
+    A fixed-point input (``in_frac`` not None) is first requantized into that unit by
+    ``(x * 2^in_frac * in_mult + rounding) >> in_shift``; a current from an :class:`IntegerSynapse` is
+    already in it. The leak is ``>> leak_shift`` or, when ``leak_shift`` is None, ``(m * leak_mult) >> 16``.
+    """
+
+    def __init__(self, bits: int, threshold_bits: int, leak_shift: int | None, leak_mult: int, reset: str,
+                 in_frac: int | None, in_mult: int, in_shift: int, name: str) -> None:
+        super().__init__()
+        self.bits, self.threshold_bits, self.reset, self.name = bits, threshold_bits, reset, name
+        self.leak_shift, self.leak_mult = leak_shift, leak_mult
+        self.in_frac, self.in_mult, self.in_shift = in_frac, in_mult, in_shift
+        self._half = 2.0 ** (leak_shift - 1) if leak_shift else 0.0
+        self.reference = False
+        self.saturated = 0  # membrane values clamped at the width on the last call
+
+    def extra_repr(self) -> str:
+        leak = f">> {self.leak_shift}" if self.leak_shift is not None else f"* {self.leak_mult} >> 16"
+        return (f"bits={self.bits}, threshold=2^{self.threshold_bits}, leak {leak}, reset={self.reset}, "
+                f"in_frac={self.in_frac}")
+
+    def currents(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_frac is None:
+            return _fixed(x, 0, self.name)
+        xi = _fixed(x, self.in_frac, self.name)
+        rounding = 2.0 ** (self.in_shift - 1) if self.in_shift > 0 else 0.0
+        return torch.floor((xi * self.in_mult + rounding) / 2.0**self.in_shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cur = self.currents(x)
+        if self.reference:
+            spikes, self.saturated = _np_lif(cur.numpy().astype(np.int64), self)
+            return torch.from_numpy(spikes.astype(np.float32))
+        lo, hi = -(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1
+        theta = 2.0**self.threshold_bits
+        mem = torch.zeros_like(cur[0])
+        spike = torch.zeros_like(cur[0])
+        out, saturated = [], 0
+        for c in cur.unbind(0):
+            if self.leak_shift is not None:  # rounded shift: a plain floor would bias the membrane down
+                leaked = torch.floor((mem + self._half) / 2.0**self.leak_shift)
+            else:
+                leaked = torch.floor((mem * self.leak_mult + 2.0**15) / 2.0**16)
+            if self.reset == "zero":
+                leaked = leaked * (1 - spike)  # (1 - s) m then leak: equal, both are 0 after a spike
+            mem = leaked + c
+            if self.reset == "subtract":
+                mem = mem - spike * theta
+            clamped = mem.clamp(lo, hi)
+            saturated += int((clamped != mem).sum())
+            mem = clamped
+            spike = (mem > theta).double()
+            out.append(spike)
+        self.saturated = saturated
+        return torch.stack(out).float()
+
+
+# ---- the NumPy reference: int64 arithmetic only ---------------------------------------------------------
+
+
+def _np_accumulate(kind: str, x: np.ndarray, w: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
+    """Integer Conv1d/Conv2d/Linear (no bias) in int64, by sliding windows and tensordot."""
+    if kind == "linear":
+        return x @ w.T
+    stride, padding, dilation, groups = (conv[k] for k in ("stride", "padding", "dilation", "groups"))
+    if groups != 1:
+        raise ValueError("the NumPy reference has no grouped convolutions")
+    nd = 1 if kind == "conv1d" else 2
+    stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+                                 for v in (stride, padding, dilation))
+    x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in padding])
+    k = w.shape[2:]
+    span = tuple(d * (kk - 1) + 1 for d, kk in zip(dilation, k, strict=True))
+    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+    # keep every `dilation`-th tap of each window and every `stride`-th window position
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+              + tuple(slice(None, None, d) for d in dilation)]
+    axes_x = [1] + list(range(2 + nd, 2 + 2 * nd))
+    out = np.tensordot(win, w, axes=(axes_x, [1] + list(range(2, 2 + nd))))  # [N, *spatial, C_out]
+    return np.moveaxis(out, -1, 1)
+
+
+def _np_requantize(acc: np.ndarray, mult: np.ndarray, bias: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    return (acc * mult + bias) >> shift  # numpy's >> on int64 is an arithmetic (floor) shift
+
+
+def _np_lif(cur: np.ndarray, lif: IntegerLIF) -> tuple[np.ndarray, int]:
+    lo, hi = -(1 << (lif.bits - 1)), (1 << (lif.bits - 1)) - 1
+    theta = 1 << lif.threshold_bits
+    mem = np.zeros_like(cur[0])
+    spike = np.zeros_like(cur[0])
+    out, saturated = [], 0
+    for c in cur:
+        if lif.leak_shift is not None:
+            leaked = (mem + int(lif._half)) >> lif.leak_shift
+        else:
+            leaked = (mem * lif.leak_mult + (1 << 15)) >> 16
+        if lif.reset == "zero":
+            leaked = leaked * (1 - spike)
+        mem = leaked + c
+        if lif.reset == "subtract":
+            mem = mem - spike * theta
+        clamped = np.clip(mem, lo, hi)
+        saturated += int((clamped != mem).sum())
+        mem = clamped
+        spike = (mem > theta).astype(np.int64)
+        out.append(spike)
+    return np.stack(out), saturated
+
+
+@contextmanager
+def reference_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every integer layer of ``model`` through the NumPy int64 reference inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, (IntegerSynapse, IntegerLIF))]
+    for m in layers:
+        m.reference = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.reference = False
+
+
+# ---- building the integer model --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IntegerReport:
+    """What :func:`integerize` built: per neuron its threshold bits, per synapse its role."""
+
+    membrane_bits: int
+    neurons: dict[str, dict[str, Any]]
+    synapses: dict[str, dict[str, Any]]
+
+
+def _storage(t: Any) -> int | None:
+    return t.untyped_storage().data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def _probe(model: nn.Module, batch: Any, watched: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """One forward with hooks: per call of a watched module, its name, input and output (kept alive, so
+    storages are not reused while the links between calls are read)."""
+    calls: list[dict[str, Any]] = []
+    handles = []
+    for name, module in watched.items():
+        def hook(mod, args, out, name=name):
+            calls.append({"name": name, "input": args[0] if args else None, "output": out})
+        handles.append(module.register_forward_hook(hook))
+    try:
+        reset_states(model)
+        with torch.no_grad():
+            call(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        reset_states(model)
+    return calls
+
+
+def _float_membrane_peak(x: torch.Tensor, beta: float, threshold: float, reset: str) -> float:
+    """The 99.9th percentile of |membrane| / threshold the float LIF reaches on currents ``x`` (``[T, ...]``):
+    the rare larger values saturate at the width instead of costing every membrane fraction bits."""
+    mem = torch.zeros_like(x[0], dtype=torch.float64)
+    spike = torch.zeros_like(mem)
+    seen = []
+    for c in x.double().unbind(0):
+        if reset == "zero":
+            mem = (1 - spike) * mem
+        mem = beta * mem + c - (spike * threshold if reset == "subtract" else 0)
+        seen.append(mem.abs().flatten()[:: max(1, mem.numel() // 50_000)] / threshold)
+        spike = (mem > threshold).double()
+    return float(torch.quantile(torch.cat(seen).float(), 0.999))
+
+
+def _lif_settings(neuron: MultiStepLeaky, name: str) -> tuple[float, float, str]:
+    lif = neuron.lif
+    if neuron.return_mem:
+        raise ValueError(f"{name}: integer inference returns spikes only; this neuron returns its membrane")
+    if lif.beta.numel() != 1 or lif.threshold.numel() != 1:
+        raise ValueError(f"{name}: per-channel beta or threshold is not supported by the integer path")
+    if float(lif.graded_spikes_factor) != 1.0:
+        factor = float(lif.graded_spikes_factor)
+        raise ValueError(f"{name}: graded spikes (factor {factor}) are not supported")
+    reset = {0: "subtract", 1: "zero", 2: "none"}[int(lif.reset_mechanism_val)]
+    return float(lif.beta.clamp(0, 1)), float(lif.threshold), reset
+
+
+def _leak(beta: float) -> tuple[int | None, int]:
+    """``(shift, mult)``: ``beta = 2^-shift`` exactly, else a 16-bit fixed-point multiplier."""
+    if beta > 0:
+        k = -math.log2(beta)
+        if k == int(k):
+            return int(k), 0
+    return None, int(round(beta * 2**16))
+
+
+def _fold(layer: nn.Module, bn: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(integer weight, gain, offset)`` per output channel: the layer's output (through ``bn``) is
+    ``gain * (weight_int @ x) + offset``."""
+    qw = quantized_weight(layer).detach().double()
+    _, scale = weight_codes(layer)
+    scheme, bits = layer_quant(layer)
+    step = scale.double()
+    if scheme == "pot":  # levels ±scale·2^-j: the finest one is the integer unit, so the codes are ±2^i
+        step = step * 2.0 ** -(2 ** (bits - 1) - 2)
+    view = (-1,) + (1,) * (qw.dim() - 1)
+    w_int = torch.round(qw / step.view(view))
+    if not torch.allclose(w_int * step.view(view), qw, rtol=1e-6, atol=1e-12):
+        what = type(layer).__name__
+        raise ValueError(f"{what}: quantized weights are not integer multiples of their scale")
+    gain = step.clone()
+    offset = (layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(gain))
+    if bn is not None:
+        a = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        offset = a * (offset - bn.running_mean.double()) + bn.bias.detach().double()
+        gain = gain * a
+    return w_int, gain, offset
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def integerize(
+    model: nn.Module,
+    calib_data: Any,
+    *,
+    membrane_bits: int = 16,
+    out_frac_bits: int = 12,
+    mult_bits: int = 16,
+    batches: int = 2,
+) -> tuple[nn.Module, IntegerReport]:
+    """An integer-only copy of a quantized model (``model`` is left unchanged) and what was built.
+
+    Args:
+        model: a model whose Conv/Linear layers hq_ptq quantized (a plan applied), with multi-step LIFs
+            (:class:`hq_ptq.snn.MultiStepLeaky`; ``hq_ptq.to_multistep`` converts per-step models).
+        calib_data: ``(inputs, targets)`` batches; the first ``batches`` of them show which layer feeds
+            which neuron, the fixed-point format of every layer's input and each membrane's range.
+        membrane_bits: signed width of every membrane (and of the currents added to it).
+        out_frac_bits: fractional bits of a synapse output that does not feed a neuron (e.g. logits).
+        mult_bits: significant bits of each per-channel requantization multiplier.
+        batches: calibration batches probed.
+
+    Raises:
+        ValueError: the model has a module, neuron or input the integer path cannot express (named).
+    """
+    if membrane_bits < 4:
+        raise ValueError(f"membrane_bits must be >= 4, got {membrane_bits}")
+    model = copy.deepcopy(model).eval()
+    reset_states(model)
+    qlayers = quant_layers(model)
+    if not qlayers:
+        raise ValueError("integerize needs a quantized model (apply a plan first, e.g. hq_ptq.quantize)")
+    neurons = {n: m for n, m in model.named_modules() if isinstance(m, MultiStepLeaky)}
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BN)}
+    for name, m in model.named_modules():
+        inside = any(name.startswith(n + ".") for n in (*neurons, *qlayers))  # their own quantizers, LIF
+        if name in qlayers or name in neurons or name in bns or inside:
+            continue
+        if is_spiking_neuron(m):
+            raise ValueError(f"{name}: {type(m).__name__} neurons driven step by step are not supported; "
+                             "convert the model with hq_ptq.to_multistep first")
+        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        if own:
+            raise ValueError(f"{name}: {type(m).__name__} has weights the integer path cannot express "
+                             "(only quantized Conv1d/Conv2d/Linear, BatchNorm and multi-step LIF layers)")
+    watched = {**qlayers, **bns, **neurons}
+    batches_in = [b for _, b in zip(range(batches), calib_data)]
+    if not batches_in:
+        raise ValueError("integerize needs at least one calibration batch")
+    in_frac: dict[str, int] = {}
+    not_fixed: dict[str, str] = {}
+    peak: dict[str, float] = {}
+    links: dict[str, str] = {}  # consumer -> producer (by shared storage of output and input)
+    consumers: dict[str, set[str]] = {}
+    for inputs, _ in batches_in:
+        calls = _probe(model, inputs, watched)
+        seen: set[str] = set()
+        for c in calls:
+            if c["name"] in seen:
+                raise ValueError(f"{c['name']} is called more than once per forward; shared layers are not "
+                                 "supported by the integer path")
+            seen.add(c["name"])
+        out_of = {_storage(c["output"]): c["name"] for c in calls}
+        for c in calls:
+            name, x = c["name"], c["input"]
+            producer = out_of.get(_storage(x))
+            if producer is not None and producer != name:
+                links[name] = producer
+                consumers.setdefault(producer, set()).add(name)
+            if name in qlayers:
+                in_frac[name] = max(in_frac.get(name, 0), _frac_bits(x, name))
+            if name in neurons:  # a fixed-point format matters only where no synapse feeds the neuron
+                try:
+                    frac: int | None = _frac_bits(x, name)
+                except ValueError as exc:
+                    frac, not_fixed[name] = None, str(exc)
+                if frac is not None:
+                    in_frac[name] = max(in_frac.get(name, 0), frac)
+                beta, thr, reset = _lif_settings(neurons[name], name)
+                peak[name] = max(peak.get(name, 0.0), _float_membrane_peak(x, beta, thr, reset))
+    # chains: layer [-> bn] -> neuron, where the neuron is the only module that reads the current
+    feeds: dict[str, str] = {}  # quant layer -> neuron whose current it computes
+    bn_of: dict[str, str] = {}
+    for bname in bns:
+        src = links.get(bname)
+        if src not in qlayers:
+            raise ValueError(f"{bname}: a BatchNorm must follow a quantized layer directly to be folded")
+        bn_of[src] = bname
+    for nname in neurons:
+        src = links.get(nname)
+        layer = via_bn = None
+        if src in bns:
+            via_bn, layer = src, links[src]
+        elif src in qlayers:
+            layer = src
+        if layer is not None and consumers.get(via_bn or layer, set()) == {nname}:
+            feeds[layer] = nname
+    report_neurons: dict[str, dict[str, Any]] = {}
+    report_synapses: dict[str, dict[str, Any]] = {}
+    units: dict[str, tuple[int, float]] = {}  # neuron -> (threshold bits K, threshold)
+    for nname, neuron in neurons.items():
+        if nname not in peak:
+            continue  # never called on the calibration batches: left out of the integer model
+        beta, thr, reset = _lif_settings(neuron, nname)
+        headroom = max(1, math.ceil(math.log2(max(peak[nname], 1.0))) + 1)
+        k = membrane_bits - 1 - headroom
+        if k < 1:
+            raise ValueError(f"{nname}: membrane_bits={membrane_bits} leaves no fraction below the threshold "
+                             f"(its membrane reaches {peak[nname]:.1f}x the threshold)")
+        units[nname] = (k, thr)
+        leak_shift, leak_mult = _leak(beta)
+        fed = nname in feeds.values()
+        if not fed and nname in not_fixed:
+            raise ValueError(not_fixed[nname])
+        f_in = None if fed else in_frac[nname]
+        in_mult, in_shift = 1, 0
+        if not fed:  # x * 2^f  ->  x / thr * 2^k
+            m, _, s = _dyadic(torch.tensor([2.0 ** (k - f_in) / thr]), torch.zeros(1), mult_bits)
+            in_mult, in_shift = int(m), int(s)
+        _set(model, nname, IntegerLIF(membrane_bits, k, leak_shift, leak_mult, reset, f_in, in_mult,
+                                      in_shift, nname))
+        report_neurons[nname] = {
+            "threshold_bits": k, "peak_over_threshold": peak[nname], "in_frac": f_in,
+            "fed_by": next((q for q, n in feeds.items() if n == nname), None),
+            "leak": f"shift {leak_shift}" if leak_shift is not None else f"mult {leak_mult}",
+        }
+    for qname, layer in qlayers.items():
+        if qname not in in_frac:
+            continue
+        w_int, gain, offset = _fold(layer, bns[bn_of[qname]] if qname in bn_of else None)
+        f = in_frac[qname]
+        gain = gain * 2.0**-f  # acc is over x * 2^f
+        if qname in feeds:
+            k, thr = units[feeds[qname]]
+            target, out_frac = 2.0**k / thr, None
+        else:
+            target, out_frac = 2.0**out_frac_bits, out_frac_bits
+        mult, bias, shift = _dyadic(gain * target, offset * target, mult_bits)
+        if isinstance(layer, nn.Linear):
+            kind, conv = "linear", {}
+        else:
+            kind = "conv1d" if isinstance(layer, nn.Conv1d) else "conv2d"
+            if layer.padding_mode != "zeros":
+                raise ValueError(f"{qname}: padding_mode={layer.padding_mode!r} is not supported")
+            conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
+                    "groups": layer.groups}
+        _set(model, qname, IntegerSynapse(kind, w_int, conv, f, mult, bias, shift, out_frac, qname))
+        if qname in bn_of:
+            _set(model, bn_of[qname], nn.Identity())
+        report_synapses[qname] = {"feeds": feeds.get(qname), "batchnorm": bn_of.get(qname), "in_frac": f,
+                                  "out_frac": out_frac, "weight_max": int(w_int.abs().max()),
+                                  "mult_max": int(mult.abs().max()), "shift_max": int(shift.max())}
+    return model, IntegerReport(membrane_bits, report_neurons, report_synapses)
+
+
+def compare(fake: nn.Module, integer: nn.Module, data: Any, max_batches: int | None = None) -> dict[str, Any]:
+    """Accuracy of the fake-quant and the integer model on ``data`` and how often their spikes differ."""
+    spikes: dict[str, list[torch.Tensor]] = {}
+
+    def record(model: nn.Module, tag: str) -> list:
+        handles = []
+        for name, m in model.named_modules():
+            if isinstance(m, (MultiStepLeaky, IntegerLIF)):
+                handles.append(m.register_forward_hook(
+                    lambda mod, a, out, key=(tag, name): spikes.setdefault(key, []).append(
+                        (out[0] if isinstance(out, tuple) else out).detach())))
+        return handles
+
+    right = {"fake": 0, "integer": 0}
+    total = 0
+    handles = record(fake, "fake") + record(integer, "integer")
+    try:
+        with torch.no_grad():
+            for i, (inputs, targets) in enumerate(data):
+                if max_batches is not None and i >= max_batches:
+                    break
+                for tag, m in (("fake", fake), ("integer", integer)):
+                    was = m.training
+                    m.eval()
+                    reset_states(m)
+                    scores = class_scores(call(m, inputs), None)
+                    m.train(was)
+                    right[tag] += int((scores.argmax(-1) == targets).sum())
+                total += len(targets)
+    finally:
+        for h in handles:
+            h.remove()
+    differ = count = 0
+    for (tag, name), outs in spikes.items():
+        if tag == "fake" and ("integer", name) in spikes:
+            for a, b in zip(outs, spikes["integer", name], strict=True):
+                differ += int((a != b).sum())
+                count += a.numel()
+    return {"fake_accuracy": right["fake"] / total, "integer_accuracy": right["integer"] / total,
+            "spike_mismatch": differ / max(count, 1), "samples": total}
+
+
+def _smallest_int(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (integer-valued) in the narrowest signed integer dtype that holds it."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    for dtype in (torch.int8, torch.int16, torch.int32, torch.int64):
+        if top <= torch.iinfo(dtype).max:
+            return t.to(dtype)
+    raise ValueError("an integer parameter exceeds int64")
+
+
+def save_integer(model: nn.Module, report: IntegerReport, path: str | os.PathLike[str]) -> Path:
+    """Write the integer program of an :func:`integerize` model as safetensors: per synapse its integer
+    ``weight`` (narrowest signed dtype), per-channel ``mult``/``bias``/``shift``; per neuron, in the JSON
+    metadata, its width, threshold bits, leak, reset and input format. Integers only: no float tensor."""
+    from safetensors.torch import save_file  # noqa: PLC0415 - only this writer needs it
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, IntegerSynapse):
+            for key, t in (("weight", m.weight), ("mult", m.mult), ("bias", m.bias_int), ("shift", m.shift)):
+                tensors[f"{name}.{key}"] = _smallest_int(t).contiguous()
+            layers[name] = {"type": "synapse", "kind": m.kind, "in_frac": m.in_frac, "out_frac": m.out_frac,
+                            "conv": {k: list(v) if isinstance(v, tuple) else v for k, v in m.conv.items()}}
+        elif isinstance(m, IntegerLIF):
+            layers[name] = {"type": "lif", "bits": m.bits, "threshold_bits": m.threshold_bits,
+                            "leak_shift": m.leak_shift, "leak_mult": m.leak_mult, "reset": m.reset,
+                            "in_frac": m.in_frac, "in_mult": m.in_mult, "in_shift": m.in_shift}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "hq_ptq.integer/1", "membrane_bits": str(report.membrane_bits),
+            "layers": json.dumps(layers)}
+    save_file(tensors, str(out), metadata=meta)
+    return out
