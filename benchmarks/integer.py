@@ -44,7 +44,7 @@ def run(args) -> dict:
     q = recipe.quant
     calib = list(itertools.islice(train, q.search.calib_batches))
     t0 = time.perf_counter()
-    fake = quantize(fp, budget=q.budget, calib_data=calib, config=q)
+    fake = quantize(fp, budget=recipe.budget, calib_data=calib, config=q)
     if q.bn_recalibration_batches:
         recalibrate_bn(fake, list(itertools.islice(train, q.bn_recalibration_batches)),
                        q.bn_recalibration_batches)

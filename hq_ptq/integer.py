@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import snntorch as snn
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,8 @@ from hq_ptq.swap import layer_quant, quant_layers
 
 __all__ = ["IntegerLIF", "IntegerReport", "IntegerSynapse", "compare", "integerize", "reference_mode",
            "save_integer"]
+
+log = logging.getLogger(__name__)
 
 EXACT_FLOAT32 = 2**24  # every integer of smaller magnitude is exact in float32
 MAX_INPUT_FRAC = 16  # a layer input needs at most this many fractional bits to count as fixed point
@@ -76,8 +80,8 @@ def _fixed(x: torch.Tensor, frac: int, where: str) -> torch.Tensor:
     y = x.detach().double() * 2.0**frac
     if not torch.equal(y, torch.round(y)):
         raise ValueError(
-            f"{where} expects fixed-point inputs with {frac} fractional bits (as on the calibration "
-            "batches) and got other values"
+            f"{where} gets inputs that are not fixed-point numbers with {frac} fractional bits; integer "
+            "inference needs events, spike counts or fixed-point values there (quantize real-valued inputs)"
         )
     return y
 
@@ -156,23 +160,43 @@ class IntegerSynapse(nn.Module):
 
 
 class IntegerLIF(nn.Module):
-    """A multi-step LIF on integers: input currents ``[T, ...]`` in, spikes ``[T, ...]`` out.
+    """A LIF on integers: multi-step (currents ``[T, ...]`` in, spikes ``[T, ...]`` out, as
+    :class:`~hq_ptq.snn.MultiStepLeaky`) or per step (one ``[B, ...]`` step per call, as ``snn.Leaky``:
+    ``lif(x)`` with the state inside for ``init_hidden=True``, else ``lif(x, mem) -> (spk, mem)``).
 
     The membrane is a signed ``bits``-bit integer whose threshold is ``2^k`` (``k = threshold_bits``).
     A fixed-point input (``in_frac`` not None) is first requantized into that unit by
     ``(x * 2^in_frac * in_mult + rounding) >> in_shift``; a current from an :class:`IntegerSynapse` is
     already in it. The leak is ``>> leak_shift`` or, when ``leak_shift`` is None, ``(m * leak_mult) >> 16``.
+    A membrane the neuron returns (``return_mem``) or takes back (``mem``) is in the float neuron's units,
+    ``m * threshold / 2^k``, so code around the neuron reads the values it always read.
     """
 
     def __init__(self, bits: int, threshold_bits: int, leak_shift: int | None, leak_mult: int, reset: str,
-                 in_frac: int | None, in_mult: int, in_shift: int, name: str) -> None:
+                 in_frac: int | None, in_mult: int, in_shift: int, name: str, *, threshold: float = 1.0,
+                 per_step: bool = False, init_hidden: bool = False, return_mem: bool = False) -> None:
         super().__init__()
         self.bits, self.threshold_bits, self.reset, self.name = bits, threshold_bits, reset, name
         self.leak_shift, self.leak_mult = leak_shift, leak_mult
         self.in_frac, self.in_mult, self.in_shift = in_frac, in_mult, in_shift
+        self.threshold, self.per_step = threshold, per_step
+        self.init_hidden, self.return_mem = init_hidden, return_mem
         self._half = 2.0 ** (leak_shift - 1) if leak_shift else 0.0
         self.reference = False
         self.saturated = 0  # membrane values clamped at the width on the last call
+        self.state: torch.Tensor | None = None  # per step with init_hidden: the integer membrane
+
+    def reset_integer_state(self) -> None:
+        """Forget the membrane a per-step ``init_hidden`` neuron carries (:func:`hq_ptq.snn.reset_states`)."""
+        self.state = None
+
+    def init_leaky(self) -> torch.Tensor:
+        """snnTorch's idiom ``mem = lif.init_leaky()`` before a time loop: an empty membrane (zeros)."""
+        self.state = None
+        return torch.zeros(0)
+
+    def _to_float(self, mem: torch.Tensor) -> torch.Tensor:
+        return (mem * (self.threshold / 2.0**self.threshold_bits)).float()
 
     def extra_repr(self) -> str:
         leak = f">> {self.leak_shift}" if self.leak_shift is not None else f"* {self.leak_mult} >> 16"
@@ -186,33 +210,60 @@ class IntegerLIF(nn.Module):
         rounding = 2.0 ** (self.in_shift - 1) if self.in_shift > 0 else 0.0
         return torch.floor((xi * self.in_mult + rounding) / 2.0**self.in_shift)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cur = self.currents(x)
-        if self.reference:
-            spikes, self.saturated = _np_lif(cur.numpy().astype(np.int64), self)
-            return torch.from_numpy(spikes.astype(np.float32))
-        lo, hi = -(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1
+    def _step(self, mem: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One step from membrane ``mem`` (whose own spike is the pending reset) with current ``c``."""
         theta = 2.0**self.threshold_bits
-        mem = torch.zeros_like(cur[0])
-        spike = torch.zeros_like(cur[0])
-        out, saturated = [], 0
-        for c in cur.unbind(0):
-            if self.leak_shift is not None:  # rounded shift: a plain floor would bias the membrane down
-                leaked = torch.floor((mem + self._half) / 2.0**self.leak_shift)
-            else:
-                leaked = torch.floor((mem * self.leak_mult + 2.0**15) / 2.0**16)
-            if self.reset == "zero":
-                leaked = leaked * (1 - spike)  # (1 - s) m then leak: equal, both are 0 after a spike
-            mem = leaked + c
-            if self.reset == "subtract":
-                mem = mem - spike * theta
-            clamped = mem.clamp(lo, hi)
-            saturated += int((clamped != mem).sum())
-            mem = clamped
-            spike = (mem > theta).double()
-            out.append(spike)
-        self.saturated = saturated
-        return torch.stack(out).float()
+        spike = (mem > theta).double()
+        if self.leak_shift is not None:  # rounded shift: a plain floor would bias the membrane down
+            leaked = torch.floor((mem + self._half) / 2.0**self.leak_shift)
+        else:
+            leaked = torch.floor((mem * self.leak_mult + 2.0**15) / 2.0**16)
+        if self.reset == "zero":
+            leaked = leaked * (1 - spike)  # (1 - s) m then leak: equal, both are 0 after a spike
+        new = leaked + c
+        if self.reset == "subtract":
+            new = new - spike * theta
+        clamped = new.clamp(-(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1)
+        return clamped, int((clamped != new).sum())
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> Any:
+        cur = self.currents(x)
+        if self.per_step:
+            return self._forward_step(cur, mem)
+        if self.reference:
+            mems, self.saturated = _np_lif(cur.numpy().astype(np.int64), self, np.zeros_like(cur[0].numpy(),
+                                                                                           dtype=np.int64))
+            m = torch.from_numpy(mems.astype(np.float64))
+        else:
+            m_t, out, self.saturated = torch.zeros_like(cur[0]), [], 0
+            for c in cur.unbind(0):
+                m_t, sat = self._step(m_t, c)
+                self.saturated += sat
+                out.append(m_t)
+            m = torch.stack(out)
+        spikes = (m > 2.0**self.threshold_bits).float()
+        return (spikes, self._to_float(m)) if self.return_mem else spikes
+
+    def _forward_step(self, cur: torch.Tensor, mem: torch.Tensor | None) -> Any:
+        if self.init_hidden:
+            prev = self.state
+        elif mem is not None and mem.numel():  # the float-unit membrane this neuron returned last step
+            prev = torch.round(mem.double() * (2.0**self.threshold_bits / self.threshold))
+        else:
+            prev = None
+        if prev is None or prev.shape != cur.shape:
+            prev = torch.zeros_like(cur)
+        if self.reference:
+            mems, self.saturated = _np_lif(cur.numpy().astype(np.int64)[None], self,
+                                           prev.numpy().astype(np.int64))
+            new = torch.from_numpy(mems[0].astype(np.float64))
+        else:
+            new, self.saturated = self._step(prev, cur)
+        spike = (new > 2.0**self.threshold_bits).float()
+        if self.init_hidden:
+            self.state = new
+            return (spike, self._to_float(new)) if self.return_mem else spike
+        return spike, self._to_float(new)
 
 
 # ---- the NumPy reference: int64 arithmetic only ---------------------------------------------------------
@@ -244,13 +295,13 @@ def _np_requantize(acc: np.ndarray, mult: np.ndarray, bias: np.ndarray, shift: n
     return (acc * mult + bias) >> shift  # numpy's >> on int64 is an arithmetic (floor) shift
 
 
-def _np_lif(cur: np.ndarray, lif: IntegerLIF) -> tuple[np.ndarray, int]:
+def _np_lif(cur: np.ndarray, lif: IntegerLIF, mem: np.ndarray) -> tuple[np.ndarray, int]:
+    """Membranes ``[T, ...]`` (int64) of the integer LIF on currents ``cur`` from membrane ``mem``."""
     lo, hi = -(1 << (lif.bits - 1)), (1 << (lif.bits - 1)) - 1
     theta = 1 << lif.threshold_bits
-    mem = np.zeros_like(cur[0])
-    spike = np.zeros_like(cur[0])
     out, saturated = [], 0
     for c in cur:
+        spike = (mem > theta).astype(np.int64)
         if lif.leak_shift is not None:
             leaked = (mem + int(lif._half)) >> lif.leak_shift
         else:
@@ -263,8 +314,7 @@ def _np_lif(cur: np.ndarray, lif: IntegerLIF) -> tuple[np.ndarray, int]:
         clamped = np.clip(mem, lo, hi)
         saturated += int((clamped != mem).sum())
         mem = clamped
-        spike = (mem > theta).astype(np.int64)
-        out.append(spike)
+        out.append(mem)
     return np.stack(out), saturated
 
 
@@ -332,10 +382,10 @@ def _float_membrane_peak(x: torch.Tensor, beta: float, threshold: float, reset: 
     return float(torch.quantile(torch.cat(seen).float(), 0.999))
 
 
-def _lif_settings(neuron: MultiStepLeaky, name: str) -> tuple[float, float, str]:
-    lif = neuron.lif
-    if neuron.return_mem:
-        raise ValueError(f"{name}: integer inference returns spikes only; this neuron returns its membrane")
+def _lif_settings(neuron: nn.Module, name: str) -> tuple[float, float, str]:
+    lif = neuron.lif if isinstance(neuron, MultiStepLeaky) else neuron
+    if lif.state_quant or lif.inhibition or not lif.reset_delay:
+        raise ValueError(f"{name}: Leaky with state_quant, inhibition or reset_delay=False is not supported")
     if lif.beta.numel() != 1 or lif.threshold.numel() != 1:
         raise ValueError(f"{name}: per-channel beta or threshold is not supported by the integer path")
     if float(lif.graded_spikes_factor) != 1.0:
@@ -413,54 +463,68 @@ def integerize(
     qlayers = quant_layers(model)
     if not qlayers:
         raise ValueError("integerize needs a quantized model (apply a plan first, e.g. hq_ptq.quantize)")
-    neurons = {n: m for n, m in model.named_modules() if isinstance(m, MultiStepLeaky)}
+    neurons: dict[str, nn.Module] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, MultiStepLeaky) or (type(m) is snn.Leaky and not any(
+                n.startswith(k + ".") for k in neurons)):
+            neurons[n] = m
     bns = {n: m for n, m in model.named_modules() if isinstance(m, _BN)}
     for name, m in model.named_modules():
         inside = any(name.startswith(n + ".") for n in (*neurons, *qlayers))  # their own quantizers, LIF
         if name in qlayers or name in neurons or name in bns or inside:
             continue
         if is_spiking_neuron(m):
-            raise ValueError(f"{name}: {type(m).__name__} neurons driven step by step are not supported; "
-                             "convert the model with hq_ptq.to_multistep first")
-        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+            raise ValueError(f"{name}: {type(m).__name__} neurons are not supported by the integer path "
+                             "(snn.Leaky and MultiStepLeaky are)")
+        own = [k for k, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
         if own:
-            raise ValueError(f"{name}: {type(m).__name__} has weights the integer path cannot express "
-                             "(only quantized Conv1d/Conv2d/Linear, BatchNorm and multi-step LIF layers)")
+            what = f"{name}: {type(m).__name__}" if name else f"the model itself ({type(m).__name__})"
+            raise ValueError(f"{what} holds {', '.join(own)}, which the integer path cannot express "
+                             "(only quantized Conv1d/Conv2d/Linear, BatchNorm and LIF layers)")
     watched = {**qlayers, **bns, **neurons}
     batches_in = [b for _, b in zip(range(batches), calib_data)]
     if not batches_in:
         raise ValueError("integerize needs at least one calibration batch")
     in_frac: dict[str, int] = {}
-    not_fixed: dict[str, str] = {}
+    deferred: set[str] = set()
     peak: dict[str, float] = {}
-    links: dict[str, str] = {}  # consumer -> producer (by shared storage of output and input)
+    links: dict[str, str | None] = {}  # consumer -> producer (by shared storage of output and input)
     consumers: dict[str, set[str]] = {}
     for inputs, _ in batches_in:
         calls = _probe(model, inputs, watched)
-        seen: set[str] = set()
-        for c in calls:
-            if c["name"] in seen:
-                raise ValueError(f"{c['name']} is called more than once per forward; shared layers are not "
-                                 "supported by the integer path")
-            seen.add(c["name"])
-        out_of = {_storage(c["output"]): c["name"] for c in calls}
+        out_of: dict[int | None, str] = {}
+        steps: dict[str, list[torch.Tensor]] = {}  # a per-step neuron's inputs, one per call
         for c in calls:
             name, x = c["name"], c["input"]
+            out = c["output"][0] if isinstance(c["output"], tuple) else c["output"]
             producer = out_of.get(_storage(x))
-            if producer is not None and producer != name:
-                links[name] = producer
+            out_of[_storage(out)] = name
+            if name in links and links[name] != producer:
+                raise ValueError(f"{name} takes its input from different layers on different calls; the "
+                                 "integer path needs one wiring")
+            links[name] = producer
+            if producer is not None:
                 consumers.setdefault(producer, set()).add(name)
-            if name in qlayers:
-                in_frac[name] = max(in_frac.get(name, 0), _frac_bits(x, name))
-            if name in neurons:  # a fixed-point format matters only where no synapse feeds the neuron
+            if name in neurons and not isinstance(neurons[name], MultiStepLeaky):
+                steps.setdefault(name, []).append(x)
+            if name in qlayers or name in neurons:
+                # a real-valued input may still become fixed point once the layers before it are integer
+                # (e.g. a Conv -> MaxPool -> LIF: the pool reads the conv's fixed-point output); such
+                # formats are read off the integer model below
                 try:
-                    frac: int | None = _frac_bits(x, name)
-                except ValueError as exc:
-                    frac, not_fixed[name] = None, str(exc)
-                if frac is not None:
-                    in_frac[name] = max(in_frac.get(name, 0), frac)
+                    in_frac[name] = max(in_frac.get(name, 0), _frac_bits(x, name))
+                except ValueError:
+                    deferred.add(name)
+            if isinstance(neurons.get(name), MultiStepLeaky):
                 beta, thr, reset = _lif_settings(neurons[name], name)
                 peak[name] = max(peak.get(name, 0.0), _float_membrane_peak(x, beta, thr, reset))
+        for name, xs in steps.items():
+            beta, thr, reset = _lif_settings(neurons[name], name)
+            if len({tuple(x.shape) for x in xs}) == 1:  # the steps of one sequence, in call order
+                peak[name] = max(peak.get(name, 0.0), _float_membrane_peak(torch.stack(xs), beta, thr, reset))
+            else:
+                peak[name] = max(peak.get(name, 0.0), *(_float_membrane_peak(x[None], beta, thr, reset)
+                                                         for x in xs))
     # chains: layer [-> bn] -> neuron, where the neuron is the only module that reads the current
     feeds: dict[str, str] = {}  # quant layer -> neuron whose current it computes
     bn_of: dict[str, str] = {}
@@ -484,34 +548,39 @@ def integerize(
     for nname, neuron in neurons.items():
         if nname not in peak:
             continue  # never called on the calibration batches: left out of the integer model
-        beta, thr, reset = _lif_settings(neuron, nname)
         headroom = max(1, math.ceil(math.log2(max(peak[nname], 1.0))) + 1)
         k = membrane_bits - 1 - headroom
-        if k < 1:
-            raise ValueError(f"{nname}: membrane_bits={membrane_bits} leaves no fraction below the threshold "
-                             f"(its membrane reaches {peak[nname]:.1f}x the threshold)")
-        units[nname] = (k, thr)
+        if k < 2:  # too narrow for the range: keep 2 bits below the threshold and let the rest saturate
+            log.warning("%s: %d-bit membranes hold %.1fx the threshold only by saturating (it reaches %.1fx)",
+                        nname, membrane_bits, 2.0 ** (membrane_bits - 3), peak[nname])
+            k = 2
+        units[nname] = (k, _lif_settings(neuron, nname)[1])
+
+    def build_lif(nname: str, f_in: int | None) -> IntegerLIF:
+        neuron = neurons[nname]
+        beta, thr, reset = _lif_settings(neuron, nname)
+        k = units[nname][0]
         leak_shift, leak_mult = _leak(beta)
-        fed = nname in feeds.values()
-        if not fed and nname in not_fixed:
-            raise ValueError(not_fixed[nname])
-        f_in = None if fed else in_frac[nname]
         in_mult, in_shift = 1, 0
-        if not fed:  # x * 2^f  ->  x / thr * 2^k
+        if f_in is not None:  # x * 2^f  ->  x / thr * 2^k
             m, _, s = _dyadic(torch.tensor([2.0 ** (k - f_in) / thr]), torch.zeros(1), mult_bits)
             in_mult, in_shift = int(m), int(s)
-        _set(model, nname, IntegerLIF(membrane_bits, k, leak_shift, leak_mult, reset, f_in, in_mult,
-                                      in_shift, nname))
+        if isinstance(neuron, MultiStepLeaky):
+            style = {"return_mem": neuron.return_mem}
+        else:
+            style = {"per_step": True, "init_hidden": bool(neuron.init_hidden),
+                     "return_mem": bool(neuron.init_hidden and neuron.output)}
         report_neurons[nname] = {
             "threshold_bits": k, "peak_over_threshold": peak[nname], "in_frac": f_in,
             "fed_by": next((q for q, n in feeds.items() if n == nname), None),
             "leak": f"shift {leak_shift}" if leak_shift is not None else f"mult {leak_mult}",
         }
-    for qname, layer in qlayers.items():
-        if qname not in in_frac:
-            continue
+        return IntegerLIF(membrane_bits, k, leak_shift, leak_mult, reset, f_in, in_mult, in_shift, nname,
+                          threshold=thr, **style)
+
+    def build_synapse(qname: str, f: int) -> IntegerSynapse:
+        layer = qlayers[qname]
         w_int, gain, offset = _fold(layer, bns[bn_of[qname]] if qname in bn_of else None)
-        f = in_frac[qname]
         gain = gain * 2.0**-f  # acc is over x * 2^f
         if qname in feeds:
             k, thr = units[feeds[qname]]
@@ -527,17 +596,39 @@ def integerize(
                 raise ValueError(f"{qname}: padding_mode={layer.padding_mode!r} is not supported")
             conv = {"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
                     "groups": layer.groups}
-        _set(model, qname, IntegerSynapse(kind, w_int, conv, f, mult, bias, shift, out_frac, qname))
-        if qname in bn_of:
-            _set(model, bn_of[qname], nn.Identity())
         report_synapses[qname] = {"feeds": feeds.get(qname), "batchnorm": bn_of.get(qname), "in_frac": f,
                                   "out_frac": out_frac, "weight_max": int(w_int.abs().max()),
                                   "mult_max": int(mult.abs().max()), "shift_max": int(shift.max())}
+        return IntegerSynapse(kind, w_int, conv, f, mult, bias, shift, out_frac, qname)
+
+    fed = set(feeds.values())
+
+    def build(name: str, f: int) -> nn.Module:
+        if name in qlayers:
+            return build_synapse(name, f)
+        return build_lif(name, None if name in fed else f)
+
+    probed = [n for n in (*units, *qlayers) if n in in_frac or n in deferred]
+    for name in probed:  # a format not known yet starts at the widest one the layers accept
+        _set(model, name, build(name, in_frac.get(name, MAX_INPUT_FRAC)))
+    for qname in qlayers:
+        if qname in bn_of and qname in probed:
+            _set(model, bn_of[qname], nn.Identity())
+    late = [n for n in probed if n in deferred and n not in fed]
+    if late:  # read the formats off the integer model itself, then rebuild those layers with them
+        integer_layers = {n: model.get_submodule(n) for n in late}
+        for inputs, _ in batches_in:
+            for c in _probe(model, inputs, integer_layers):
+                in_frac[c["name"]] = max(in_frac.get(c["name"], 0), _frac_bits(c["input"], c["name"]))
+        for name in late:
+            _set(model, name, build(name, in_frac[name]))
     return model, IntegerReport(membrane_bits, report_neurons, report_synapses)
 
 
-def compare(fake: nn.Module, integer: nn.Module, data: Any, max_batches: int | None = None) -> dict[str, Any]:
-    """Accuracy of the fake-quant and the integer model on ``data`` and how often their spikes differ."""
+def compare(fake: nn.Module, integer: nn.Module, data: Any, max_batches: int | None = None,
+            output_fn: Any = None) -> dict[str, Any]:
+    """Accuracy of the fake-quant and the integer model on ``data`` (outputs read as scores through
+    ``output_fn``, as in :func:`hq_ptq.train.evaluate`) and how often their spikes differ."""
     spikes: dict[str, list[torch.Tensor]] = {}
 
     def record(model: nn.Module, tag: str) -> list:
@@ -561,7 +652,7 @@ def compare(fake: nn.Module, integer: nn.Module, data: Any, max_batches: int | N
                     was = m.training
                     m.eval()
                     reset_states(m)
-                    scores = class_scores(call(m, inputs), None)
+                    scores = class_scores(call(m, inputs), output_fn)
                     m.train(was)
                     right[tag] += int((scores.argmax(-1) == targets).sum())
                 total += len(targets)

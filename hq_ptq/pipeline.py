@@ -11,6 +11,7 @@ traces one test batch exactly as the model takes it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -30,6 +31,7 @@ from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig, check_energy_budget
 from hq_ptq.data import collate_time_first, get_dataset, make_loaders
 from hq_ptq.distributed import is_active, is_main, rank
+from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write_text
 from hq_ptq.model_io import OutputFn, describe
 from hq_ptq.models import build_model
@@ -581,12 +583,37 @@ def write_artifacts(
             except ValueError as err:
                 log.warning("no energy estimate for this model: %s", str(err).splitlines()[0])
     results = {**result.to_dict(), "recipe_config": recipe.to_dict()}
+    if recipe.integer_bits:
+        results["integer"] = integer_check(model, recipe, test)
     text = json.dumps(results, indent=2, default=str)
     files["result"] = atomic_write_text(out_dir / "result.json", text)
     files.update(
         write_report(out_dir, plan=result.plan, results=results, sweep=sweep, energy=energy, sizes=sizes)
     )
     return files
+
+
+def integer_check(model: nn.Module, recipe: Recipe, test) -> dict[str, Any]:
+    """The integer-only twin of ``model`` (:func:`hq_ptq.integerize`, calibrated on two training batches) at
+    each of the recipe's ``integer_bits`` membrane widths: test accuracy next to the fake-quant model's, the
+    spike mismatch rate, and the smallest width within 0.1 point. A model the integer path cannot express
+    gets the reason instead (the run itself does not fail)."""
+    from hq_ptq.integer import compare, integerize
+
+    calib = list(itertools.islice(recipe_loaders(recipe)[0], 2))
+    rows: list[dict[str, Any]] = []
+    for bits in recipe.integer_bits:
+        try:
+            integer, _ = integerize(model, calib, membrane_bits=bits)
+        except ValueError as err:
+            log.warning("no integer-only model: %s", first_line(err))
+            return {"refused": first_line(err)}
+        with progress.task(f"evaluate integer ({bits}-bit membranes)", total=None):
+            rows.append({"membrane_bits": bits,
+                         **compare(model, integer, test, output_fn=recipe_functions(recipe)[1])})
+    fake = rows[0]["fake_accuracy"]
+    within = [r["membrane_bits"] for r in rows if abs(r["integer_accuracy"] - fake) <= 0.001 + 1e-12]
+    return {"fake_accuracy": fake, "widths": rows, "smallest_width_within_0.1pt": min(within, default=None)}
 
 
 def _energy_fraction(analysis, plan: Plan) -> float | None:

@@ -50,6 +50,7 @@ TOP_KEYS = ("description", "fp_checkpoint", "model", "data", "train", "quant", "
 QUANT_KEYS = (
     "budget",
     "energy_budget",
+    "integer_bits",
     *(f.name for f in fields(QuantConfig) if f.name not in ("search", "qat")),
 )
 DATA_LOADER_KEYS = ("name", "batch_size", "eval_batch_size")
@@ -71,6 +72,8 @@ class Recipe:
     fp_checkpoint: Path | None
     # the plan's estimated energy as a fraction of the FP32 model's (hq_ptq.quantize's energy_budget)
     energy_budget: float | None = None
+    # membrane widths at which the run also measures the integer-only model (hq_ptq.integerize); () skips it
+    integer_bits: tuple[int, ...] = ()
 
     @property
     def model_factory(self) -> str | None:
@@ -112,6 +115,7 @@ class Recipe:
             "train": asdict(self.train),
             "budget": self.budget,
             "energy_budget": self.energy_budget,
+            "integer_bits": list(self.integer_bits),
             "quant": self.quant.to_dict(),
         }
 
@@ -283,6 +287,10 @@ def load_recipe(
         check_energy_budget(energy_budget)
     except ValueError as err:
         raise ValueError(f"{path}: quant.{err}") from None
+    integer_bits = quant.pop("integer_bits", [])
+    if not (isinstance(integer_bits, list) and all(isinstance(b, int) and b >= 4 for b in integer_bits)):
+        raise ValueError(f"{path}: quant.integer_bits must be a list of membrane widths >= 4, e.g. "
+                         f"[16, 12, 8], got {integer_bits!r}")
     quant_cfg = QuantConfig(
         search=section_from_dict(SearchConfig, raw.get("search", {}), "search"),
         qat=section_from_dict(QATConfig, raw.get("qat", {}), "qat"),
@@ -307,4 +315,5 @@ def load_recipe(
         budget=budget,
         fp_checkpoint=ckpt,
         energy_budget=None if energy_budget is None else float(energy_budget),
+        integer_bits=tuple(integer_bits),
     )

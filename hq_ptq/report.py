@@ -225,6 +225,25 @@ def _cell(x: Any) -> str:
     return str(x).replace("|", "\\|").replace("\n", " ")
 
 
+def _integer_facts(integer: Mapping[str, Any] | None) -> list[str]:
+    """The integer-only model's line per membrane width (``results["integer"]``, from
+    :func:`hq_ptq.pipeline.integer_check`)."""
+    if not integer:
+        return []
+    if "refused" in integer:
+        return [f"- integer-only model: not built ({_cell(integer['refused'])})"]
+    out = []
+    for row in integer["widths"]:
+        out.append(
+            f"- integer-only, {row['membrane_bits']}-bit membranes: "
+            f"accuracy {_pct(row['integer_accuracy'])} "
+            f"(fake-quant {_pct(row['fake_accuracy'])}), spikes differing {100 * row['spike_mismatch']:.2f}%"
+        )
+    width = integer.get("smallest_width_within_0.1pt")
+    out.append(f"- smallest membrane width within 0.1 point of fake-quant: {width or 'none of those tried'}")
+    return out
+
+
 def _markdown(
     plan: Plan,
     results: Mapping[str, Any],
@@ -259,6 +278,7 @@ def _markdown(
     ]
     if "ptq_accuracy" in results:
         facts.append(f"- accuracy before fine-tuning (PTQ only): {_pct(_first(results, ('ptq_accuracy',)))}")
+    facts += _integer_facts(results.get("integer"))
     meta = plan.meta if isinstance(plan.meta, Mapping) else {}
     if meta.get("dead_layers"):
         facts.append(

@@ -388,6 +388,9 @@ def reset_states(model: nn.Module) -> int:
         if isinstance(module, SpikingNeuron) and callable(getattr(module, "reset_mem", None)):
             module.reset_mem()
             count += 1
+        elif callable(getattr(module, "reset_integer_state", None)):  # hq_ptq.integer's per-step LIF
+            module.reset_integer_state()
+            count += 1
     with torch.no_grad():
         for module, key, value in _graph_tensors(model):
             setattr(module, key, value.detach())

@@ -30,7 +30,8 @@ def test_recipes_lists_shipped_recipe():
 def test_run_writes_report_and_artifacts(tiny):
     root, recipe = tiny
     out = root / "run"
-    result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--set", "qat.steps=1"])
+    result = runner.invoke(app, ["run", str(recipe), "--out", str(out), "--set", "qat.steps=1",
+                                 "--set", "quant.integer_bits=[16, 6]"])
     assert result.exit_code == 0, result.output
     assert "average bits" in result.output
     for name in (
@@ -49,6 +50,10 @@ def test_run_writes_report_and_artifacts(tiny):
     assert checks["qonnx"]["spike_mismatches"] == 0 and checks["ort"]["max_abs_logit_error"] < 1e-5
     report = json.loads((out / "report.json").read_text())
     assert report["plan"]["avg_bits"] <= 4.0 + 1e-9
+    integer = report["results"]["integer"]  # the integer-only twin, next to the fake-quant accuracy
+    assert [w["membrane_bits"] for w in integer["widths"]] == [16, 6]
+    assert integer["fake_accuracy"] == pytest.approx(report["summary"]["q_accuracy"])
+    assert "integer-only, 16-bit membranes" in (out / "report.md").read_text()
     assert (out / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     inspected = runner.invoke(app, ["inspect", str(out / "model.hqpt.safetensors")])
