@@ -21,7 +21,8 @@ plans), the QAT shuffle, shifts and RNG, and the DNAS search. Rows:
 Every searched and homogeneous row keeps the recipe's protected layers, so average bits are comparable. Cells
 are measured in the order given by ``--budgets`` then ``--rows`` (most informative first), seeds innermost, so
 a run cut short leaves complete (row, budget) groups. ``--shard I/N`` takes every N-th cell starting at I, for
-N processes on N cores (each appends to its own ``cells-I.jsonl``). ``--report`` writes
+N processes on N cores (each appends to its own ``cells-I.jsonl``, or ``cells-TAG.jsonl`` with ``--tag``:
+processes given disjoint ``--rows``/``--budgets`` need no sharding). ``--report`` writes
 ``separation-<recipe>.json`` (means, paired verdicts against the default) and prints Markdown.
 """
 
@@ -166,7 +167,7 @@ def measure(args) -> None:
     index, count = args.shard
     todo = todo[index::count]
     LOG.info("%d cells to measure in this shard (%d done already)", len(todo), len(done))
-    sink = args.out / f"cells-{index}.jsonl"
+    sink = args.out / f"cells-{args.tag or index}.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
         for row, budget, seed in todo:
             t0 = time.perf_counter()
@@ -280,6 +281,7 @@ def main() -> None:
     parser.add_argument("--dnas-steps", type=int, default=150)
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--shard", default="0/1", help="I/N: every N-th missing cell from the I-th")
+    parser.add_argument("--tag", default="", help="name of this process's cells file (default: shard index)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], help="recipe override, e.g. qat.lr=1e-4")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "separation-fashion")

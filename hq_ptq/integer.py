@@ -2,30 +2,38 @@
 current, membrane and threshold is an integer, and :func:`reference_mode` runs the same integer model through
 a small pure-NumPy (int64) implementation of its layers, the bit-exact reference.
 
-What the integer model computes, layer by layer (found by one probe forward on calibration batches):
+What the integer model computes, layer by layer (found by probe forwards on calibration batches, which
+read which layer feeds which neuron from the tensors they pass):
 
 * **Synapse into a neuron** (a quantized Conv/Linear, optionally through a BatchNorm, whose output is the
-  input current of a multi-step LIF): the weight is its integer codes (uniform ``c``; power-of-two
-  ``±2^j``, so the product is a shift). The weight scale, BatchNorm and bias fold into one dyadic
-  requantization per output channel, ``current = (acc * M_c + B_c) >> S_c`` (integer multiply, add,
-  arithmetic shift), which expresses the current in the neuron's fixed-point unit.
-* **LIF neuron**: the membrane is a signed ``membrane_bits`` integer in units of ``threshold / 2^K`` (so
-  the threshold is ``2^K``; ``K`` leaves the headroom the calibration batches need). The leak is an
-  arithmetic right shift when ``beta = 2^-k`` (the zoo's 0.5) and a fixed-point multiply otherwise; the
-  reset is the float neuron's (to zero, or subtract the threshold, from the previous step's spike);
-  the membrane saturates at the width. A neuron fed by anything else (a spike-by-spike attention product
-  times a constant, a residual sum) takes its input as a fixed-point number ``x * 2^f``, which it checks.
-* **Synapse into anything else** (the classifier head, a residual stream): the same dyadic
-  requantization into a fixed-point output with ``out_frac_bits`` fractional bits.
+  input current of a LIF and of nothing else): the weight is its integer codes (uniform ``c``;
+  power-of-two ``±2^j``, so the product is a shift). The weight scale, BatchNorm and bias fold into one
+  dyadic requantization per output channel, ``current = (acc * M_c + B_c) >> S_c`` (integer multiply,
+  add, arithmetic shift), which expresses the current in the neuron's fixed-point unit.
+* **LIF neuron** (``MultiStepLeaky``, or ``snn.Leaky`` called once per step, with its state inside or
+  passed in and out): the membrane is a signed ``membrane_bits`` integer in units of ``threshold / 2^K``
+  (so the threshold is ``2^K``; ``K`` leaves the headroom the calibration batches need, and a width too
+  narrow for that saturates instead). The leak is a rounded arithmetic right shift when ``beta = 2^-k``
+  (the zoo's 0.5) and a 16-bit fixed-point multiply otherwise; the reset is the float neuron's (to zero,
+  or subtract the threshold, from the previous step's spike); the membrane saturates at the width. A
+  membrane the neuron hands back to the model is in the float neuron's units. A neuron fed by anything
+  else (a spike-by-spike attention product times a constant, a residual sum, a max-pool of a synapse's
+  output) takes its input as a fixed-point number ``x * 2^f``, which it checks on every call.
+* **Synapse into anything else** (the classifier head, a residual stream, a pooling layer): the same
+  dyadic requantization into a fixed-point output with ``out_frac_bits`` fractional bits.
 * Everything between layers (residual sums of spikes, spike-by-spike matmuls, max-pooling, means over a
   power-of-two count) runs as the model's own code on these exact integer (or fixed-point) values.
 
-Tensors stay torch float32 (integers below 2^24 are exact in float32; that bound is checked); the
-integer layers compute in float64 and round nowhere but where their shifts say. What the integer path
-refuses, naming the module: a parametrized module that is not a quantized Conv/Linear, a BatchNorm or a
-multi-step LIF; a BatchNorm not directly behind a quantized layer; neurons that return membranes,
-per-channel or learnable-but-tensor thresholds; inputs to a layer that are not fixed-point numbers (e.g.
-real-valued pixels: quantize them first).
+Each layer's input format ``f`` is read on the calibration batches; where the float model's input is not
+fixed point but the integer model's will be (a Conv -> MaxPool -> LIF reads the pool of the conv's
+fixed-point output), it is read off the integer model in a second probe. Tensors stay torch float32
+(integers below 2^24 are exact in float32; that bound is checked); the integer layers compute in float64
+and round nowhere but where their shifts say. What the integer path refuses, naming the module: a module
+holding parameters or buffers that is not a quantized Conv/Linear, a BatchNorm or a LIF (LayerNorm, an
+unused ``pos_embed``, ...); other neuron types (RLeaky, Synaptic, ...); a BatchNorm not directly behind a
+quantized layer; per-channel beta or threshold, graded spikes, ``state_quant``/``inhibition``/
+``reset_delay=False``; inputs that are not fixed-point numbers (real-valued pixels or sensor readings:
+quantize them first).
 """
 
 from __future__ import annotations

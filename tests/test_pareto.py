@@ -45,7 +45,7 @@ def test_every_row_and_column(run):
     rows = {r["label"]: r for r in results["rows"]}
     expected = {"FP32", "uniform 8-bit", "uniform 4-bit", "pot 4-bit", "uniform 2-bit",
                 "uniform-only MP @ 3.5", "ours greedy @ 3.5", "ours greedy @ 3", "ours MILP @ 3.5",
-                "DNAS @ 3.5", "torchao int8", "torchao int4", "ours Fisher greedy @ 3.5"}
+                "DNAS @ 3.5", "torchao int8", "torchao int4", "ours Hessian greedy @ 3.5"}
     assert set(rows) == expected
     for r in results["rows"]:
         for col in COLUMNS:
@@ -65,10 +65,10 @@ def test_every_row_and_column(run):
         assert r["plan"][0] == "uniform8" and r["plan"][-1] == "uniform8", label
     assert "qat_accuracy" not in rows["uniform 8-bit"]
     for label in ("uniform-only MP @ 3.5", "ours greedy @ 3", "ours MILP @ 3.5", "DNAS @ 3.5",
-                  "ours Fisher greedy @ 3.5"):
+                  "ours Hessian greedy @ 3.5"):
         assert rows[label]["avg_bits"] <= rows[label]["budget"] + 1e-9
     assert all(b.startswith("uniform") for b in rows["uniform-only MP @ 3.5"]["plan"])
-    # one shared analysis: every Hessian row's search time includes it
+    # one shared analysis: every recipe-metric row's search time includes it
     for label in ("ours greedy @ 3.5", "ours MILP @ 3.5", "uniform-only MP @ 3.5"):
         assert rows[label]["search_seconds"] >= results["analysis_seconds"]
     assert rows["DNAS @ 3.5"]["search_seconds"] > 0 and rows["DNAS @ 3.5"]["dnas"]["steps"] == 2

@@ -5,11 +5,12 @@
     .venv/bin/python benchmarks/pareto.py [--recipe digits-spikformer] ... (same options, plus --threads)
 
 Rows (:mod:`hq_ptq.bench.run`): FP32; homogeneous uniform 8/4/3/2 and PoT 4/3 bits, post-training and after
-QAT (uniform 8 post-training only); uniform-only mixed precision, HAWQ-V3 style (the same Hessian sensitivity,
+QAT (uniform 8 post-training only); uniform-only mixed precision, HAWQ-V3 style (the same sensitivity,
 exact MILP over uniform candidates only); torchao weight-only int8 / int4 (``IntxWeightOnlyConfig``),
 post-training only, naming the layers torchao refuses; differentiable search (Gumbel-softmax over scheme x
-bits per layer with a budget penalty, :mod:`hq_ptq.dnas`), then QAT; ours: Hessian-guided greedy at several
-budgets, the MILP allocator and a Fisher greedy, then QAT. Claims are decided by code
+bits per layer with a budget penalty, :mod:`hq_ptq.dnas`), then QAT; ours: sensitivity-guided greedy at
+several budgets (the recipe's metric), the MILP allocator and a greedy on the other metric (Hessian beside
+Fisher, or the reverse), then QAT. Claims are decided by code
 (:mod:`hq_ptq.bench.verdicts`); Markdown, plot and the docs block come from :mod:`hq_ptq.bench.render`.
 
 Outputs: ``pareto-<recipe>[-quick].{json,md,png}`` in the output folder. Only with ``write_docs`` (the

@@ -17,9 +17,10 @@ FAMILIES = {
     "uniform-mp": ("uniform-only MP (HAWQ-V3 style)", "^", "tab:orange"),
     "torchao": ("torchao weight-only", "v", "tab:gray"),
     "dnas": ("DNAS (Gumbel-softmax)", "P", "tab:purple"),
-    "ours-greedy": ("ours: Hessian greedy", "o", "tab:red"),
-    "ours-milp": ("ours: Hessian MILP", "X", "tab:green"),
+    "ours-greedy": ("ours: greedy (recipe metric)", "o", "tab:red"),
+    "ours-milp": ("ours: MILP (recipe metric)", "X", "tab:green"),
     "ours-fisher": ("ours: Fisher greedy", "h", "tab:brown"),
+    "ours-hessian": ("ours: Hessian greedy", "h", "tab:brown"),
 }
 
 
@@ -57,7 +58,8 @@ def markdown(results: dict, command: str) -> str:
         + ".  ",
         f"Settings: QAT {s['qat_steps']} steps for every fine-tuned row, seeds {list(s['seeds'])}; DNAS "
         f"{s['dnas_steps']} search steps; sensitivity metric {results['metric']} "
-        f"({results['analysis_seconds']:.1f} s, shared by every Hessian row); protected layers at uniform 8: "
+        f"({results['analysis_seconds']:.1f} s, shared by every {results['metric'].capitalize()} row); "
+        "protected layers at uniform 8: "
         f"{', '.join(results['protected'])}; {results['n_test']} test samples "
         f"(one sample = {100 / results['n_test']:.2f} pts)." + _qat_text(results),
         "",

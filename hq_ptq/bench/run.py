@@ -1,11 +1,12 @@
-"""Measuring the benchmark's rows: FP32, homogeneous, uniform-only MP, ours (greedy, MILP, Fisher), DNAS and
-torchao.
+"""Measuring the benchmark's rows: FP32, homogeneous, uniform-only MP, ours (greedy, MILP, the other metric),
+DNAS and torchao.
 
 Every row starts from the same float checkpoint, is evaluated on the same test set and, where it is
 fine-tuned, gets the same QAT (the recipe's QAT settings with a common step count) with the same seeds; the
-seed sets the shuffle order, the random shifts and the QAT RNG. One sensitivity analysis serves every Hessian
-row. Every row that searches, and every homogeneous row, keeps the recipe's protected layers (first and last
-at uniform 8 bits), so average bits are comparable; the torchao int4 row keeps them at int8 too.
+seed sets the shuffle order, the random shifts and the QAT RNG. One sensitivity analysis (the recipe's
+metric) serves every searched row but the other metric's. Every row that searches, and every homogeneous
+row, keeps the recipe's protected layers (first and last at uniform 8 bits), so average bits are
+comparable; the torchao int4 row keeps them at int8 too.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class BenchSettings:
         seeds: QAT seeds; accuracy is reported as mean ± std over them.
         qat_steps: the common QAT step count of every fine-tuned row.
         dnas_steps: differentiable-search steps.
-        budgets: budgets of the Hessian-guided greedy rows.
+        budgets: budgets of the sensitivity-guided greedy rows.
         compare_budget: budget of the MILP, uniform-only MP and DNAS rows.
         homogeneous: (scheme, bits) of the homogeneous rows.
         ptq_only: labels of rows measured after PTQ only (no QAT).
@@ -233,13 +234,14 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
         milp = search_plan(analysis, cb, replace(config, search=replace(config.search, method="milp")))
         plans.append((f"ours MILP @ {cb:g}", "ours-milp", milp, analysis_s + time.perf_counter() - t0))
 
-        # the cheap sensitivity (empirical Fisher: one backward per calibration batch, no Hessian-vector
-        # products), to see what the Hutchinson analysis buys and what a fast search costs
+        # the other sensitivity (Hutchinson Hessian beside the default empirical Fisher, or the reverse), to
+        # see what one buys over the other and what each costs
+        other = "fisher" if analysis.metric == "hessian" else "hessian"
         t0 = time.perf_counter()
-        fisher_cfg = replace(greedy_cfg, search=replace(greedy_cfg.search, metric="fisher"))
-        fisher = analyze(detached_copy(float_net), calib_data=_train_loader(base), config=fisher_cfg)
-        plans.append((f"ours Fisher greedy @ {cb:g}", "ours-fisher", search_plan(fisher, cb, fisher_cfg),
-                      time.perf_counter() - t0))
+        other_cfg = replace(greedy_cfg, search=replace(greedy_cfg.search, metric=other))
+        alt = analyze(detached_copy(float_net), calib_data=_train_loader(base), config=other_cfg)
+        plans.append((f"ours {other.capitalize()} greedy @ {cb:g}", f"ours-{other}",
+                      search_plan(alt, cb, other_cfg), time.perf_counter() - t0))
 
         gen = torch.Generator().manual_seed(settings.seeds[0])
         shift = recipe.train.shift_augment

@@ -88,7 +88,7 @@ def claims(results: dict) -> list[dict[str, Any]]:
 
     # 2. search speed against the differentiable search, at equal or better accuracy
     dn = next((r for r in rows if r["family"] == "dnas"), None)
-    searched = [r for r in rows if dn and r["family"] in ("ours-greedy", "ours-fisher")
+    searched = [r for r in rows if dn and r["family"] in ("ours-greedy", "ours-fisher", "ours-hessian")
                 and r["budget"] == dn["budget"]]
     for ours in searched:
         speed = dn["search_seconds"] / ours["search_seconds"]
