@@ -6,6 +6,7 @@ model ─► swap (Brevitas layers) ─► sensitivity (Hutchinson / Fisher / we
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -22,6 +23,7 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig, check_energy_budget
+from hq_ptq.devices import batch_to, model_device, resolve_device
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
 from hq_ptq.energy import (
     LayerActivity,
@@ -74,31 +76,63 @@ def check_budget(budget: float) -> None:
         )
 
 
-def _take(batches: Batches, n: int) -> list[tuple[Any, Any]]:
-    """The first ``n`` batches as a list (drawn once, so a one-shot generator serves every later step)."""
+def _take(batches: Batches, n: int, device: torch.device | None = None) -> list[tuple[Any, Any]]:
+    """The first ``n`` batches as a list (drawn once, so a one-shot generator serves every later step),
+    inputs and targets moved to ``device`` (the model's) when given."""
     taken = list(itertools.islice(iter(batches), n))
     if not taken:
         raise ValueError("calib_data yielded no batches")
-    for batch in taken:
+    for i, batch in enumerate(taken):
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError(
                 f"each calib_data batch must be an (inputs, targets) pair, got {describe(batch)}"
+            )
+        if device is not None:
+            batch = taken[i] = (
+                batch_to(batch[0], device, what="calibration inputs"),
+                batch_to(batch[1], device, what="calibration targets"),
             )
         if not all(torch.isfinite(t).all() for t in tensors(batch[0]) if t.is_floating_point()):
             raise ValueError("calib_data contains NaN or Inf inputs")
     return taken
 
 
+def _device_error(err: BaseException) -> bool:
+    """True when torch's message says tensors sit on different devices (or of a CPU and a CUDA type)."""
+    text = str(err).lower()
+    return "device" in text or ("cuda" in text and "cpu" in text)
+
+
+def _mixed_devices(model: nn.Module, device: torch.device, err: BaseException) -> ValueError:
+    """The one-line error for a forward on inputs moved to ``device`` (the model's) that failed on tensors
+    of different devices, naming them."""
+    held = list(dict.fromkeys(t.device for t in itertools.chain(model.parameters(), model.buffers())))
+    where = (
+        f"the model is on {' and '.join(str(d) for d in held)} but the calibration inputs are on {device}"
+        if len(held) > 1
+        else f"the model and the calibration inputs are on {device} but its forward mixes devices"
+    )
+    return ValueError(
+        f"{where} ({first_line(err)}); put all of the model on one device (QuantConfig(device=...), "
+        "--device) and create no tensor on a fixed device inside it"
+    )
+
+
 def _check_forward(model: nn.Module, batch: tuple[torch.Tensor, Any], loss_fn: LossFn | None) -> None:
-    """One forward on the first calibration batch, so inputs the model cannot take fail naming their shape
-    instead of deep inside the Hessian pass."""
-    inputs, targets = batch
+    """One forward on the first calibration batch (moved to the model's device), so inputs the model cannot
+    take fail naming their shape, and data or a model on other devices naming the devices, instead of deep
+    inside the Hessian pass."""
+    device = model_device(model)
+    inputs = batch_to(batch[0], device, what="calibration inputs")
+    targets = batch_to(batch[1], device, what="calibration targets")
     try:
         with eval_mode(model), torch.no_grad():
             reset_states(model)
             try:
                 outputs = call(model, inputs)
             except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
+                if _device_error(err):
+                    raise _mixed_devices(model, device, err) from None
                 raise ValueError(
                     f"the model cannot take calibration inputs of shape {describe(inputs)} "
                     f"({first_line(err)}); give it data in the layout it expects"
@@ -262,12 +296,18 @@ def analyze(
     exactly zero (no gradient reached it on the calibration data, e.g. a block that never fires) is
     not an error: it gets the smallest trace of the live layers, a warning names it, and the plan's
     ``meta["dead_layers"]`` lists it.
+
+    A ``config.device`` other than "auto" moves the model there first; the calibration batches are moved
+    to the model's device.
     """
     config = config or QuantConfig()
     _check_weights(model)
     candidates(config)
     names = find_layers(model, config.include, config.exclude)
-    calib = _take(calib_data, config.search.calib_batches) if calib_data is not None else None
+    device = resolve_device(config.device, model)
+    if config.device != "auto":
+        model.to(device)
+    calib = _take(calib_data, config.search.calib_batches, device) if calib_data is not None else None
     if calib is not None:
         _check_forward(model, calib[0], loss_fn)
     return _score(model, names, calib, loss_fn, config)
@@ -496,15 +536,20 @@ def quantize(
             the default cross-entropy, the outputs themselves when they are ``[B, classes]``. For any other
             output, or a ``loss_fn`` of your own without ``output_fn``, distillation is off (with a
             warning) and QAT uses ``loss_fn`` alone.
-        config: search and QAT settings.
+        config: search and QAT settings. ``config.device`` (default "auto": wherever the model is) moves the
+            model to "cpu", "cuda" or "cuda:N" first; every batch hq_ptq uses (analysis, BatchNorm
+            re-estimation, QAT for the model and its teacher) is moved to the model's device at the point
+            of use, inputs and targets, so loaders may yield CPU tensors.
 
     Returns:
-        The same model, quantized; ``hq_ptq.get_plan(model)`` gives the plan.
+        The same model, quantized (on ``config.device``); ``hq_ptq.get_plan(model)`` gives the plan.
 
     Raises:
         ValueError: a budget no allowed candidate can reach (the message gives the reachable range and the
             settings that change it), unknown schemes/bits, no matching layer, empty or non-finite data,
-            inputs the model or outputs the loss cannot take.
+            inputs the model or outputs the loss cannot take, a device that is not there (``"cuda"``
+            without CUDA), data that cannot be moved to the model's device or a forward that mixes devices
+            (the message names them).
 
     Under torch.distributed (e.g. torchrun), give every rank the same ``calib_data`` and ``train_data`` in the
     same order: rank ``r`` of ``N`` computes on batches ``r, r+N, ...``, the sensitivity samples are summed
@@ -524,46 +569,77 @@ def quantize(
     names = find_layers(model, config.include, config.exclude)
     sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in names}
     settle_protection(protected_layers(names, config), yielding_layers(names, config), sizes, budget, config)
-    calib = None
-    if calib_data is not None:
-        # drawn once, as many batches as the analysis and the BatchNorm re-estimation need
-        bn = config.bn_recalibration_batches if _batchnorms(model) else 0
-        calib = _take(calib_data, max(config.search.calib_batches, bn))
-        _check_forward(model, calib[0], loss_fn)
-    else:
-        warnings.warn(
-            "hq_ptq.quantize without calib_data uses the data-free metric; pass calib_data for "
-            "Hessian-aware sensitivity and train_data for QAT recovery",
-            stacklevel=2,
-        )
-    qat = train_data is not None and config.qat.steps > 0
-    # one float copy serves as the distillation teacher; candidates never copy the model
-    teacher = detached_copy(model).eval() if qat and config.qat.distill_weight > 0 else None
-
-    restore = _snapshot(model)
-    try:
-        # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
-        first = calib[: config.search.calib_batches] if calib else None
-        analysis = _score(model, names, first, loss_fn, config)
-        plan = search_plan(analysis, budget, config, energy_budget=energy_budget)
-        apply_plan(model, plan, scale_init=config.scale_init)
-        if calib is not None and config.bn_recalibration_batches:
-            recalibrate_bn(model, calib, config.bn_recalibration_batches)
-        if qat:
-            finetune(
-                model,
-                train_data,
-                config.qat,
-                teacher=teacher,
-                loss_fn=loss_fn,
-                output_fn=output_fn,
-                seed=config.seed,
+    # "auto": where the model is (the batches follow its first parameter); CUDA asked for must exist
+    device = resolve_device(config.device, model)
+    # the model moves to config.device now, and back to where it was if anything below fails
+    with _on_device(model, None if config.device == "auto" else device):
+        calib = None
+        if calib_data is not None:
+            # drawn once, as many batches as the analysis and the BatchNorm re-estimation need
+            bn = config.bn_recalibration_batches if _batchnorms(model) else 0
+            calib = _take(calib_data, max(config.search.calib_batches, bn), device)
+            _check_forward(model, calib[0], loss_fn)
+        else:
+            warnings.warn(
+                "hq_ptq.quantize without calib_data uses the data-free metric; pass calib_data for "
+                "Hessian-aware sensitivity and train_data for QAT recovery",
+                stacklevel=2,
             )
-    except BaseException:
-        restore()
-        raise
-    model.eval()
+        qat = train_data is not None and config.qat.steps > 0
+        # one float copy serves as the distillation teacher; candidates never copy the model
+        teacher = detached_copy(model).eval() if qat and config.qat.distill_weight > 0 else None
+
+        restore = _snapshot(model)
+        try:
+            # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
+            first = calib[: config.search.calib_batches] if calib else None
+            analysis = _score(model, names, first, loss_fn, config)
+            plan = search_plan(analysis, budget, config, energy_budget=energy_budget)
+            apply_plan(model, plan, scale_init=config.scale_init)
+            if calib is not None and config.bn_recalibration_batches:
+                recalibrate_bn(model, calib, config.bn_recalibration_batches)
+            if qat:
+                finetune(
+                    model,
+                    train_data,
+                    config.qat,
+                    teacher=teacher,
+                    loss_fn=loss_fn,
+                    output_fn=output_fn,
+                    seed=config.seed,
+                )
+        except BaseException:
+            restore()
+            raise
+        model.eval()
     return model
+
+
+def _tensor_devices(model: nn.Module) -> dict[str, torch.device]:
+    return {n: t.device for n, t in itertools.chain(model.named_parameters(), model.named_buffers())}
+
+
+@contextlib.contextmanager
+def _on_device(model: nn.Module, device: torch.device | None):
+    """``model`` moved to ``device`` for the block (None: left where it is), and put back on its own
+    device(s) when the block fails; after the block succeeds it stays on ``device``."""
+    held = _tensor_devices(model)
+    moved = device is not None and any(d != device for d in held.values())
+    if moved:
+        model.to(device)
+    try:
+        yield
+    except BaseException:
+        if moved:
+            if len(set(held.values())) == 1:
+                model.to(next(iter(held.values())))
+            else:  # a model spread over devices goes back tensor by tensor
+                for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+                    if name in held and t.device != held[name]:
+                        t.data = t.data.to(held[name])
+                        if isinstance(t, nn.Parameter) and t.grad is not None:
+                            t.grad = t.grad.to(held[name])
+        raise
 
 
 # plain attributes hq_ptq sets on layers it quantizes: the layer's record, and Brevitas' submodule cache
@@ -629,6 +705,7 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
     The statistics become the plain average over the first ``batches`` batches of ``data`` (momentum
     None), computed without gradients; only the BatchNorm layers run in training mode, so dropout and
     the like stay off. Momentum and training flags are restored. Returns the number of batches used.
+    Inputs are moved to the model's device.
 
     Raises:
         ValueError: ``batches < 1`` or ``data`` yields no batch (the statistics are left untouched).
@@ -652,9 +729,10 @@ def recalibrate_bn(model: nn.Module, data: Batches, batches: int) -> int:
             m.momentum = None  # cumulative average over the batches seen
             m.train()
         with torch.no_grad(), progress.task("recalibrate BN", total=batches) as update:
+            device = model_device(model)
             for inputs, _ in itertools.chain([first], it):
                 reset_states(model)
-                call(model, inputs)
+                call(model, batch_to(inputs, device, what="BatchNorm inputs"))
                 used += 1
                 update()
                 if used == batches:

@@ -116,20 +116,33 @@ def _load_into(model: nn.Module, path: Path) -> tuple[nn.Module, dict[str, Any]]
 
 
 def load_float(
-    path: str | os.PathLike, *, model: nn.Module | None = None
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    map_location: str | torch.device | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the zoo model saved by :func:`save_float`; returns ``(model, meta)``, model in eval mode.
 
     With ``model`` (a freshly built float model of the saved architecture) its weights are loaded instead:
     from a :func:`save_float` file, any safetensors file or a ``torch.save`` state_dict (``{"state_dict":
     ...}`` too), every key matching.
+
+    ``map_location`` ("cpu", "cuda", "cuda:N", "auto": cuda when available, or a ``torch.device``) is
+    where the returned model lives. None (the default): as before, a rebuilt zoo model on the CPU and a
+    ``model`` passed in where it already is. The file is always read on the CPU.
+
+    Raises:
+        ValueError: an unreadable or foreign file, a model it does not match, or a ``map_location`` that
+            is not a device here (one line).
     """
+    from hq_ptq.devices import resolve_device
     from hq_ptq.models import build_model
 
+    device = None if map_location is None else resolve_device(map_location, what="map_location")
     if model is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"no checkpoint at {path}")
-        return _load_into(model, Path(path))
+        return _placed(_load_into(model, Path(path)), device)
     md = read_metadata(path)
     if md.get("format") == FORMAT and "model_config" not in md and "factory" in md:
         raise ValueError(
@@ -143,7 +156,12 @@ def load_float(
             f"{path} has format version {md.get('format_version')}, this hq_ptq reads {FORMAT_VERSION}"
         )
     config = dict(json.loads(md["model_config"]))
-    return _load_into(build_model(config.pop("name"), **config), Path(path))
+    return _placed(_load_into(build_model(config.pop("name"), **config), Path(path)), device)
+
+
+def _placed(loaded: tuple[nn.Module, dict[str, Any]], device: torch.device | None) -> tuple[nn.Module, dict]:
+    model, meta = loaded
+    return (model if device is None else model.to(device)), meta
 
 
 __all__ = ["save_float", "load_float", "read_metadata"]

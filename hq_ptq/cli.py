@@ -64,6 +64,14 @@ EnergyBudgetOption = Annotated[
         "0.1 (45 nm model, docs/ENERGY.md; measured on the calibration data)",
     ),
 ]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="Where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: the "
+        "recipe's [quant] device, else auto)",
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -140,6 +148,7 @@ def run_cmd(
     export: Annotated[bool, typer.Option(help="Write and verify the QONNX and onnxruntime files")] = True,
     model: ModelOption = None,
     energy_budget: EnergyBudgetOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table.
 
@@ -149,7 +158,7 @@ def run_cmd(
     """
     result = _run_recipe(
         recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model,
-        energy_budget=energy_budget,
+        energy_budget=energy_budget, device=device,
     )
     if result is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
@@ -180,18 +189,19 @@ def run_cmd(
 
 def _run_recipe(
     recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None,
-    energy_budget=None,
+    energy_budget=None, device=None,
 ):
     """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
 
-    ``energy_budget`` (``--energy-budget``) replaces the recipe's ``[quant] energy_budget``.
+    ``energy_budget`` (``--energy-budget``) replaces the recipe's ``[quant] energy_budget``, and ``device``
+    (``--device``) its ``[quant] device``.
     Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
     """
     import os
     from dataclasses import replace
 
     from hq_ptq import distributed
-    from hq_ptq.config import check_energy_budget
+    from hq_ptq.config import check_device, check_energy_budget
     from hq_ptq.pipeline import ensure_float_checkpoint, launched_run, run_recipe
     from hq_ptq.recipe import load_recipe
 
@@ -199,6 +209,8 @@ def _run_recipe(
     if energy_budget is not None:
         check_energy_budget(energy_budget)
         r = replace(r, energy_budget=energy_budget)
+    if device is not None:
+        r = replace(r, quant=replace(r.quant, device=check_device(device, "--device")))
     out = out or Path("runs") / r.name
     torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
@@ -291,12 +303,19 @@ def quantize_cmd(
         str | None,
         typer.Option(help="package.module:function, output_fn(outputs) -> [B, classes] class scores"),
     ] = None,
+    device: Annotated[
+        str,
+        typer.Option(help="Where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
+    ] = "auto",
 ) -> None:
     """Quantize a float checkpoint under a bit budget and write a packed checkpoint."""
-    from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
+    from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_device
     from hq_ptq.pipeline import quantize_checkpoint
 
-    config = QuantConfig(search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps))
+    config = QuantConfig(
+        search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps),
+        device=check_device(device, "--device"),
+    )
     plan, fp_acc, q_acc, out = quantize_checkpoint(
         checkpoint, budget, out, data=data, config=config, model=model, loss=loss, output_fn=output_fn,
         energy_budget=energy_budget,

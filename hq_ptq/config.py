@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -14,6 +15,9 @@ METRICS = ("hessian", "fisher", "data_free", "loss")
 METHODS = ("greedy", "milp")
 # how a new quantizer's per-channel scale starts: the error-minimising threshold, or the channel absmax
 SCALE_INITS = ("mse", "absmax")
+# where a run computes: "auto" (hq_ptq.quantize: the model's own device; recipes and the CLI: cuda when
+# available, else cpu), "cpu", "cuda" (the current CUDA device) or "cuda:N"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 # old key -> new key, for the one-line error that names the new key (recipes, --set, from_dict, keyword args)
 RENAMED = {
@@ -47,6 +51,16 @@ def _renamed_kwargs(section: str):
         return cls
 
     return wrap
+
+
+def check_device(device: Any, what: str = "quant.device") -> str:
+    """``device`` when it reads "auto", "cpu", "cuda" or "cuda:N", else a one-line ValueError naming ``what``.
+
+    Only the spelling is checked here (no torch); :func:`hq_ptq.devices.resolve_device` checks that CUDA is
+    there."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device.strip()):
+        raise ValueError(f"{what} must be 'auto', 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
+    return device.strip()
 
 
 def _check_keys(cls: type, data: dict[str, Any], section: str) -> None:
@@ -175,9 +189,14 @@ class QuantConfig:
     # alike): "mse", the threshold that minimises the layer's weight error, or "absmax", the channel's
     # largest weight (Brevitas' own init); QAT refines it from there.
     scale_init: str = "mse"
+    # Where quantization computes: "auto" (hq_ptq.quantize: wherever the model already is; recipes and the
+    # CLI: cuda when available, else cpu), "cpu", "cuda" or "cuda:N". The model is moved there and every
+    # batch (inputs and targets) follows it at the point of use (hq_ptq.devices).
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _tuple(self.include))
+        object.__setattr__(self, "device", check_device(self.device))
         if self.scale_init not in SCALE_INITS:
             raise ValueError(
                 f"quant.scale_init must be one of {', '.join(SCALE_INITS)}, got {self.scale_init!r}"

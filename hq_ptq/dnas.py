@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
+from hq_ptq.devices import batch_to, model_device
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.qat import cycle_batches
 from hq_ptq.schemes import quantized_weight
@@ -119,8 +120,14 @@ class MixedQuantLayer(nn.Module):
             swap_layers(holder, scheme=scheme, bits=bits)
             quants.append(holder.w)
         self.quants = nn.ModuleList(quants)
-        self.alpha = nn.Parameter(torch.zeros(len(self.candidates)), requires_grad=len(self.candidates) > 1)
-        self.bits = torch.tensor([float(b) for _, b in self.candidates])
+        # on the weight's device, and moved with the module: alpha a Parameter, bits a buffer (not saved)
+        device = layer.weight.device
+        self.alpha = nn.Parameter(
+            torch.zeros(len(self.candidates), device=device), requires_grad=len(self.candidates) > 1
+        )
+        self.register_buffer(
+            "bits", torch.tensor([float(b) for _, b in self.candidates], device=device), persistent=False
+        )
         self.tau: float | None = None  # set by the search; None means plain softmax (no Gumbel noise)
 
     @property
@@ -279,7 +286,8 @@ def dnas_search(
 
     Args:
         model: float model, called as ``model(inputs)``.
-        train_data: ``(inputs, targets)`` batches, cycled for ``dnas.steps`` steps.
+        train_data: ``(inputs, targets)`` batches, cycled for ``dnas.steps`` steps; moved to the model's
+            device (the search runs where ``model`` is).
         budget: parameter-weighted average-bit budget, protected layers included.
         config: candidates (``search.schemes``/``bits``), protection, include/exclude.
         dnas: search settings.
@@ -320,6 +328,7 @@ def dnas_search(
             p.requires_grad_(False)
 
     net.train()
+    device = model_device(net)
     batches = cycle_batches(train_data, "dnas train_data")
     task = penalty = expected = float("nan")
     with progress.task("dnas search", total=dnas.steps) as update:
@@ -330,6 +339,8 @@ def dnas_search(
             inputs, targets = next(batches)
             if augment is not None:
                 inputs = augment(inputs)
+            inputs = batch_to(inputs, device, what="dnas inputs")
+            targets = batch_to(targets, device, what="dnas targets")
             reset_states(net)
             loss_task = loss_fn(net(inputs), targets)
             avg = _expected_avg_bits(layers)

@@ -383,22 +383,38 @@ def _mismatch(path: str | os.PathLike, what: str, names: list[str]) -> Checkpoin
     return CheckpointError(f"{path} does not match the model: {what} {shown}; pass the same architecture")
 
 
-def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Module:
+def load(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    map_location: str | torch.device | None = None,
+) -> nn.Module:
     """Rebuild a quantized model from a packed checkpoint, in eval mode, bit-identical to the saved one.
 
     Args:
         path: a file written by :func:`save`.
         model: a freshly constructed float model of the saved architecture; required when the saved
             model was not built by ``hq_ptq.models.build_model``, otherwise the zoo config rebuilds it.
+        map_location: where the returned model lives: "cpu", "cuda", "cuda:N", "auto" (cuda when
+            available) or a ``torch.device``. None (the default): as before, a rebuilt zoo model on the
+            CPU, a ``model`` passed in on the device it came on. The codes are decoded and checked on the
+            CPU either way, then the model is moved.
 
     Raises:
         CheckpointError: not a file, not an hq_ptq packed checkpoint, unsupported version, checksum
             mismatch (truncated or altered file), or a model whose layers do not match.
+        ValueError: a ``map_location`` that is not a device here (one line).
     """
+    from hq_ptq.devices import model_device, resolve_device
+
+    device = None if map_location is None else resolve_device(map_location, what="map_location")
     md, tensors, _ = _read(path)
     parsed = _parse(path, md, tensors)
     plan: Plan = parsed["plan"]
     model = _build(path, parsed["config"], model)
+    if device is None:
+        device = model_device(model)  # a model passed in goes back where it came from
+    model.cpu()
 
     modules = dict(model.named_modules())
     absent = [c.name for c in plan.layers if c.name not in modules]
@@ -444,8 +460,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> nn.Modul
         # the dequantized weight must be a fixed point of the quantizer, else outputs would drift
         if not torch.equal(weight_codes(layer)[0], codes):
             raise CheckpointError(f"{path}: layer {entry['name']} does not re-quantize to its stored codes")
+    model.to(device)
     model.eval()
-    log.info("loaded packed checkpoint %s (%d quantized layers)", path, len(layers))
+    log.info("loaded packed checkpoint %s (%d quantized layers) on %s", path, len(layers), device)
     return model
 
 

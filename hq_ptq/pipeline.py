@@ -30,6 +30,7 @@ from hq_ptq.api import analyze, check_budget, recalibrate_bn, search_plan
 from hq_ptq.checkpoint import load_float, save_float
 from hq_ptq.config import QuantConfig, check_energy_budget
 from hq_ptq.data import collate_time_first, get_dataset, make_loaders
+from hq_ptq.devices import resolve_device
 from hq_ptq.distributed import is_active, is_main, rank
 from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write_text
@@ -211,13 +212,15 @@ def quantize_checkpoint(
     must be the ``"package.module:function"`` returning its ``(train, test)`` batches; ``loss`` and
     ``output_fn`` name the model's loss and class-score functions the same way. ``energy_budget`` is
     :func:`hq_ptq.quantize`'s (a fraction of the FP32 model's estimated energy).
-    Returns ``(plan, float accuracy, quantized accuracy, packed path)``.
+    ``config.device`` ("auto": cuda when available, else cpu) is where the model is loaded, quantized and
+    evaluated. Returns ``(plan, float accuracy, quantized accuracy, packed path)``.
     """
     from hq_ptq.api import quantize
     from hq_ptq.pack import save
 
     config = config or QuantConfig()
     check_energy_budget(energy_budget)
+    device = run_device(config)  # a device that is not there fails before anything is loaded
     loss_fn = resolve(loss, "--loss") if loss else None
     scores_fn = resolve(output_fn, "--output-fn") if output_fn else None
     if model is not None:
@@ -227,10 +230,10 @@ def quantize_checkpoint(
                 "(train, test) batches"
             )
         resolve(data, "--data")  # a typo fails before the model is built
-        net, _ = load_float(checkpoint, model=user_model(model, what="--model"))
+        net, _ = load_float(checkpoint, model=user_model(model, what="--model"), map_location=device)
         train, test = user_loaders(data, what="--data")
     else:
-        net, meta = load_float(checkpoint)
+        net, meta = load_float(checkpoint, map_location=device)
         if is_reference(data):
             train, test = user_loaders(data, what="--data")
         else:
@@ -337,6 +340,12 @@ def ensure_float_checkpoint(recipe: Recipe) -> Recipe:
     return replace(recipe, fp_checkpoint=Path(path))
 
 
+def run_device(config: QuantConfig) -> torch.device:
+    """Where a recipe or CLI run computes: ``config.device``, "auto" being cuda when available, else cpu
+    (under torchrun: this rank's GPU). A CUDA device that is not there is a one-line ValueError."""
+    return resolve_device(config.device, what="quant.device")
+
+
 def _with_cache(recipe: Recipe, out_dir: Path | None) -> QuantConfig:
     """The recipe's QuantConfig with the sensitivity cache under the output folder (unless set)."""
     if recipe.quant.cache_dir is not None or out_dir is None:
@@ -424,6 +433,10 @@ def run_recipe(
     to ``out_dir/qat-checkpoint.pt``; ``resume`` continues a killed run from them (same plan, metrics and
     weights as an uninterrupted run). ``export=False`` skips the QONNX/onnxruntime files.
 
+    The float model is moved to the recipe's ``[quant] device`` ("auto": cuda when available, else cpu)
+    and calibrated, searched, fine-tuned and evaluated there, the batches following it; it is moved back to
+    the CPU to write the files.
+
     Under torch.distributed (torchrun, or ``hq-ptq run --nproc``) the calibration batches are shared out
     between ranks, QAT runs with DistributedDataParallel, and rank 0 alone evaluates and writes files; the
     plan is the one a single process finds with the same seed.
@@ -432,11 +445,12 @@ def run_recipe(
     check_budget(budget)  # before minutes of loading and calibration
     check_energy_budget(recipe.energy_budget)
     check_references(recipe)  # and a misspelled factory fails now
+    device = run_device(recipe.quant)  # and a device that is not there
     loss_fn, output_fn = recipe_functions(recipe)
     config = _with_cache(recipe, out_dir)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    model = float_model(recipe)
+    model = float_model(recipe).to(device)
     seconds["float_model"] = time.perf_counter() - t0
     train, test = recipe_loaders(recipe)
     fp_acc = _evaluate(model, test, "evaluate float", output_fn)
@@ -466,7 +480,8 @@ def run_recipe(
         qat_resumed_from=tuned.resumed_step,
     )
     if out_dir is not None and is_main():
-        write_artifacts(model, result, recipe, test, Path(out_dir), export=export)
+        # files are written from the CPU: the export traces and verifies there
+        write_artifacts(model.cpu(), result, recipe, test, Path(out_dir), export=export)
     return result
 
 
@@ -642,7 +657,8 @@ def sweep_recipe(
 
     Every point starts from the same float weights and gets the same QAT steps and seed. Returns one entry
     per point (``label``, ``kind``, ``avg_bits``, ``ptq_accuracy``, ``accuracy``), written with a report and
-    ``pareto.png`` to ``out_dir``.
+    ``pareto.png`` to ``out_dir``. Every point runs on the recipe's ``[quant] device`` (as
+    :func:`run_recipe`).
     """
     from hq_ptq.search import homogeneous_plan
 
@@ -650,8 +666,9 @@ def sweep_recipe(
         raise ValueError("sweep needs at least one budget, e.g. --budgets 4,3.5,3")
     config = _with_cache(recipe, out_dir)
     check_references(recipe)
+    device = run_device(recipe.quant)
     loss_fn, output_fn = recipe_functions(recipe)
-    float_net = float_model(recipe)
+    float_net = float_model(recipe).to(device)
     train, test = recipe_loaders(recipe)
     fp_acc = evaluate(float_net, test, output_fn=output_fn, description="evaluate float")
     analysis = analyze(detached_copy(float_net), calib_data=train, loss_fn=loss_fn, config=config)
@@ -694,5 +711,5 @@ def sweep_recipe(
         out_dir = Path(out_dir)
         text = json.dumps(entries, indent=2)
         atomic_write_text(out_dir / "sweep.json", text)
-        write_artifacts(shown_model[0], shown_model[1], recipe, test, out_dir, sweep=entries)
+        write_artifacts(shown_model[0].cpu(), shown_model[1], recipe, test, out_dir, sweep=entries)
     return entries

@@ -4,10 +4,14 @@ Brevitas layers give straight-through gradients to both the weights and the lear
 one optimizer over ``model.parameters()`` trains both.
 
 Runs can be stopped and continued: every ``QATConfig.checkpoint_every`` steps a checkpoint with the model,
-optimizer, LR schedule, EMA, every random state and the step is written atomically; resuming restores it and
-skips the batches already consumed, so the continued run is bit-identical to one that was never stopped.
+optimizer, LR schedule, EMA, every random state (CPU, the caller's generators and, once CUDA is in use, every
+CUDA device's) and the step is written atomically; resuming restores it and skips the batches already
+consumed, so the continued run is bit-identical to one that was never stopped.
 Inside a torch.distributed process group the model is wrapped in DistributedDataParallel and rank ``r`` of
 ``N`` trains on batches ``r, r+N, ...`` of the (identical) stream every rank is given.
+
+Every batch follows the model: inputs and targets are moved to the student's device at each step, and the
+teacher's inputs to the teacher's device (its scores come back to the student's).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QATConfig
+from hq_ptq.devices import batch_to, model_device
 from hq_ptq.distributed import (
     Shard,
     all_gather_object,
@@ -88,13 +93,14 @@ def _batches(data: Iterable, start: int, shard: Shard | None, first_seen: list[s
     """This rank's batches of the cycled stream from global batch ``start`` on; the skipped batches are drawn
     and dropped, so a loader's shuffle and position are exactly those of an uninterrupted run.
 
-    ``first_seen`` receives a digest of global batch ``start`` (every rank sees it) to compare across ranks.
+    ``first_seen`` receives a digest of global batch ``start`` (every rank sees it) to compare across ranks
+    (under torch.distributed only).
     """
     rank, world = (0, 1) if shard is None else (shard.rank, shard.world)
     for index, item in enumerate(cycle_batches(data)):
         if index < start:
             continue
-        if index == start:
+        if index == start and shard is not None:  # compared across ranks only
             first_seen.append(_digest(item))
         if (index - start) % world == rank:
             yield item
@@ -220,6 +226,29 @@ def load_checkpoint(
         raise ValueError(f"QAT checkpoint {path} is malformed ({what}); {fix}") from None
 
 
+def _cuda_rng_states() -> list[torch.Tensor] | None:
+    """Every CUDA device's random state once CUDA is in use (dropout and the like draw from it), else None."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(torch.cuda.get_rng_state_all())
+    return None
+
+
+def _set_cuda_rng(states: Sequence[torch.Tensor] | None, checkpoint: Any) -> None:
+    """Restore the CUDA random states a checkpoint holds (one per device it saw), where CUDA is here."""
+    if not states:
+        return
+    if not torch.cuda.is_available():
+        log.warning("QAT checkpoint %s holds CUDA random states but there is no CUDA here: not restored",
+                    checkpoint)
+        return
+    count = torch.cuda.device_count()
+    if len(states) != count:
+        log.warning("QAT checkpoint %s holds the random states of %d CUDA device(s), this machine has %d: "
+                    "restoring the first %d", checkpoint, len(states), count, min(len(states), count))
+    for index, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state, index)
+
+
 # ------------------------------------------------------------------------------------------------
 # fine-tuning
 
@@ -242,8 +271,9 @@ def finetune(
     """Fine-tune the quantized ``model`` in place for ``config.steps`` batches (cycling ``train_data``).
 
     Args:
-        model: a model with hq_ptq quant layers.
-        train_data: ``(inputs, targets)`` batches, re-iterated as often as needed.
+        model: a model with hq_ptq quant layers, on the device it trains on.
+        train_data: ``(inputs, targets)`` batches, re-iterated as often as needed; moved to the model's
+            device at each step (after ``augment``).
         config: QAT settings.
         teacher: float model to distil from (KL on softened class scores). Distillation needs class scores:
             ``output_fn(outputs)`` when given, else, with the default cross-entropy loss, outputs that are
@@ -293,7 +323,8 @@ def finetune(
     if doc is not None:
         opt.load_state_dict(doc["optimizer"])
         sched.load_state_dict(doc["scheduler"])
-        ema = {n: t.clone() for n, t in doc["ema"].items()}
+        devices = {n: p.device for n, p in model.named_parameters()}
+        ema = {n: t.to(devices.get(n, t.device), copy=True) for n, t in doc["ema"].items()}
         running, start = float(doc["running"]), int(doc["step"])
         rng = doc["rng"][0 if shard is None else shard.rank]
         if len(rng["generators"]) != len(generators):
@@ -302,12 +333,16 @@ def finetune(
                 f"{len(generators)}; delete it or run without --resume"
             )
         torch.set_rng_state(rng["torch"])
+        _set_cuda_rng(rng.get("cuda"), checkpoint)  # absent from checkpoints written without CUDA in use
         for g, state in zip(generators, rng["generators"], strict=True):
             g.set_state(state)
         log.info("QAT resumed from %s at step %d of %d", checkpoint, start, config.steps)
 
     def save(step: int) -> None:
         states = {"torch": torch.get_rng_state(), "generators": [g.get_state() for g in generators]}
+        cuda = _cuda_rng_states()
+        if cuda is not None:
+            states["cuda"] = cuda
         rngs = all_gather_object(states)  # every rank's random state, so each rank resumes its own stream
         if shard is not None and shard.rank != 0:
             return
@@ -345,6 +380,8 @@ def finetune(
         net = DistributedDataParallel(model)
     first_seen: list[str] = []
     batches = _batches(train_data, start * world, shard, first_seen)
+    device = model_device(model)
+    teacher_device = model_device(teacher) if teacher is not None else device
     began = time.perf_counter()
     # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
     with stable_surrogates(model), progress.task("qat", total=config.steps) as update:
@@ -356,6 +393,9 @@ def finetune(
             if augment is not None:
                 # the data distribution the float model was trained on (e.g. its random shifts)
                 inputs = augment(inputs)
+            given = inputs
+            inputs = batch_to(given, device, what="QAT inputs")
+            targets = batch_to(targets, device, what="QAT targets")
             # every forward starts from fresh neuron state (the student's and the teacher's)
             reset_states(model)
             outputs = call(net, inputs)
@@ -376,7 +416,8 @@ def finetune(
                 else:
                     with torch.no_grad():
                         reset_states(teacher)
-                        teacher_scores = class_scores(call(teacher, inputs), output_fn)
+                        taught = inputs if teacher_device == device else batch_to(given, teacher_device)
+                        teacher_scores = class_scores(call(teacher, taught), output_fn).to(device)
                     kd = distillation_loss(scores, teacher_scores, config.temperature)
                     loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
             opt.zero_grad(set_to_none=True)

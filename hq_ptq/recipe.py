@@ -1,7 +1,8 @@
 """TOML recipes: model, dataset, float training, search and QAT settings for one end-to-end run.
 
 A recipe is settings only. Unknown keys fail with the nearest valid key named; ``--set section.key=value``
-overrides any value from the command line.
+overrides any value from the command line. ``[quant] device`` says where a run computes: "auto" (the
+default: cuda when available, else cpu), "cpu", "cuda" or "cuda:N" (``hq-ptq run --device``).
 
 The model and the data are either built in (``[model] name = "spikformer-tiny"``, ``[data] name = "digits"``)
 or the user's own, named as ``"package.module:function"``:

@@ -366,7 +366,7 @@ def mse_threshold(weight: Tensor, scheme: str, bits: int) -> Tensor:
     with torch.no_grad():
         w2d = weight.detach().reshape(weight.shape[0], -1)
         absmax = w2d.abs().amax(1)
-        ratios = _COARSE_RATIOS.to(w2d.dtype)
+        ratios = _COARSE_RATIOS.to(device=w2d.device, dtype=w2d.dtype)  # on the weight's device
         cand = absmax[:, None] * ratios[None, :]
         err = _channel_errors(w2d, cand, quant, bits)
         best = err.argmin(1)  # the first minimum: the largest ratio among ties
@@ -374,7 +374,7 @@ def mse_threshold(weight: Tensor, scheme: str, bits: int) -> Tensor:
         best_t = cand.gather(1, best[:, None])[:, 0]
         # refine between the coarse neighbours of the winner (ratio capped at 1: beyond absmax nothing clips)
         step = float(_COARSE_RATIOS[0] - _COARSE_RATIOS[1])
-        offsets = torch.linspace(step, -step, _FINE_POINTS, dtype=w2d.dtype)
+        offsets = torch.linspace(step, -step, _FINE_POINTS, dtype=w2d.dtype, device=w2d.device)
         fine_ratios = (ratios[best][:, None] + offsets[None, :]).clamp(0.01, 1.0)
         fine = absmax[:, None] * fine_ratios
         fine_err = _channel_errors(w2d, fine, quant, bits)
@@ -465,7 +465,7 @@ def dequantize(codes: Tensor, scale: Tensor, scheme: str, bits: int) -> Tensor:
     if codes.numel() and int(codes.abs().max()) > limit:
         raise ValueError(f"codes exceed ±{limit} for {scheme} at {bits} bits; wrong bits for these codes?")
     s = scale.reshape(-1).view((-1,) + (1,) * (codes.dim() - 1)) if codes.dim() else scale
-    c = codes.to(scale.dtype)
+    c = codes.to(device=scale.device, dtype=scale.dtype)
     if fmt == "int":
         return c * s
     mag = torch.ldexp(torch.ones_like(c), (1 - c.abs()).to(torch.int32))

@@ -225,6 +225,9 @@ def _new_proxy(layer: nn.Module, injector: type) -> nn.Module:
     # The proxy class differs between schemes (int vs float proxy), so build a fresh proxy rather than
     # patching the old one's injector; it tracks `layer` without being attached to it.
     proxy = injector.proxy_class(layer, injector)
+    # on the weight's device: Brevitas places the scale there, but not every submodule of every scheme
+    # (the layer is tracked in a plain list, so this moves the proxy alone)
+    proxy.to(layer.weight.device)
     proxy.train(layer.training)
     return proxy
 
@@ -239,9 +242,9 @@ def set_layer_quant(
 ) -> None:
     """Give an hq_ptq quant layer a new ``scheme``/``bits`` in place (and the search score that chose it).
 
-    The quantizer is rebuilt, so its scale is re-initialised from the current weight (``scale_init``:
-    ``"mse"``, the threshold minimising the weight error, or ``"absmax"``; a learned scale is not carried
-    over), and its parameters are new objects: build the optimizer after the last call.
+    The quantizer is rebuilt (on the weight's device), so its scale is re-initialised from the current
+    weight (``scale_init``: ``"mse"``, the threshold minimising the weight error, or ``"absmax"``; a learned
+    scale is not carried over), and its parameters are new objects: build the optimizer after the last call.
 
     Raises:
         ValueError: not an hq_ptq layer, or unknown scheme/bits or scale_init.

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hq_ptq import progress
+from hq_ptq.devices import batch_to, model_device
 from hq_ptq.model_io import OutputFn, call, class_scores, describe
 from hq_ptq.snn import reset_states
 
@@ -84,7 +85,8 @@ def evaluate(
 
     The model is called as :func:`hq_ptq.model_io.call` describes and its outputs are read as ``[B, classes]``
     scores through ``output_fn`` (default: the outputs themselves). Spiking neurons are reset before every
-    batch, so no membrane carries over from one batch to the next.
+    batch, so no membrane carries over from one batch to the next. Inputs and targets are moved to the
+    model's device.
 
     Raises:
         ValueError: no samples, or outputs that are not ``[B, classes]`` scores and no ``output_fn``.
@@ -93,9 +95,12 @@ def evaluate(
     model.eval()
     correct = total = 0
     n = len(batches) if hasattr(batches, "__len__") else None
+    device = model_device(model)
     try:
         with progress.task(description, total=n) as update:
             for inputs, targets in batches:
+                inputs = batch_to(inputs, device, what="evaluation inputs")
+                targets = batch_to(targets, device, what="evaluation targets")
                 reset_states(model)
                 outputs = call(model, inputs)
                 scores = class_scores(outputs, output_fn)
@@ -130,7 +135,8 @@ def train_float(
     Batches reach the model as :mod:`hq_ptq.model_io` says, spiking neurons are reset before every
     forward, and the loss is ``loss_fn(outputs, targets)`` (default: cross-entropy with the config's label
     smoothing). ``config.shift_augment`` shifts zoo-style ``[T, B, C, H, W]`` frames; leave it 0 for any
-    other input. Accuracy is read through ``output_fn`` (see :func:`evaluate`).
+    other input. Accuracy is read through ``output_fn`` (see :func:`evaluate`). Batches are moved to the
+    model's device (after the shift).
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -154,6 +160,7 @@ def train_float(
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     start = time.perf_counter()
     model.train()
+    device = model_device(model)
     running = float("nan")
     try:
         with progress.task("train", total=total) as update:
@@ -161,6 +168,8 @@ def train_float(
                 for inputs, targets in train_batches:
                     if config.shift_augment:
                         inputs = random_shift(inputs, config.shift_augment, gen)
+                    inputs = batch_to(inputs, device, what="training inputs")
+                    targets = batch_to(targets, device, what="training targets")
                     reset_states(model)
                     loss = loss_fn(call(model, inputs), targets)
                     opt.zero_grad(set_to_none=True)
