@@ -83,6 +83,23 @@ def test_spikformer_integer_matches_its_numpy_reference_bit_for_bit(spikformer) 
     assert spikes and all(m.bits == 16 for m in spikes)
 
 
+def test_sdt_membrane_shortcuts_run_on_fixed_point_residual_streams() -> None:
+    torch.manual_seed(0)
+    model = _mixed(_calibrate_bn(build_model("sdt-tiny", depth=1, num_classes=4), (T, B, 2, 32, 32)))
+    integer, report = integerize(model, _batches((T, B, 2, 32, 32), 2))
+    # the residual stream (BN outputs added to the input) is fixed point with out_frac_bits; the neurons
+    # that read it take fixed-point inputs, the head LIF one averaged over 64 tokens (12 + 6 bits)
+    assert report.synapses["blocks.0.attn.proj.conv"]["out_frac"] == 12
+    assert report.neurons["blocks.0.attn.shortcut_lif"]["fed_by"] is None
+    assert report.neurons["head_lif"]["in_frac"] == 18
+    x = _events((T, B, 2, 32, 32), 9)
+    with torch.no_grad():
+        got = integer(x)
+        with reference_mode(integer):
+            want = integer(x)
+    assert torch.equal(got, want)
+
+
 def test_wider_membranes_agree_more_with_the_fake_quant_model(spikformer) -> None:
     calib = _batches((T, B, 2, 32, 32), 2)
     data = _batches((T, B, 2, 32, 32), 2, seed=50)
