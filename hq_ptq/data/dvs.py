@@ -86,7 +86,8 @@ def _resolve_root(spec: _Spec, data_dir: str | Path | None) -> Path:
     if data_dir is None:
         raise ValueError(
             f"dataset {spec.name!r} needs data_dir=<folder that contains {spec.tonic_class}/> "
-            f"(CLI: --data-dir); expected layout: <data_dir>/{spec.layout.format(folder='...')}"
+            f"(a recipe: --set data.data_dir=DIR); expected layout: "
+            f"<data_dir>/{spec.layout.format(folder='...')}"
         )
     root = Path(data_dir).expanduser().resolve()
     # Accept the dataset folder itself as well as its parent (tonic's save_to).
