@@ -306,7 +306,7 @@ def test_fashion_missing_files_error_names_the_fix(tmp_path):
         get_dataset("fashion", "train", data_dir=tmp_path / "nowhere")
     msg = str(err.value)
     assert str(tmp_path / "nowhere") in msg
-    assert "dataset-fashion-mnist" in msg and "--data-dir" in msg
+    assert "dataset-fashion-mnist" in msg and "--set data.data_dir=DIR" in msg
 
 
 def test_fashion_reads_idx_files_and_subsets(tiny_fashion, tmp_path, monkeypatch):

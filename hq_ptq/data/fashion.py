@@ -72,7 +72,7 @@ def read_fashion_mnist(data_dir: str | Path, split: str) -> tuple[np.ndarray, np
             f"Fashion-MNIST file(s) {', '.join(missing)} not found in {data_dir}; install the "
             f"Debian package (apt-get install dataset-fashion-mnist, it puts them in "
             f"{DEFAULT_DIR}) or copy the four idx .gz files to a folder and pass it with "
-            f"data_dir=... (CLI: --data-dir)"
+            f"data_dir=... (a recipe: --set data.data_dir=DIR)"
         )
     images = _read_idx(paths[image_name], 0x0803)  # type: ignore[arg-type]
     labels = _read_idx(paths[label_name], 0x0801)  # type: ignore[arg-type]
