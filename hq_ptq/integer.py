@@ -66,7 +66,7 @@ __all__ = ["IntegerLIF", "IntegerReport", "IntegerSynapse", "compare", "integeri
 log = logging.getLogger(__name__)
 
 EXACT_FLOAT32 = 2**24  # every integer of smaller magnitude is exact in float32
-MAX_INPUT_FRAC = 24  # a layer input needs at most this many fractional bits to count as fixed point
+MAX_INPUT_FRAC = 20  # more would pass float32 reals as fixed point: 0.3f is an exact multiple of 2^-24
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 

@@ -77,6 +77,21 @@ def step_leaky(lif, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(spikes), torch.stack(mems)
 
 
+def calibrate_bn(model, shape: tuple[int, ...], events) -> object:
+    """``model`` in eval mode with BatchNorm statistics measured on three batches ``events(shape, seed)``: an
+    untrained model's BN sits at init and its LIFs stay silent; real statistics make it spike."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(events(shape, 100 + i))
+    return model.eval()
+
+
 def small_cnn():
     """A seeded plain CNN for [B, 1, 8, 8] inputs and 4 classes: two Conv2d, two Linear."""
     from torch import nn

@@ -14,6 +14,8 @@ from torch import nn
 pytest.importorskip("qonnx")
 pytest.importorskip("onnxruntime")
 
+from conftest import calibrate_bn  # noqa: E402
+
 from hq_ptq.export import (  # noqa: E402
     check_qonnx_spec,
     export_info,
@@ -56,15 +58,7 @@ def _events(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _calibrate_bn(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    # an untrained model's BN sits at init and the LIFs stay silent; real statistics make it spike
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for i in range(3):
-            model(_events(shape, 100 + i))
-    return model.eval()
+    return calibrate_bn(model, shape, _events)
 
 
 def _quantize(model: nn.Module, plan: str) -> nn.Module:

@@ -10,6 +10,7 @@ import pytest
 import snntorch as snn
 import torch
 import torch.nn.functional as F
+from conftest import calibrate_bn
 from corpus import CORPUS, CorpusModel
 from torch import nn
 
@@ -35,15 +36,17 @@ def _batches(shape, n: int, seed: int = 0) -> list:
 
 
 def _calibrate_bn(model: nn.Module, shape) -> nn.Module:
-    # an untrained model's BN sits at init and the LIFs stay silent; real statistics make it spike
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None
-    model.train()
+    return calibrate_bn(model, shape, _events)
+
+
+def _reference_agrees(integer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The integer model's output on ``x``, after checking its NumPy reference gives the same bits."""
     with torch.no_grad():
-        for i in range(3):
-            model(_events(shape, 100 + i))
-    return model.eval()
+        got = integer(x)
+        with reference_mode(integer):
+            want = integer(x)
+    assert torch.equal(got, want)
+    return got
 
 
 def _mixed(model: nn.Module) -> nn.Module:
@@ -72,11 +75,7 @@ def test_spikformer_integer_matches_its_numpy_reference_bit_for_bit(spikformer) 
     assert report.neurons["blocks.0.attn.attn_lif"]["fed_by"] is None  # spike x spike attention product
     assert report.neurons["patch_embed.lifs.0"]["fed_by"] == "patch_embed.convs.0.conv"
     x = _events((T, B, 2, 32, 32), 7)
-    with torch.no_grad():
-        got = integer(x)
-        with reference_mode(integer):
-            want = integer(x)
-    assert torch.equal(got, want)
+    got = _reference_agrees(integer, x)
     # the logits are fixed-point numbers with the head's fractional bits
     assert torch.equal(got * 2**12, torch.round(got * 2**12))
     spikes = [m for m in integer.modules() if isinstance(m, IntegerLIF)]
@@ -93,11 +92,7 @@ def test_sdt_membrane_shortcuts_run_on_fixed_point_residual_streams() -> None:
     assert report.neurons["blocks.0.attn.shortcut_lif"]["fed_by"] is None
     assert report.neurons["head_lif"]["in_frac"] == 18
     x = _events((T, B, 2, 32, 32), 9)
-    with torch.no_grad():
-        got = integer(x)
-        with reference_mode(integer):
-            want = integer(x)
-    assert torch.equal(got, want)
+    _reference_agrees(integer, x)
 
 
 def test_wider_membranes_agree_more_with_the_fake_quant_model(spikformer) -> None:
@@ -141,11 +136,7 @@ def test_fixed_point_leak_subtract_reset_and_strided_dilated_conv_match_the_refe
     assert report.neurons["n1"]["leak"].startswith("mult") and report.neurons["n2"]["leak"] == "shift 2"
     assert report.neurons["n2"]["fed_by"] == "c2"
     x = _events((T, B, 2, 8, 8), 3)
-    with torch.no_grad():
-        got = integer(x)
-        with reference_mode(integer):
-            want = integer(x)
-    assert torch.equal(got, want)
+    _reference_agrees(integer, x)
     assert integer.n1(torch.zeros(T, B, 6, 8, 8)).sum() == 0
 
 
