@@ -559,7 +559,8 @@ def integerize(
         headroom = max(1, math.ceil(math.log2(max(peak[nname], 1.0))) + 1)
         k = membrane_bits - 1 - headroom
         if k < 2:  # too narrow for the range: keep 2 bits below the threshold and let the rest saturate
-            log.warning("%s: %d-bit membranes hold %.1fx the threshold only by saturating (it reaches %.1fx)",
+            log.warning("%s: %d-bit membranes keep 2 bits below the threshold and hold +-%.0fx it, less than "
+                        "twice what calibration reached (%.1fx): larger membranes saturate",
                         nname, membrane_bits, 2.0 ** (membrane_bits - 3), peak[nname])
             k = 2
         units[nname] = (k, _lif_settings(neuron, nname)[1])
