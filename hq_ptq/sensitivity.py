@@ -37,6 +37,7 @@ from torch import nn
 from hq_ptq.distributed import Shard
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import call, describe, map_tensors, tensors
+from hq_ptq.per_sample import per_sample_squared_norms
 from hq_ptq.snn import detached_copy
 from hq_ptq.swap import set_layer_quant, swap_layers
 
@@ -468,6 +469,11 @@ def fisher_traces(
 
     How the per-sample gradients are found:
 
+    * first, from one batched forward and two backwards (:mod:`hq_ptq.per_sample`): each Linear/Conv
+      layer's per-sample gradient is the sum of "output gradient x input" over the rows of its output that
+      reach that sample's loss, and which rows those are is measured by a second backward that weights
+      sample ``i``'s loss by ``i + 1``. It needs outputs with one dimension of size ``len(targets)``, a loss
+      that is the mean of per-sample losses, and layers that do not mix samples; otherwise:
     * each batch is split into single-sample micro-batches along the batch dimension of its inputs,
       found in every input tensor as the one dimension whose size is ``len(targets)``; each micro-batch
       gets one forward and backward. The split is accepted when the mean of the micro-batch losses
@@ -503,7 +509,9 @@ def fisher_traces(
     with _analysis_mode(model, params):
         try:
             for k, batch in enumerate(data):
-                got = _sample_squared_grads(model, batch, loss_fn, default, reset, device, params, names)
+                got = _sample_squared_grads(
+                    model, layers, batch, loss_fn, default, reset, device, params, names
+                )
                 if isinstance(got, str):
                     why = got
                     break
@@ -576,6 +584,7 @@ def _micro_batches(batch: Batch) -> list[Batch] | str:
 
 def _sample_squared_grads(
     model: nn.Module,
+    layers: Mapping[str, nn.Module],
     batch: Batch,
     loss_fn: LossFn,
     default: bool,
@@ -586,6 +595,15 @@ def _sample_squared_grads(
 ) -> tuple[torch.Tensor, int] | str:
     """``(sum_i ||g_{i,l}||^2 per layer, number of samples)`` for one batch, or why it cannot be had
     (see :func:`fisher_traces` for the order of the ways tried)."""
+    inputs, targets = _split_batch(batch)
+    if reset is not None:
+        reset(model)
+    fast = per_sample_squared_norms(
+        model, layers, params, _to_device(inputs, device), _to_device(targets, device), loss_fn
+    )
+    if not isinstance(fast, str):
+        return fast
+    logger.debug("fisher: no one-pass per-sample gradients (%s); splitting into micro-batches", fast)
     whole = float(_batch_loss(model, batch, loss_fn, reset, device, names).detach())
     split = _micro_batches(batch)
     why = split if isinstance(split, str) else ""

@@ -541,19 +541,32 @@ def test_fisher_custom_loss_splits_time_first_inputs(caplog):
     assert not caplog.records
 
 
+class _TimeFirstMixed(_TimeFirst):
+    """Centres its scores over the batch: no sample's loss is its own, so nothing splits it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out - out.mean(0, keepdim=True)
+
+
 def test_fisher_ambiguous_batch_dimension(caplog):
     model = _TimeFirst()
     batches = _time_first_batches(steps=6, batch=6)  # T == B: which dimension is the batch?
-    true, batch_mean = _hand_fisher(model, "fc.weight", batches, batch_dim=1)
+    true, _ = _hand_fisher(model, "fc.weight", batches, batch_dim=1)
+    for loss_fn in (None, lambda out, y: F.cross_entropy(out, y)):
+        with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
+            got = fisher_traces(model, {"fc": model.fc}, batches, loss_fn)
+        # the inputs are ambiguous but the [B, classes] outputs are not, and the one-pass split checks each
+        # row's owner: exact and silent for any loss that is a mean over samples
+        assert got["fc"] == pytest.approx(true, rel=1e-4)
+        assert not caplog.records
+    mixed = _TimeFirstMixed()
+    x, y = batches[0]
+    batch_grad = torch.autograd.grad(F.cross_entropy(mixed(x), y), mixed.fc.weight)[0]
     with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
-        default = fisher_traces(model, {"fc": model.fc}, batches)
-    # the default cross-entropy needs no split: per-sample losses through the batch graph, exact, silent
-    assert default["fc"] == pytest.approx(true, rel=1e-4)
-    assert not caplog.records
-    with caplog.at_level("WARNING", logger="hq_ptq.sensitivity"):
-        custom = fisher_traces(model, {"fc": model.fc}, batches, lambda out, y: F.cross_entropy(out, y))
-    assert custom["fc"] == pytest.approx(batch_mean, rel=1e-4)  # the batch-mean fallback
-    [record] = caplog.records
+        custom = fisher_traces(mixed, {"fc": mixed.fc}, batches, lambda out, y: F.cross_entropy(out, y))
+    assert custom["fc"] == pytest.approx(float(batch_grad.pow(2).sum()) / batch_grad.numel(), rel=1e-4)
+    [record] = caplog.records  # neither split works: the batch-mean fallback, said at WARNING
     assert record.levelname == "WARNING"
     assert "ambiguous" in record.getMessage() and "batch-mean" in record.getMessage()
 
