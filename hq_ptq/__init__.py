@@ -20,6 +20,7 @@ _HOMES = {
     "LayerChoice": "plan", "Plan": "plan",
     "finetune": "qat",
     "integerize": "integer", "reference_mode": "integer", "save_integer": "integer",
+    "run_integer_graph": "integer_graph",
     "detached_copy": "snn", "reset_states": "snn", "set_lif_backend": "snn", "to_multistep": "snn",
     "to_stepwise": "snn",
     "apply_plan": "state", "get_plan": "state",
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # static tools see the plain imports
     from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
     from hq_ptq.export import export_onnxruntime, export_qonnx, run_export, verify_export
     from hq_ptq.integer import integerize, reference_mode, save_integer
+    from hq_ptq.integer_graph import run_integer_graph
     from hq_ptq.pack import load, save
     from hq_ptq.plan import LayerChoice, Plan
     from hq_ptq.qat import finetune
@@ -71,6 +73,7 @@ __all__ = [
     "integerize",
     "reference_mode",
     "save_integer",
+    "run_integer_graph",
     "to_multistep",
     "to_stepwise",
     "set_lif_backend",

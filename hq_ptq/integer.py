@@ -115,6 +115,33 @@ def _check_exact(y: torch.Tensor, where: str) -> torch.Tensor:
     return y.float()
 
 
+class _Tag(torch.autograd.Function):
+    """Identity in PyTorch; in a graph traced by ``torch.onnx.export`` an ``hq_ptq::Tag`` node, which
+    :func:`hq_ptq.integer_graph.export_integer_qonnx` turns into a QONNX datatype annotation of the tagged
+    tensor (and removes)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, kind: str, dtype: str) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, kind: str, dtype: str) -> Any:
+        out = g.op("hq_ptq::Tag", x, kind_s=kind, dtype_s=dtype)
+        out.setType(x.type())  # an identity: the exporter's shape inference must see x's shape through it
+        return out
+
+
+def _tag(x: torch.Tensor, kind: str, dtype: str) -> torch.Tensor:
+    """``x``, tagged with its QONNX datatype when traced for the integer graph."""
+    return _Tag.apply(x, kind, dtype) if torch.jit.is_tracing() else x
+
+
+def _int_type(t: torch.Tensor) -> str:
+    """The narrowest QONNX signed integer type (``INTn``, n >= 2) of an integer-valued tensor."""
+    top = int(t.detach().abs().max()) if t.numel() else 0
+    return f"INT{max(2, top.bit_length() + 1)}"
+
+
 class IntegerSynapse(nn.Module):
     """A quantized Conv1d/Conv2d/Linear with its BatchNorm folded, on integers.
 
@@ -134,6 +161,7 @@ class IntegerSynapse(nn.Module):
         self.register_buffer("bias_int", bias.double())
         self.register_buffer("shift", shift.double())
         self.reference = False
+        self.acc_peak = 0.0  # largest |accumulator| of the eager runs (the graph's float32 Conv needs < 2^24)
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, weight {tuple(self.weight.shape)} in ±{int(self.weight.abs().max())}, "
@@ -144,7 +172,30 @@ class IntegerSynapse(nn.Module):
         shape[1 if self.kind != "linear" else -1] = -1
         return t.view(shape)
 
+    def _accumulate(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, w)
+        if self.kind == "conv1d":
+            return F.conv1d(x, w, None, **self.conv)
+        return F.conv2d(x, w, None, **self.conv)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced form: the accumulation in float32 (onnxruntime's Conv takes nothing else; exact while
+        every sum stays below 2^24, which :attr:`acc_peak` checks on the eager runs), the requantization
+        in float64; every integer tensor tagged with its datatype."""
+        acc = self._accumulate(x * 2.0**self.in_frac, _tag(self.weight, "weight", _int_type(self.weight)))
+        acc = _tag(acc, "accumulator", "INT25").double()
+        mult = _tag(self.mult, "multiplier", _int_type(self.mult))
+        bias = _tag(self.bias_int, "bias", _int_type(self.bias_int))
+        shift = _tag(2.0**self.shift, "shift", f"UINT{int(self.shift.max()) + 1}")
+        y = torch.floor((acc * self._channels(mult, acc.dim()) + self._channels(bias, acc.dim()))
+                        / self._channels(shift, acc.dim()))
+        y = _tag(y, "current" if self.out_frac is None else "fixed_point", "INT25").float()
+        return y if self.out_frac is None else y / 2.0**self.out_frac
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():
+            return self._graph_forward(x)
         xi = _fixed(x, self.in_frac, self.name)
         if self.reference:
             acc = torch.from_numpy(_np_accumulate(self.kind, xi.numpy().astype(np.int64),
@@ -153,13 +204,8 @@ class IntegerSynapse(nn.Module):
                                               for t in (self.mult, self.bias_int, self.shift)))
             y = torch.from_numpy(y.astype(np.float64))
         else:
-            w = self.weight.double()
-            if self.kind == "linear":
-                acc = F.linear(xi, w)
-            elif self.kind == "conv1d":
-                acc = F.conv1d(xi, w, None, **self.conv)
-            else:
-                acc = F.conv2d(xi, w, None, **self.conv)
+            acc = self._accumulate(xi, self.weight.double())
+            self.acc_peak = max(self.acc_peak, float(acc.abs().max()) if acc.numel() else 0.0)
             params = (self.mult, self.bias_int, self.shift)
             y = _requantize(acc, *(self._channels(t, acc.dim()) for t in params))
         if self.out_frac is not None:
@@ -212,15 +258,18 @@ class IntegerLIF(nn.Module):
                 f"in_frac={self.in_frac}")
 
     def currents(self, x: torch.Tensor) -> torch.Tensor:
+        tracing = torch.jit.is_tracing()
         if self.in_frac is None:
-            return _fixed(x, 0, self.name)
-        xi = _fixed(x, self.in_frac, self.name)
+            return x.double() if tracing else _fixed(x, 0, self.name)
+        xi = x.double() * 2.0**self.in_frac if tracing else _fixed(x, self.in_frac, self.name)
         rounding = 2.0 ** (self.in_shift - 1) if self.in_shift > 0 else 0.0
         return torch.floor((xi * self.in_mult + rounding) / 2.0**self.in_shift)
 
     def _step(self, mem: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, int]:
         """One step from membrane ``mem`` (whose own spike is the pending reset) with current ``c``."""
-        theta = 2.0**self.threshold_bits
+        theta: Any = 2.0**self.threshold_bits
+        if torch.jit.is_tracing():
+            theta = _tag(torch.tensor(theta, dtype=torch.float64), "threshold", f"INT{self.bits}")
         spike = (mem > theta).double()
         if self.leak_shift is not None:  # rounded shift: a plain floor would bias the membrane down
             leaked = torch.floor((mem + self._half) / 2.0**self.leak_shift)
@@ -232,6 +281,8 @@ class IntegerLIF(nn.Module):
         if self.reset == "subtract":
             new = new - spike * theta
         clamped = new.clamp(-(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1)
+        if torch.jit.is_tracing():
+            return _tag(clamped, "membrane", f"INT{self.bits}"), 0
         return clamped, int((clamped != new).sum())
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None) -> Any:
@@ -249,7 +300,7 @@ class IntegerLIF(nn.Module):
                 self.saturated += sat
                 out.append(m_t)
             m = torch.stack(out)
-        spikes = (m > 2.0**self.threshold_bits).float()
+        spikes = _tag((m > 2.0**self.threshold_bits).float(), "spike", "BINARY")
         return (spikes, self._to_float(m)) if self.return_mem else spikes
 
     def _forward_step(self, cur: torch.Tensor, mem: torch.Tensor | None) -> Any:
@@ -267,7 +318,7 @@ class IntegerLIF(nn.Module):
             new = torch.from_numpy(mems[0].astype(np.float64))
         else:
             new, self.saturated = self._step(prev, cur)
-        spike = (new > 2.0**self.threshold_bits).float()
+        spike = _tag((new > 2.0**self.threshold_bits).float(), "spike", "BINARY")
         if self.init_hidden:
             self.state = new
             return (spike, self._to_float(new)) if self.return_mem else spike

@@ -87,8 +87,14 @@ def export_qonnx(
     allow_float: bool = False,
     time_dim: int = 0,
     pot_as: str = "int",
+    integer: bool = False,
 ) -> Path:
     """Write ``model`` as a QONNX file whose weights are integer codes behind spec-valid ``Quant`` nodes.
+
+    With ``integer=True``, ``model`` is an :func:`hq_ptq.integerize` model and the file is its integer-only
+    graph (:func:`hq_ptq.integer_graph.export_integer_qonnx`: integer datatypes annotated on every weight,
+    requantization constant, threshold, membrane and spike, checked bit for bit in onnxruntime and in the
+    pure-integer NumPy runner); only ``mode="unrolled"`` applies then.
 
     The model is traced in eval mode with surrogate gradients off and its snnTorch neurons' hidden
     states reset; its training flags and neuron states are restored. Constants are folded except the
@@ -135,6 +141,13 @@ def export_qonnx(
         >>> path = export_qonnx(qmodel, x, "model.qonnx.onnx", mode="step")
         >>> verify_export(qmodel, path, next_batch)["max_abs_output_error"]
     """
+    if integer:
+        from hq_ptq.integer_graph import export_integer_qonnx  # noqa: PLC0415 - the integer path only
+
+        if mode != "unrolled" or dynamo:
+            raise ValueError("export_qonnx(integer=True) writes the unrolled TorchScript trace only; "
+                             "drop mode/dynamo")
+        return export_integer_qonnx(model, example_input, path)
     return _export(model, example_input, path, mode, "qonnx", dynamo, allow_float, time_dim, pot_as)
 
 
