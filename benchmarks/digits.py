@@ -44,12 +44,9 @@ def quality_bar(recipe, budgets: list[float], seeds: list[int], overrides: list[
             r = load_recipe(recipe.name, [*overrides, f"train.seed={seed}", f"quant.seed={seed}"])
             seeded_train, _ = recipe_loaders(r)
             t0 = time.perf_counter()
-            ptq, qat, _ = quantize_and_finetune(
-                detached_copy(float_net), plan, r, seeded_train, test, float_net
-            )
-            runs.append(
-                {"seed": seed, "ptq_accuracy": ptq, "accuracy": qat, "seconds": time.perf_counter() - t0}
-            )
+            tuned = quantize_and_finetune(detached_copy(float_net), plan, r, seeded_train, test, float_net)
+            runs.append({"seed": seed, "ptq_accuracy": tuned.ptq_accuracy, "accuracy": tuned.accuracy,
+                         "seconds": time.perf_counter() - t0})
         accs = [x["accuracy"] for x in runs]
         mean, std = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         points.append(

@@ -23,7 +23,7 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig, check_energy_budget
-from hq_ptq.devices import batch_to, model_device, resolve_device
+from hq_ptq.devices import analysis_autocast, batch_to, model_device, resolve_device
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
 from hq_ptq.energy import (
     LayerActivity,
@@ -173,7 +173,12 @@ def measure_traces(
     def compute() -> dict[str, float]:
         total = len(calib) if metric == "fisher" else config.search.hutchinson_probes
         # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
-        with stable_surrogates(model), progress.task(f"sensitivity ({metric})", total=total) as update:
+        # (and the analysis computes in float32 whatever config.precision says: hq_ptq.devices)
+        with (
+            stable_surrogates(model),
+            analysis_autocast(config.precision, metric, model_device(model)),
+            progress.task(f"sensitivity ({metric})", total=total) as update,
+        ):
             seen = [0]
 
             def tick(done: int, _total: int) -> None:
@@ -230,7 +235,10 @@ def measure_loss_table(
 
     def compute() -> dict[str, dict[Candidate, float]]:
         total = 1 + sum(len(row) for row in rows.values())
-        with progress.task("sensitivity (loss)", total=total) as update:
+        with (
+            analysis_autocast(config.precision, "loss", model_device(model)),
+            progress.task("sensitivity (loss)", total=total) as update,
+        ):
             seen = [0]
 
             def tick(done: int, _total: int) -> None:
@@ -607,6 +615,7 @@ def quantize(
                     loss_fn=loss_fn,
                     output_fn=output_fn,
                     seed=config.seed,
+                    precision=config.precision,
                 )
         except BaseException:
             restore()

@@ -5,20 +5,36 @@ keeps it where it is), and every batch it, :func:`hq_ptq.recalibrate_bn`, QAT an
 to the device of the model at the point of use, inputs and targets alike (any nesting of tuples, lists and
 dicts, :mod:`hq_ptq.model_io`). Data that cannot be moved there (a ``meta`` tensor holds no values) is one
 ValueError line naming both devices.
+
+What a run computes in (``QuantConfig.precision``) is the other half of where: :func:`autocast_context` is the
+one place QAT turns on ``torch.autocast`` to bfloat16, and :func:`analysis_autocast` the one place the
+sensitivity analysis decides to stay in float32 (it does for every metric, and says why at INFO).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
-from hq_ptq.config import check_device
+from hq_ptq.config import check_device, check_precision
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import map_tensors, tensors
 
-__all__ = ["batch_to", "model_device", "resolve_device", "tensor_devices"]
+__all__ = [
+    "BF16_METRICS",
+    "analysis_autocast",
+    "autocast_context",
+    "batch_to",
+    "model_device",
+    "resolve_device",
+    "tensor_devices",
+]
+
+log = logging.getLogger(__name__)
 
 
 def _cuda_device(index: int | None, what: str) -> torch.device:
@@ -97,3 +113,79 @@ def batch_to(value: Any, device: torch.device, *, what: str = "inputs") -> Any:
             f"the model is on {device} but the {what} are on {_names(others)} and cannot be moved there "
             f"({first_line(err)}); give tensors that hold values (on the CPU{where})"
         ) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# precision
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def autocast_context(
+    precision: str, device: torch.device | str, *, what: str = "quant.precision"
+) -> contextlib.AbstractContextManager[Any]:
+    """The block a forward (and its loss) of ``precision`` runs in on ``device``.
+
+    ``"bf16"``: ``torch.autocast(device.type, dtype=torch.bfloat16)``. Autocast runs the matmul-like ops
+    (Linear, Conv, matmul) in bfloat16 and keeps softmax, the losses and every reduction in float32. It
+    casts copies, never a parameter or buffer, so weights, their gradients, the optimizer state and what is
+    saved stay float32; call ``backward`` after the block (its ops follow the forward's dtypes). Brevitas'
+    weight quantizers need nothing kept in float32 by hand: the scale, the rounding and the clamp are
+    elementwise ops and reductions, which autocast leaves in float32 (their output is a float32 quantized
+    weight, checked); only that weight is rounded to bfloat16 where the Conv/Linear consumes it, by at most
+    2^-8 of its value (up to half a step of an 8-bit code, 1/37 of a step of a 4-bit one): forward noise of
+    QAT only, since the weights that are trained, saved and exported stay float32. The fused LIF keeps its
+    membrane in float32 too (its float32 reset promotes the bfloat16 input currents).
+    ``"fp32"``: nothing, so an autocast the caller opened stays in force.
+
+    Raises:
+        ValueError: a precision other than "fp32"/"bf16", bfloat16 on a CUDA device without it, or a
+            device other than cpu/cuda; one line naming ``what``.
+    """
+    precision = check_precision(precision, what)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    kind = _device_type(device)
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"{what} 'bf16' runs on cpu or cuda, not on {device}")
+    if kind == "cuda" and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name(torch.device(device))
+        raise ValueError(f"{what} 'bf16' needs a GPU with bfloat16 support, {name} has none; use 'fp32'")
+    return torch.autocast(kind, dtype=torch.bfloat16)
+
+
+# the sensitivity metrics that may run under bfloat16 autocast when precision is "bf16": none. Measured on the
+# digits recipe's float model and calibration batches, bfloat16 against float32 (benchmarks/bf16.py,
+# benchmarks/results/bf16-digits.json); why, per metric:
+BF16_METRICS: frozenset[str] = frozenset()
+_FP32_WHY = {
+    "fisher": "in bfloat16 its one-pass per-sample gradients fail their 1e-3 row check (bfloat16 rounds at "
+    "~4e-3), so every batch falls back to single-sample micro-batches (39x slower on the digits recipe), and "
+    "the traces move by 11% (median over layers, 28% at most)",
+    "hessian": "Hutchinson's double backward differentiates the surrogate gradient twice; in bfloat16 the "
+    "digits traces moved by 16% (median over layers, 282% at most) on the same probes, 5.9x slower",
+    "loss": "not measured in bfloat16: the loss increases it measures per candidate can be as small as "
+    "bfloat16's rounding of the loss",
+}
+
+
+def analysis_autocast(
+    precision: str, metric: str, device: torch.device | str
+) -> contextlib.AbstractContextManager[Any]:
+    """The block the sensitivity analysis (metric ``metric``) runs its forwards and backwards in.
+
+    Float32 for every metric (:data:`BF16_METRICS` is empty; ``_FP32_WHY`` gives each reason): autocast is
+    switched off inside the block, also when the caller opened one, because the metrics' own checks (the
+    per-sample split, Hutchinson's stopping rule) assume float32 arithmetic. With ``precision == "bf16"``
+    one INFO line says so and why.
+    """
+    precision = check_precision(precision)
+    if precision == "bf16" and metric in BF16_METRICS:
+        return autocast_context(precision, device)
+    if precision == "bf16":
+        why = _FP32_WHY.get(metric, "it has not been measured in bfloat16")
+        log.info("the sensitivity analysis (%s) runs in fp32, not bf16: %s", metric, why)
+    kind = _device_type(device)
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()

@@ -411,6 +411,7 @@ def quantize_and_finetune(
         checkpoint=checkpoint,
         resume=resume,
         meta={"plan": [[c.name, c.scheme, c.bits] for c in plan.layers], "budget": plan.budget},
+        precision=recipe.quant.precision,
     )
     q_acc = _evaluate(model, test, "evaluate QAT", output_fn)
     return Finetuned(ptq_acc, q_acc, result.seconds, result.start_step)

@@ -12,6 +12,10 @@ Inside a torch.distributed process group the model is wrapped in DistributedData
 
 Every batch follows the model: inputs and targets are moved to the student's device at each step, and the
 teacher's inputs to the teacher's device (its scores come back to the student's).
+
+``precision="bf16"`` runs the student's and the teacher's forwards and the loss under bfloat16 autocast
+(:func:`hq_ptq.devices.autocast_context`); the backward, the optimizer, the EMA and the checkpoints stay in
+float32, and a checkpoint resumes only under the precision it was written with.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.config import QATConfig
-from hq_ptq.devices import batch_to, model_device
+from hq_ptq.config import QATConfig, check_precision
+from hq_ptq.devices import autocast_context, batch_to, model_device
 from hq_ptq.distributed import (
     Shard,
     all_gather_object,
@@ -123,10 +127,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 # checkpoints
 
 
-def _settings(config: QATConfig, seed: int) -> str:
-    """The QAT settings a checkpoint must share with the run that resumes it (how often to save is free)."""
+def _settings(config: QATConfig, seed: int, precision: str = "fp32") -> str:
+    """The QAT settings a checkpoint must share with the run that resumes it (how often to save is free).
+
+    The precision is recorded only when it is not "fp32", so checkpoints written before it existed resume."""
     settings = {k: v for k, v in asdict(config).items() if k != "checkpoint_every"}
-    return json.dumps({**settings, "seed": seed}, sort_keys=True)
+    extra = {} if precision == "fp32" else {"precision": precision}
+    return json.dumps({**settings, "seed": seed, **extra}, sort_keys=True)
 
 
 def _shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -174,13 +181,14 @@ def load_checkpoint(
     seed: int = 0,
     meta: dict[str, Any] | None = None,
     world_size: int = 1,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Read and validate a QAT checkpoint for ``model`` (nothing is executed: ``weights_only`` loading).
 
     Raises:
         ValueError: unreadable, truncated or altered file (content checksum), not a QAT checkpoint, another
             format version, another model (state keys or shapes differ), another plan (``meta``), other QAT
-            settings or seed, or another number of processes.
+            settings, seed or precision, or another number of processes.
     """
     path = Path(path)
     fix = "delete it or run without --resume"
@@ -207,7 +215,7 @@ def load_checkpoint(
             raise ValueError(f"QAT checkpoint {path} holds another model (differs at {diff[:3]}); {fix}")
         if doc["meta"] != json.dumps(meta or {}, sort_keys=True):
             raise ValueError(f"QAT checkpoint {path} was written for another plan; {fix}")
-        if doc["settings"] != _settings(config, seed):
+        if doc["settings"] != _settings(config, seed, precision):
             raise ValueError(
                 f"QAT checkpoint {path} was written with other QAT settings ({doc['settings']}); "
                 f"resume with the same ones or {fix}"
@@ -267,6 +275,7 @@ def finetune(
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
     meta: dict[str, Any] | None = None,
+    precision: str = "fp32",
 ) -> QATResult:
     """Fine-tune the quantized ``model`` in place for ``config.steps`` batches (cycling ``train_data``).
 
@@ -289,10 +298,14 @@ def finetune(
         checkpoint: file to write every ``config.checkpoint_every`` steps and after the last (rank 0 only).
         resume: continue from ``checkpoint`` when it exists (from scratch when it does not).
         meta: plain data identifying the run (e.g. the plan); a checkpoint with other meta is refused.
+        precision: ``"fp32"``, or ``"bf16"``: the student's and the teacher's forwards and the loss run under
+            bfloat16 autocast (:func:`hq_ptq.devices.autocast_context`); the backward, the parameters,
+            gradients, optimizer state, EMA and checkpoints stay float32 (``QuantConfig.precision``).
 
     Returns:
         steps, smoothed final loss (averaged over ranks), seconds of this call, and the start step.
     """
+    precision = check_precision(precision, "precision")
     if config.steps == 0:
         return QATResult(steps=0, final_loss=float("nan"), seconds=0.0)
     # cross-entropy (the default) says the outputs are logits; with another loss only output_fn says so
@@ -303,7 +316,9 @@ def finetune(
     doc = None
     # rank 0 decides, so no rank trains from scratch while the others resume
     if resume and checkpoint is not None and broadcast_object(Path(checkpoint).is_file()):
-        doc = load_checkpoint(checkpoint, model, config, seed=seed, meta=meta, world_size=world)
+        doc = load_checkpoint(
+            checkpoint, model, config, seed=seed, meta=meta, world_size=world, precision=precision
+        )
         # before the optimizer exists: loading a Brevitas quantizer's state re-creates its scale Parameters
         model.load_state_dict(doc["model"])
     elif resume:
@@ -350,7 +365,7 @@ def finetune(
             "format": CHECKPOINT_FORMAT,
             "format_version": CHECKPOINT_VERSION,
             "step": step,
-            "settings": _settings(config, seed),
+            "settings": _settings(config, seed, precision),
             "meta": meta_json,
             "world_size": world,
             "shapes": _shapes(model),
@@ -382,6 +397,10 @@ def finetune(
     batches = _batches(train_data, start * world, shard, first_seen)
     device = model_device(model)
     teacher_device = model_device(teacher) if teacher is not None else device
+    # "bf16": the forwards and the loss under autocast (the student's device, and the teacher's when it sits
+    # elsewhere); checked here, so a GPU without bfloat16 fails before the first step
+    autocast = autocast_context(precision, device, what="precision")
+    teacher_autocast = autocast_context(precision, teacher_device, what="precision")
     began = time.perf_counter()
     # snnTorch's sigmoid surrogate gives NaN gradients far below threshold; its stable twin does not
     with stable_surrogates(model), progress.task("qat", total=config.steps) as update:
@@ -398,8 +417,9 @@ def finetune(
             targets = batch_to(targets, device, what="QAT targets")
             # every forward starts from fresh neuron state (the student's and the teacher's)
             reset_states(model)
-            outputs = call(net, inputs)
-            loss = loss_fn(outputs, targets)
+            with autocast:
+                outputs = call(net, inputs)
+                loss = loss_fn(outputs, targets)
             if teacher is not None and config.distill_weight > 0:
                 scores = class_scores(outputs, output_fn) if outputs_are_logits else None
                 if scores is None:
@@ -414,12 +434,16 @@ def finetune(
                     )
                     teacher = None
                 else:
-                    with torch.no_grad():
+                    with torch.no_grad(), teacher_autocast:
                         reset_states(teacher)
                         taught = inputs if teacher_device == device else batch_to(given, teacher_device)
                         teacher_scores = class_scores(call(teacher, taught), output_fn).to(device)
-                    kd = distillation_loss(scores, teacher_scores, config.temperature)
+                    # softened in float32 (bf16 logits are exact in it): the KL of two close
+                    # distributions is a difference bfloat16 would round away
+                    kd = distillation_loss(scores.float(), teacher_scores.float(), config.temperature)
                     loss = (1 - config.distill_weight) * loss + config.distill_weight * kd
+            # a loss_fn of the user's may return bfloat16 under autocast: the backward starts from float32
+            loss = loss.float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)

@@ -2,7 +2,8 @@
 
 A recipe is settings only. Unknown keys fail with the nearest valid key named; ``--set section.key=value``
 overrides any value from the command line. ``[quant] device`` says where a run computes: "auto" (the
-default: cuda when available, else cpu), "cpu", "cuda" or "cuda:N" (``hq-ptq run --device``).
+default: cuda when available, else cpu), "cpu", "cuda" or "cuda:N" (``hq-ptq run --device``), and
+``[quant] precision`` what QAT computes in: "fp32" (the default) or "bf16" (``hq-ptq run --precision``).
 
 The model and the data are either built in (``[model] name = "spikformer-tiny"``, ``[data] name = "digits"``)
 or the user's own, named as ``"package.module:function"``:

@@ -49,7 +49,10 @@ mode, input/output names, shapes and dtypes, the state list (``name``, ``output`
 spikes of every neuron whose graph nodes it can pair with the neuron's calls. The qonnx backend keeps
 qonnx's semantics (its custom ops computed by qonnx, standard ops by onnxruntime, op by op) but, for
 weight-only quantizer nodes like these files hold, computes the quantized weights once and runs the rest
-as one onnxruntime session; other graphs go through qonnx's node-by-node ``execute_onnx``.
+as one onnxruntime session; other graphs go through qonnx's node-by-node ``execute_onnx``. Both take a
+``provider`` (:func:`resolve_providers`): by default onnxruntime's ``CUDAExecutionProvider`` when the model
+verified (or the inputs run) is on CUDA and onnxruntime has that provider, else the CPU; asking for a provider
+onnxruntime does not have is a one-line error naming the ones it has.
 
 Layout (one-way imports, ``verify`` → ``runtime`` → ``write`` → ``trace`` → ``passes``):
 
@@ -59,12 +62,13 @@ Layout (one-way imports, ``verify`` → ``runtime`` → ``write`` → ``trace`` 
   integer codes behind ``Quant``, the QCDQ (onnxruntime) conversion, constant compaction.
 * :mod:`hq_ptq.export.write`: :func:`export_qonnx`, :func:`export_onnxruntime` (trace, convert, save) and
   :func:`export_info` (read the metadata back).
-* :mod:`hq_ptq.export.runtime`: running files with qonnx or onnxruntime, :func:`run_export`.
+* :mod:`hq_ptq.export.runtime`: running files with qonnx or onnxruntime, :func:`run_export`, the
+  execution providers (:func:`resolve_providers`).
 * :mod:`hq_ptq.export.verify`: the PyTorch reference, spike pairing, :func:`check_qonnx_spec`,
   :func:`verify_export`.
 """
 
-from hq_ptq.export.runtime import BACKENDS, run_export
+from hq_ptq.export.runtime import BACKENDS, resolve_providers, run_export
 from hq_ptq.export.trace import MODES, READOUTS
 from hq_ptq.export.verify import check_qonnx_spec, verify_export
 from hq_ptq.export.write import export_info, export_onnxruntime, export_qonnx
@@ -77,6 +81,7 @@ __all__ = [
     "export_info",
     "export_onnxruntime",
     "export_qonnx",
+    "resolve_providers",
     "run_export",
     "verify_export",
 ]

@@ -1,13 +1,15 @@
 """Running export files: qonnx's semantics (weight-only quantizer nodes folded once by qonnx, the rest one
 onnxruntime session; else qonnx's node-by-node ``execute_onnx``) or one optimized onnxruntime session
 (:class:`_Runner`), the inputs checked against the file's metadata, step files driven over time
-(:func:`run_export`)."""
+(:func:`run_export`), and which onnxruntime execution providers those sessions use
+(:func:`resolve_providers`: CUDA first for a model or inputs on CUDA when onnxruntime has it, else the
+CPU)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,53 @@ from hq_ptq.export.write import export_info
 log = logging.getLogger("hq_ptq.export")  # the package's one logger, as before the split
 
 BACKENDS = ("qonnx", "onnxruntime")
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# the short names a provider argument takes besides "auto" and onnxruntime's own names
+PROVIDER_NAMES = {"cpu": CPU_PROVIDER, "cuda": CUDA_PROVIDER}
+# the CUDA provider's options: float32 MatMul/Conv without TF32 (10-bit mantissas), which onnxruntime's CUDA
+# provider turns on by default on Ampere and later and which would move outputs by ~1e-3 and flip spikes
+# that sit near a threshold: a verification compares with PyTorch, whose float32 convolutions and matmuls
+# hq_ptq leaves at full precision
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def resolve_providers(provider: str | Sequence[str] = "auto", *, on_cuda: bool = False) -> list[str]:
+    """The onnxruntime execution providers a session is created with, in order of preference.
+
+    ``"auto"``: ``CUDAExecutionProvider`` then the CPU when ``on_cuda`` (the model verified, or the inputs
+    run, are on CUDA) and onnxruntime reports CUDA available (``onnxruntime.get_available_providers()``),
+    else ``CPUExecutionProvider`` alone. ``"cpu"``, ``"cuda"``, an onnxruntime provider name
+    (``"CUDAExecutionProvider"``) or a sequence of them: those, in that order, with the CPU provider last
+    for the nodes the others do not implement.
+
+    Raises:
+        ValueError: a provider asked for that onnxruntime does not report available here; one line naming
+            the available ones.
+    """
+    import onnxruntime as ort
+
+    available = list(ort.get_available_providers())
+    if isinstance(provider, str) and provider.strip() == "auto":
+        return [CUDA_PROVIDER, CPU_PROVIDER] if on_cuda and CUDA_PROVIDER in available else [CPU_PROVIDER]
+    asked = [provider] if isinstance(provider, str) else list(provider)
+    if not asked or not all(isinstance(p, str) for p in asked):
+        raise ValueError(
+            f"provider must be 'auto', 'cpu', 'cuda' or onnxruntime provider names, got {provider!r}"
+        )
+    names = [PROVIDER_NAMES.get(p.strip().lower(), p.strip()) for p in asked]
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ValueError(
+            f"onnxruntime provider {missing[0]} is not available here (onnxruntime {ort.__version__} has "
+            f"{', '.join(available)}); pass provider='auto' or one of those"
+        )
+    return list(dict.fromkeys([*names, CPU_PROVIDER]))
+
+
+def _provider_list(providers: Sequence[str]) -> list[Any]:
+    """``providers`` as onnxruntime's ``InferenceSession`` takes them, with the CUDA provider's options."""
+    return [(p, dict(CUDA_OPTIONS)) if p == CUDA_PROVIDER else p for p in providers]
 
 
 def _check_backend(backend: str) -> None:
@@ -40,7 +89,7 @@ def _with_spike_outputs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     return proto, names
 
 
-def _ort_session(proto: onnx.ModelProto, optimize: bool) -> Any:
+def _ort_session(proto: onnx.ModelProto, optimize: bool, providers: Sequence[str] = (CPU_PROVIDER,)) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -54,7 +103,7 @@ def _ort_session(proto: onnx.ModelProto, optimize: bool) -> Any:
         # no weight prepacking (there every weight is a fed input, never a constant)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=_provider_list(providers))
 
 
 def _fold_custom_nodes(proto: onnx.ModelProto) -> tuple[onnx.ModelProto | None, str]:
@@ -102,26 +151,38 @@ class _Runner:
     onnxruntime session with optimizations and prepacking off, the kernels qonnx's one-node sessions
     use (``executor="qonnx-folded+onnxruntime"``). Otherwise qonnx's ``execute_onnx`` runs the graph
     node by node (``executor="qonnx"``).
+
+    The onnxruntime session is created with ``providers`` (:func:`resolve_providers`); ``providers`` then
+    says which it got (onnxruntime's ``get_providers()``; qonnx's own executor: the CPU).
     """
 
-    def __init__(self, proto: onnx.ModelProto, backend: str, fold: bool = True) -> None:
+    def __init__(
+        self,
+        proto: onnx.ModelProto,
+        backend: str,
+        fold: bool = True,
+        providers: Sequence[str] = (CPU_PROVIDER,),
+    ) -> None:
         self.executor = backend
         self.model: Any = None
         self.session: Any = None
+        self.providers = [CPU_PROVIDER]
         if backend == "onnxruntime":
             try:
-                self.session = _ort_session(proto, optimize=True)
+                self.session = _ort_session(proto, optimize=True, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise ValueError(
                     f"onnxruntime cannot load this graph ({_one_line(err)}); a QONNX file needs "
                     "backend='qonnx' or a file from export_onnxruntime"
                 ) from None
+            self.providers = list(self.session.get_providers())
             return
         folded, why = _fold_custom_nodes(proto) if fold else (None, "folding switched off")
         if folded is not None:
             try:
-                self.session = _ort_session(folded, optimize=False)
+                self.session = _ort_session(folded, optimize=False, providers=providers)
                 self.executor = "qonnx-folded+onnxruntime"
+                self.providers = list(self.session.get_providers())
             except Exception as err:  # qonnx's one-node sessions may still run what one session rejects
                 why = f"onnxruntime rejects the folded graph: {_one_line(err)}"
         if self.session is None:
@@ -219,6 +280,7 @@ def run_export(
     *,
     backend: str = "qonnx",
     spikes: bool = False,
+    provider: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """Run an exported file on ``inputs``; step files are driven over time from zero state.
 
@@ -233,6 +295,9 @@ def run_export(
             through qonnx's ``execute_onnx`` node by node) or ``"onnxruntime"`` (plain files only,
             one optimized session).
         spikes: also return every spike tensor (the output of each ``Greater`` node).
+        provider: the onnxruntime execution provider(s) (:func:`resolve_providers`): ``"auto"`` (CUDA when
+            ``inputs`` hold CUDA tensors and onnxruntime has it, else the CPU), ``"cpu"``, ``"cuda"``, or
+            onnxruntime provider names.
 
     Returns:
         ``{"outputs": {graph output name: array}}``, in the model's output order; step files apply each
@@ -240,12 +305,24 @@ def run_export(
         ``"logits"`` repeats the output when the model returns one ``[B, classes]`` tensor. Step files
         add ``"states"`` (name → final membrane); ``spikes=True`` adds ``"spikes"``: graph tensor name →
         bool array ``[calls, ...]`` (calls = T for step files, one per step; 1 for unrolled files).
+        ``"providers"``: the execution providers the onnxruntime session got, in order.
 
     Raises:
         FileNotFoundError / ValueError: no file, not an hq_ptq export, unknown backend, inputs of the
-            wrong structure or shape, or a QONNX file given to onnxruntime.
+            wrong structure or shape, a QONNX file given to onnxruntime, or a provider onnxruntime does not
+            have here.
     """
-    return _run(path, inputs, backend, spikes)[0]
+    on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in _tensors(inputs))
+    return _run(path, inputs, backend, spikes, providers=resolve_providers(provider, on_cuda=on_cuda))[0]
+
+
+def _tensors(value: Any) -> list[Any]:
+    """Every leaf inside ``value`` (nested tuples, lists and dict values)."""
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return [value]
 
 
 def _run(
@@ -254,8 +331,10 @@ def _run(
     backend: str,
     spikes: bool,
     fold: bool = True,
+    providers: Sequence[str] = (CPU_PROVIDER,),
 ) -> tuple[dict[str, Any], str]:
-    """:func:`run_export` plus the executor that ran; ``fold=False`` forces qonnx's ``execute_onnx``."""
+    """:func:`run_export` plus the executor that ran; ``fold=False`` forces qonnx's ``execute_onnx``;
+    ``providers`` as :func:`resolve_providers` gives them."""
     _check_backend(backend)
     info = _io_info(export_info(path))
     arrays = _feeds(info, inputs, path)
@@ -264,7 +343,7 @@ def _run(
     spike_names: list[str] = []
     if spikes:
         proto, spike_names = _with_spike_outputs(proto)
-    runner = _Runner(proto, backend, fold)
+    runner = _Runner(proto, backend, fold, providers)
     result: dict[str, Any] = {}
     if info["mode"] == "unrolled":
         out = runner(dict(zip(names, arrays, strict=True)))
@@ -290,4 +369,5 @@ def _run(
             result["spikes"] = {n: np.stack(v) for n, v in per_step.items()}
     if "logits" in info:
         result["logits"] = result["outputs"][info["logits"]]
+    result["providers"] = runner.providers
     return result, runner.executor

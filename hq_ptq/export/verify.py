@@ -9,7 +9,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,8 +17,9 @@ import onnx
 import torch
 from torch import nn
 
+from hq_ptq.devices import model_device
 from hq_ptq.export.passes import _STANDARD_DOMAINS, QONNX_DOMAIN
-from hq_ptq.export.runtime import _check_backend, _io_info, _run
+from hq_ptq.export.runtime import _check_backend, _io_info, _run, resolve_providers
 from hq_ptq.export.trace import (
     _check_example,
     _drive_steps,
@@ -365,6 +366,7 @@ def verify_export(
     inputs: Any,
     *,
     backend: str = "qonnx",
+    provider: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """Compare an exported file with the PyTorch model on ``inputs`` (use inputs unseen at export).
 
@@ -382,6 +384,11 @@ def verify_export(
         path: the exported file.
         inputs: the structure and shapes the file was exported for (step files: any number of steps).
         backend: ``"qonnx"`` or ``"onnxruntime"``.
+        provider: the onnxruntime execution provider(s) that run the file
+            (:func:`hq_ptq.export.runtime.resolve_providers`): ``"auto"`` (the default) is
+            ``CUDAExecutionProvider`` when the model is on CUDA and onnxruntime has it, else the CPU;
+            ``"cpu"``, ``"cuda"`` or onnxruntime provider names ask for those (a provider onnxruntime does not
+            have here is a one-line ValueError naming the ones it has).
 
     Returns:
         ``{"backend", "executor", "mode", "output_errors" ({output name: max abs error}),
@@ -396,7 +403,8 @@ def verify_export(
         optimizations) or ``"qonnx"`` (qonnx's ``execute_onnx``, for graphs that cannot be folded, e.g.
         activation quantizers). ``spec_check``: :func:`check_qonnx_spec`'s result for a QONNX file, or
         ``{"passed": False, "error": message}`` (the outputs are compared all the same), or
-        ``{"passed": None, "why": ...}`` for an onnxruntime file. Step files add ``"max_abs_state_error"``
+        ``{"passed": None, "why": ...}`` for an onnxruntime file. ``providers``: the execution providers
+        the onnxruntime session got, in order. Step files add ``"max_abs_state_error"``
         and ``"max_rel_state_error"``: final membranes against the model driven step by step in PyTorch.
 
     Raises:
@@ -404,10 +412,11 @@ def verify_export(
         file's in number or shape.
     """
     _check_backend(backend)
+    providers = resolve_providers(provider, on_cuda=model_device(model).type == "cuda")
     info = _io_info(export_info(path))
     x = _check_example(model, inputs, "inputs")
     start = time.perf_counter()
-    got, executor = _run(path, x, backend, spikes=True)
+    got, executor = _run(path, x, backend, spikes=True, providers=providers)
     seconds = time.perf_counter() - start
     ref_outputs, calls, ref_mems = _torch_reference(model, x, info.get("states"), info.get("time_dim", 0))
     names = [o["name"] for o in info["outputs"]]
@@ -450,6 +459,7 @@ def verify_export(
     report: dict[str, Any] = {
         "backend": backend,
         "executor": executor,
+        "providers": got["providers"],
         "mode": info["mode"],
         "output_errors": errors,
         "max_abs_output_error": max(errors.values()),
