@@ -72,6 +72,15 @@ DeviceOption = Annotated[
         "recipe's [quant] device, else auto)",
     ),
 ]
+PrecisionOption = Annotated[
+    str | None,
+    typer.Option(
+        "--precision",
+        help="What QAT computes in: fp32, or bf16 (bfloat16 autocast; weights, optimizer and checkpoints "
+        "stay fp32; the sensitivity analysis is fp32 either way) (default: the recipe's [quant] precision, "
+        "else fp32)",
+    ),
+]
 ModelOption = Annotated[
     str | None,
     typer.Option(
@@ -149,6 +158,7 @@ def run_cmd(
     model: ModelOption = None,
     energy_budget: EnergyBudgetOption = None,
     device: DeviceOption = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Float checkpoint → calibrate → search → QAT → evaluate, with a summary table.
 
@@ -158,7 +168,7 @@ def run_cmd(
     """
     result = _run_recipe(
         recipe, budget, out, set_ or [], resume=resume, nproc=nproc, export=export, model=model,
-        energy_budget=energy_budget, device=device,
+        energy_budget=energy_budget, device=device, precision=precision,
     )
     if result is None:
         return  # a rank other than 0 under torchrun: rank 0 reports
@@ -189,19 +199,19 @@ def run_cmd(
 
 def _run_recipe(
     recipe: str, budget, out, overrides, *, resume: bool, nproc: int, export: bool, model=None,
-    energy_budget=None, device=None,
+    energy_budget=None, device=None, precision=None,
 ):
     """Load the recipe and run it here, under torchrun's process group, or in ``nproc`` spawned processes.
 
-    ``energy_budget`` (``--energy-budget``) replaces the recipe's ``[quant] energy_budget``, and ``device``
-    (``--device``) its ``[quant] device``.
+    ``energy_budget`` (``--energy-budget``) replaces the recipe's ``[quant] energy_budget``, ``device``
+    (``--device``) its ``[quant] device`` and ``precision`` (``--precision``) its ``[quant] precision``.
     Returns ``(recipe, result, out)``, or None on a torchrun rank other than 0.
     """
     import os
     from dataclasses import replace
 
     from hq_ptq import distributed
-    from hq_ptq.config import check_device, check_energy_budget
+    from hq_ptq.config import check_device, check_energy_budget, check_precision
     from hq_ptq.pipeline import ensure_float_checkpoint, launched_run, run_recipe
     from hq_ptq.recipe import load_recipe
 
@@ -211,6 +221,8 @@ def _run_recipe(
         r = replace(r, energy_budget=energy_budget)
     if device is not None:
         r = replace(r, quant=replace(r.quant, device=check_device(device, "--device")))
+    if precision is not None:
+        r = replace(r, quant=replace(r.quant, precision=check_precision(precision, "--precision")))
     out = out or Path("runs") / r.name
     torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
     if nproc < 1:
@@ -307,14 +319,21 @@ def quantize_cmd(
         str,
         typer.Option(help="Where to compute: auto (cuda when available, else cpu), cpu, cuda or cuda:N"),
     ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="What QAT computes in: fp32, or bf16 (bfloat16 autocast; weights, optimizer and the packed "
+            "checkpoint stay fp32; the sensitivity analysis is fp32 either way)"
+        ),
+    ] = "fp32",
 ) -> None:
     """Quantize a float checkpoint under a bit budget and write a packed checkpoint."""
-    from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_device
+    from hq_ptq.config import QATConfig, QuantConfig, SearchConfig, check_device, check_precision
     from hq_ptq.pipeline import quantize_checkpoint
 
     config = QuantConfig(
         search=SearchConfig(metric=metric), qat=QATConfig(steps=qat_steps),
-        device=check_device(device, "--device"),
+        device=check_device(device, "--device"), precision=check_precision(precision, "--precision"),
     )
     plan, fp_acc, q_acc, out = quantize_checkpoint(
         checkpoint, budget, out, data=data, config=config, model=model, loss=loss, output_fn=output_fn,
@@ -421,6 +440,13 @@ def export_cmd(
         ),
     ] = False,
     membrane_bits: Annotated[int, typer.Option(help="--integer: signed width of every membrane")] = 16,
+    provider: Annotated[
+        str,
+        typer.Option(
+            help="onnxruntime execution provider that verifies the file: auto (the CPU: the model is loaded "
+            "there), cpu, cuda or an onnxruntime provider name such as CUDAExecutionProvider"
+        ),
+    ] = "auto",
 ) -> None:
     """Export a packed checkpoint to QONNX or to an onnxruntime-runnable ONNX file, and verify it.
 
@@ -430,12 +456,13 @@ def export_cmd(
     """
     import torch
 
-    from hq_ptq.export import export_onnxruntime, export_qonnx, verify_export
+    from hq_ptq.export import export_onnxruntime, export_qonnx, resolve_providers, verify_export
     from hq_ptq.pack import inspect, load
     from hq_ptq.pipeline import export_batches, is_reference, user_loaders, user_model
 
     if runtime not in ("qonnx", "onnxruntime"):
         raise ValueError(f"--runtime must be qonnx or onnxruntime, got {runtime!r}")
+    resolve_providers(provider)  # a provider onnxruntime does not have fails before the export
     if data is not None and not is_reference(data):
         raise ValueError(f"--data takes package.module:function returning (train, test), got {data!r}")
     if data is not None and (time_steps is not None or batch is not None):
@@ -474,7 +501,7 @@ def export_cmd(
     with progress.task(f"export {mode} ({runtime})", total=None):
         fn(net, example, out, mode=mode, **options)
     with progress.task(f"verify with {runtime}", total=None):
-        check = verify_export(net, out, fresh, backend=runtime)
+        check = verify_export(net, out, fresh, backend=runtime, provider=provider)
     console.print(f"wrote {out} ({out.stat().st_size:,} bytes, {mode})")
     console.print(
         f"verified with {runtime} on {verified_on}: max |Δ {'output' if data else 'logit'}| "
@@ -503,6 +530,20 @@ def _export_integer(net, example, fresh, verified_on: str, path: Path, out: Path
     console.print(f"wrote {out} ({out.stat().st_size:,} bytes, {len(report.synapses)} integer synapses, "
                   f"{len(report.neurons)} LIFs at {bits}-bit membranes)")
     console.print(f"verified on {verified_on}: the NumPy int64 reference reproduces every output bit for bit",
+                  highlight=False, soft_wrap=True)
+    if not isinstance(example, (torch.Tensor, tuple, list)):
+        console.print("no integer graph: it takes a tensor or a tuple of tensors as input", highlight=False)
+        return
+    from hq_ptq.integer_graph import export_integer_qonnx, run_integer_graph
+
+    with progress.task("integer graph", total=None):
+        graph = export_integer_qonnx(integer, example, out.with_name(out.name.split(".")[0] + ".int.onnx"))
+    args = [fresh] if isinstance(fresh, torch.Tensor) else list(fresh)
+    ran = run_integer_graph(graph, [t.detach().cpu().numpy() for t in args])
+    if not all(torch.equal(torch.from_numpy(r), g.double()) for r, g in zip(ran.values(), got, strict=False)):
+        raise ValueError("the integer graph and the integer model disagree; please report this")
+    console.print(f"wrote {graph} ({graph.stat().st_size:,} bytes): integer QONNX graph, checked in "
+                  "onnxruntime and in the pure-integer NumPy runner, bit for bit on both inputs",
                   highlight=False, soft_wrap=True)
 
 

@@ -42,6 +42,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from hq_ptq.files import atomic_write
 from hq_ptq.integer import MAX_INPUT_FRAC, IntegerLIF, IntegerSynapse, _np_accumulate
 from hq_ptq.model_io import tensors
 from hq_ptq.snn import reset_states
@@ -168,12 +169,7 @@ def export_integer_qonnx(
     onnx.checker.check_model(proto)
     if check:
         _check(proto, args, want, info["spikes"])
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp_path))
-    os.replace(tmp_path, out)
-    return out
+    return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
 
 
 def _annotate(proto: onnx.ModelProto, tags: dict[str, tuple[str, str]]) -> onnx.ModelProto:
@@ -497,6 +493,8 @@ def run_integer_graph(
     for node in graph.node:
         where = f"node {node.name or node.op_type} ({node.op_type})"
         attrs = _attrs(node)
+        if node.op_type == "Split":
+            attrs.setdefault("num_outputs", len(node.output))  # opset < 18: equal parts, one per output
         if node.op_type == "Constant":
             outs = [_from_float(numpy_helper.to_array(attrs["value"]), where)]
         else:

@@ -87,6 +87,7 @@ def test_run_writes_report_and_artifacts(tiny):
                                    "--membrane-bits", "12"])
     assert exported.exit_code == 0, exported.output
     assert "reproduces every output bit for bit" in " ".join(exported.output.split())
+    assert (out / "model.int.onnx").is_file() and "integer QONNX graph" in " ".join(exported.output.split())
     from safetensors import safe_open
 
     with safe_open(str(int_path), "pt") as f:
