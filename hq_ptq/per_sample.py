@@ -175,13 +175,22 @@ def per_sample_squared_norms(
         if not isinstance(module, (nn.Linear, *_CONVS)):
             return f"layer type {type(module).__name__} (only Linear and Conv1d/2d/3d are split by rows)"
     calls: list[list[_Call]] = [[] for _ in modules]
+    # the second backward hands each call's pair of gradients to this, which turns it into per-sample
+    # gradients at once and frees both: the pairs of all layers are never held together
+    on_pair: list[Callable[[_Call], None] | None] = [None]
 
     def hook_for(k: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad:
-                record = _Call(x.detach(), [])
-                out.register_hook(lambda g: record.grads.append(g.detach()))
+                record = _Call(k, x.detach(), [])
+
+                def received(g: torch.Tensor) -> None:
+                    record.grads.append(g.detach())
+                    if len(record.grads) == 2 and on_pair[0] is not None:
+                        on_pair[0](record)
+
+                out.register_hook(received)
                 calls[k].append(record)
 
         return hook
@@ -202,14 +211,83 @@ def per_sample_squared_norms(
     for dims in choices:
         for record in itertools.chain.from_iterable(calls):
             record.grads.clear()
+            record.paired = False
+        sums = _Sums(layers, len(targets))
+        on_pair[0] = sums.add
         try:
-            got = _try_split(outputs, dims, targets, loss_fn, params, layers, calls)
+            got = _try_split(outputs, dims, targets, loss_fn, params, calls, sums)
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError) as err:
             got = f"the per-sample loss or a backward fails ({first_line(err)})"
+        finally:
+            on_pair[0] = None
         if not isinstance(got, str):
             return got, len(targets)
         why.append(got if len(choices) == 1 else f"batch dimensions {dims}: {got}")
     return "; ".join(why)
+
+
+@dataclass
+class _Call:
+    """One call of analysed layer number ``k``: its input, and its output's gradients from the backwards."""
+
+    k: int
+    x: torch.Tensor
+    grads: list[torch.Tensor]
+    paired: bool = False  # both gradients arrived and were consumed by _Sums.add
+
+
+class _Sums:
+    """Per-sample weight gradients per layer, accumulated call by call as the second backward reaches them."""
+
+    def __init__(self, layers: Mapping[str, nn.Module], n: int) -> None:
+        self.names, self.modules, self.n = list(layers), list(layers.values()), n
+        self.per_sample: dict[int, torch.Tensor] = {}
+        self.why = ""
+
+    def add(self, record: _Call) -> None:
+        plain, seeded = record.grads
+        record.grads.clear()  # consumed here, so the pairs of all layers are never held together
+        record.paired = True
+        if self.why:
+            return
+        module = self.modules[record.k]
+        x, plain_rows = _rows(module, record.x, plain)
+        owners = _owners(plain_rows, _rows(module, record.x, seeded)[1], self.n)
+        if owners is None:
+            self.why = f"rows of layer {self.names[record.k]!r} reach the losses of several samples"
+            return
+        if record.k not in self.per_sample:
+            weight = module.weight
+            self.per_sample[record.k] = torch.zeros((self.n, *weight.shape), dtype=weight.dtype,
+                                                    device=weight.device)
+        per_sample = self.per_sample[record.k]
+        for i in owners.unique().tolist():
+            if i >= 0:
+                rows = (owners == i).nonzero().squeeze(1).to(x.device)
+                per_sample[i] += _rows_grad(module, x[rows], plain_rows[rows])
+
+    def totals(
+        self, calls: list[list[_Call]], batch_grads: tuple[torch.Tensor | None, ...]
+    ) -> torch.Tensor | str:
+        """``sum_i ||g_{i,l}||^2`` per layer, or why the rows could not be split."""
+        if self.why:
+            return self.why
+        totals = torch.zeros(len(self.names), dtype=torch.float64)
+        for k, name in enumerate(self.names):
+            if any(record.grads and not record.paired for record in calls[k]):
+                return f"an output of layer {name!r} received a gradient in only one of the two backwards"
+            batch, per_sample = batch_grads[k], self.per_sample.get(k)
+            if per_sample is None:
+                if batch is not None and bool(batch.ne(0).any()):
+                    return f"layer {name!r} has a gradient but its forward was never seen"
+                continue
+            squares = per_sample.double().pow(2).sum(dim=tuple(range(1, per_sample.dim())))
+            expected = torch.zeros_like(per_sample[0]) if batch is None else batch
+            error = float((per_sample.sum(0) - expected).double().pow(2).sum().sqrt())
+            if error > SUM_RTOL * math.sqrt(float(squares.sum())) + 1e-12:
+                return f"the per-sample gradients of layer {name!r} do not add up to its batch gradient"
+            totals[k] = squares.sum().cpu()
+        return totals
 
 
 def _try_split(
@@ -218,8 +296,8 @@ def _try_split(
     targets: torch.Tensor,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     params: list[torch.Tensor],
-    layers: Mapping[str, nn.Module],
     calls: list[list[_Call]],
+    sums: _Sums,
 ) -> torch.Tensor | str:
     """One reading of the outputs' batch dimensions: the two backwards and the per-layer sums, or why not."""
     seeds = _loss_seeds(outputs, dims, targets, loss_fn)
@@ -230,53 +308,4 @@ def _try_split(
         return "no output depends on the analysed layers"
     batch_grads = torch.autograd.grad(outs, params, plain, retain_graph=True, allow_unused=True)
     torch.autograd.grad(outs, params, seeded, retain_graph=True, allow_unused=True)
-    return _sum_squares(layers, calls, batch_grads, len(targets))
-
-
-@dataclass
-class _Call:
-    """One call of an analysed layer: its input, and its output's gradients from the two backwards."""
-
-    x: torch.Tensor
-    grads: list[torch.Tensor]
-
-
-def _sum_squares(
-    layers: Mapping[str, nn.Module],
-    calls: list[list[_Call]],
-    batch_grads: tuple[torch.Tensor | None, ...],
-    n: int,
-) -> torch.Tensor | str:
-    """``sum_i ||g_{i,l}||^2`` per layer from the recorded calls, or why the rows cannot be split."""
-    totals = torch.zeros(len(layers), dtype=torch.float64)
-    for k, ((name, module), records) in enumerate(zip(layers.items(), calls, strict=True)):
-        per_sample: torch.Tensor | None = None
-        for record in records:
-            if not record.grads:
-                continue  # this call's output reached no loss
-            if len(record.grads) != 2:
-                return f"an output of layer {name!r} received a gradient in only one of the two backwards"
-            x, plain_rows = _rows(module, record.x, record.grads[0])
-            seeded_rows = _rows(module, record.x, record.grads[1])[1]
-            owners = _owners(plain_rows, seeded_rows, n)
-            if owners is None:
-                return f"rows of layer {name!r} reach the losses of several samples"
-            if per_sample is None:
-                weight = module.weight
-                per_sample = torch.zeros((n, *weight.shape), dtype=weight.dtype, device=weight.device)
-            for i in owners.unique().tolist():
-                if i >= 0:
-                    rows = (owners == i).nonzero().squeeze(1).to(x.device)
-                    per_sample[i] += _rows_grad(module, x[rows], plain_rows[rows])
-        batch = batch_grads[k]
-        if per_sample is None:
-            if batch is not None and bool(batch.ne(0).any()):
-                return f"layer {name!r} has a gradient but its forward was never seen"
-            continue
-        squares = per_sample.double().pow(2).sum(dim=tuple(range(1, per_sample.dim())))
-        expected = torch.zeros_like(per_sample[0]) if batch is None else batch
-        error = float((per_sample.sum(0) - expected).double().pow(2).sum().sqrt())
-        if error > SUM_RTOL * math.sqrt(float(squares.sum())) + 1e-12:
-            return f"the per-sample gradients of layer {name!r} do not add up to its batch gradient"
-        totals[k] = squares.sum().cpu()
-    return totals
+    return sums.totals(calls, batch_grads)

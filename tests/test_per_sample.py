@@ -144,7 +144,7 @@ CORPUS_OUTCOME = {
     "snntorch-tutorial5-fcn": (None, 0),
     "snntorch-tutorial7-csnn": (None, 1),
     "neurobench-nehar-scnn": (None, 0),
-    "snntorch-regression1-series": ("rows of layer 'fc_in' reach the losses of several samples", None),
+    "snntorch-regression1-series": ("rows of layer 'fc_out' reach the losses of several samples", None),
     "snntorch-regression2-rleaky": (None, 0),
     "spikformer-cifar10dvs-official": (None, 0),
     "sdt-cifar10dvs-tet-official": (None, 0),
