@@ -38,8 +38,9 @@ its goal). A part that fails is recorded and the next one runs. Parts, in the or
   steps after ``--warmup``, with ``torch.cuda.synchronize()`` and ``torch.cuda.max_memory_allocated()``
   (reset before each measurement); and one Hutchinson Hessian-vector product (gradient with
   ``create_graph=True``, then one product with a Rademacher probe over every conv/linear weight, eval mode,
-  as hq_ptq.sensitivity does per probe) in FP32 with the fused LIF. Goals: QAT step <= 25 ms, fake-quant step
-  <= 1.1x the float step, HVP <= 3x the float FP32 step;
+  as hq_ptq.sensitivity does per probe) in FP32 with the fused LIF; and the default analysis on that batch
+  (``fisher_traces``: per-sample gradients from one batched forward and two backwards, untargeted by a goal).
+  Goals: QAT step <= 25 ms, fake-quant step <= 1.1x the float step, HVP <= 3x the float FP32 step;
 * ``ddp``: a 1-process NCCL DistributedDataParallel smoke test (``init_method="tcp://127.0.0.1:PORT"``,
   rank 0 of 1): a 4-bit spikformer-tiny on cuda:0 wrapped in DDP, two training steps, group destroyed;
 * ``digits_cpu``: the same recipe run as ``digits_cuda`` with ``quant.device=cpu`` and the same overrides
@@ -85,8 +86,9 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/gpu_check.py` without
 from hq_ptq import progress  # noqa: E402
 from hq_ptq.files import atomic_write_text  # noqa: E402
 from hq_ptq.models import build_model  # noqa: E402
-from hq_ptq.snn import MultiStepLeaky, detached_copy, lif_backend  # noqa: E402
-from hq_ptq.swap import swap_layers  # noqa: E402
+from hq_ptq.sensitivity import fisher_traces  # noqa: E402
+from hq_ptq.snn import MultiStepLeaky, detached_copy, lif_backend, reset_states  # noqa: E402
+from hq_ptq.swap import find_layers, swap_layers  # noqa: E402
 
 PARTS = ("digits_cuda", "step", "ddp", "digits_cpu")
 RECIPE = "digits-spikformer"
@@ -412,6 +414,17 @@ def hvp_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callab
     return step
 
 
+def fisher_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The default analysis on one batch: empirical Fisher traces of every Conv/Linear (per-sample
+    gradients from one batched forward and two backwards, hq_ptq/per_sample.py)."""
+    layers = {name: model.get_submodule(name) for name in find_layers(model)}
+
+    def step() -> None:
+        fisher_traces(model, layers, [(x, y)], reset=reset_states)
+
+    return step
+
+
 def _resolved_backend(model: torch.nn.Module) -> str | None:
     for m in model.modules():
         if isinstance(m, MultiStepLeaky):
@@ -429,6 +442,7 @@ def step_rows(s: Settings, guard: TimeGuard) -> dict[str, Any]:
     y = torch.randint(0, 10, (s.batch,), device=s.device)
     plan = [("train", b, p, kind) for b in s.backends for p in s.precisions for kind in ("float", "quant")]
     plan.append(("hvp", "fused", "fp32", "float"))
+    plan.append(("fisher", "fused", "fp32", "float"))
     rows = []
     for part, backend, precision, kind in plan:
         row: dict[str, Any] = {"part": part, "backend": backend, "precision": precision, "model": kind}
@@ -443,6 +457,8 @@ def step_rows(s: Settings, guard: TimeGuard) -> dict[str, Any]:
                 model = detached_copy(quant if kind == "quant" else base)
                 if part == "hvp":
                     fn = hvp_step(model, x, y)
+                elif part == "fisher":
+                    fn = fisher_step(model, x, y)
                 else:
                     fn = train_step(model, x, y, bf16=precision == "bf16")
                 with lif_backend(backend):

@@ -64,9 +64,10 @@ def test_smoke_json_has_every_part_with_numbers(smoke: dict) -> None:
     # part 2: every backend x precision x model, the HVP, and the ratios against the goals
     step = parts["step"]["result"]
     rows = step["rows"]
-    assert len(rows) == 2 * 2 * 2 + 1
+    assert len(rows) == 2 * 2 * 2 + 2  # train rows, the HVP, the Fisher analysis
     assert all(_number(r["ms"]) and r["ms"] > 0 for r in rows), rows
     assert {r["resolved_backend"] for r in rows} == {"fused", "snntorch"}
+    assert [r["part"] for r in rows][-2:] == ["hvp", "fisher"]
     goals = smoke["summary"]["step"]
     configs = {"fused/fp32", "fused/bf16", "snntorch/fp32", "snntorch/bf16"}
     assert set(goals["qat_step_ms"]["by_config"]) == configs
