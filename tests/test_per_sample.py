@@ -13,7 +13,7 @@ from torch import nn
 
 from hq_ptq import sensitivity
 from hq_ptq.models import build_model
-from hq_ptq.per_sample import per_sample_squared_norms
+from hq_ptq.per_sample import _owners, per_sample_squared_norms
 from hq_ptq.snn import reset_states
 from hq_ptq.swap import find_layers
 
@@ -210,3 +210,11 @@ def test_refuses_a_loss_that_is_not_a_mean_over_samples():
     summed = lambda out, y: F.cross_entropy(out, y, reduction="sum")  # noqa: E731
     got = _one_pass(model, {"0": model[0]}, _mlp_batch(), summed)
     assert isinstance(got, str) and "per-sample losses average" in got
+
+
+def test_a_row_shared_by_two_samples_is_refused_at_any_batch_size():
+    # equal shares of samples 500 and 501 give the ratio 501.5: within 0.1% of an integer, not within 0.05
+    plain = torch.ones(1, 4)
+    seeded = plain * 501.5
+    assert _owners(plain, seeded, 1000) is None
+    assert _owners(plain, plain * 501, 1000).tolist() == [500]
