@@ -234,12 +234,19 @@ def summarize(args) -> dict:
         table.append(entry)
         if row == DEFAULT_ROW or not budget:  # FP32 and torchao have no budget
             continue
-        for field in ("qat_accuracy", "ptq_accuracy"):
-            ours = _group(cells, DEFAULT_ROW, budget, seeds, field)
+        # a homogeneous row spends its own average bits (protected layers kept): where the default search was
+        # also measured at exactly that budget, that is the equal-bits comparison
+        pairs = [budget]
+        if row.split()[0] in ("uniform", "pot") and row != "uniform-only MP":
+            equal = round(statistics.mean(r["avg_bits"] for r in recs), 4)
+            if equal != budget and equal in budgets:
+                pairs.append(equal)
+        for ours_budget, field in itertools.product(pairs, ("qat_accuracy", "ptq_accuracy")):
+            ours = _group(cells, DEFAULT_ROW, ours_budget, seeds, field)
             other = _group(cells, row, budget, seeds, field)
             if ours and other and len(seeds) > 1:
-                verdicts.append({"budget": budget, "a": DEFAULT_ROW, "b": row, "field": field,
-                                 **paired_interval(ours, other)})
+                verdicts.append({"budget": budget, "default_budget": ours_budget, "a": DEFAULT_ROW, "b": row,
+                                 "field": field, **paired_interval(ours, other)})
     n_test = next((c.get("n_test") for c in cells.values() if c.get("n_test")), None)
     times_path = args.out / "analyses.json"
     return {"recipe": args.recipe, "seeds": seeds, "cells": len(cells), "n_test": n_test,
@@ -266,7 +273,9 @@ def markdown(res: dict) -> str:
     lines += ["", f"Paired differences, {DEFAULT_ROW} minus each row (points, 95% interval over seeds):", "",
               "| budget | row | after | mean | ± | verdict |", "|---:|---|---|---:|---:|---|"]
     for v in res["verdicts"]:
-        lines.append(f"| {v['budget']:g} | {v['b']} | {v['field'].split('_')[0].upper()} | "
+        at = v.get("default_budget", v["budget"])
+        budget = f"{v['budget']:g}" if at == v["budget"] else f"{v['budget']:g} (default at {at:g})"
+        lines.append(f"| {budget} | {v['b']} | {v['field'].split('_')[0].upper()} | "
                      f"{100 * v['mean']:+.2f} | {100 * v['half_width']:.2f} | {v['verdict']} |")
     return "\n".join(lines)
 
