@@ -328,6 +328,16 @@ class IntegerLIF(nn.Module):
 # ---- the NumPy reference: int64 arithmetic only ---------------------------------------------------------
 
 
+def _np_windows(x: np.ndarray, kernel, stride, dilation) -> np.ndarray:
+    """``[N, C, *out_spatial, *kernel]`` views of an already padded ``[N, C, *spatial]`` array: every
+    ``stride``-th window position, every ``dilation``-th tap."""
+    nd = len(kernel)
+    span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel, strict=True))
+    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
+    return win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
+               + tuple(slice(None, None, d) for d in dilation)]
+
+
 def _np_accumulate(kind: str, x: np.ndarray, w: np.ndarray, conv: dict[str, Any]) -> np.ndarray:
     """Integer Conv1d/Conv2d/Linear (no bias) in int64, by sliding windows and tensordot."""
     if kind == "linear":
@@ -339,12 +349,7 @@ def _np_accumulate(kind: str, x: np.ndarray, w: np.ndarray, conv: dict[str, Any]
     stride, padding, dilation = (tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
                                  for v in (stride, padding, dilation))
     x = np.pad(x, [(0, 0), (0, 0)] + [(p, p) for p in padding])
-    k = w.shape[2:]
-    span = tuple(d * (kk - 1) + 1 for d, kk in zip(dilation, k, strict=True))
-    win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + nd)))
-    # keep every `dilation`-th tap of each window and every `stride`-th window position
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)
-              + tuple(slice(None, None, d) for d in dilation)]
+    win = _np_windows(x, w.shape[2:], stride, dilation)
     axes_x = [1] + list(range(2 + nd, 2 + 2 * nd))
     out = np.tensordot(win, w, axes=(axes_x, [1] + list(range(2, 2 + nd))))  # [N, *spatial, C_out]
     return np.moveaxis(out, -1, 1)

@@ -43,7 +43,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from hq_ptq.files import atomic_write
-from hq_ptq.integer import MAX_INPUT_FRAC, IntegerLIF, IntegerSynapse, _np_accumulate
+from hq_ptq.integer import MAX_INPUT_FRAC, IntegerLIF, IntegerSynapse, _np_accumulate, _np_windows
 from hq_ptq.model_io import tensors
 from hq_ptq.snn import reset_states
 
@@ -294,10 +294,7 @@ def _maxpool(m: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
     dilations = attrs.get("dilations", [1] * nd)
     low = np.iinfo(np.int64).min
     padded = np.pad(m, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)], constant_values=low)
-    span = tuple(d * (k - 1) + 1 for d, k in zip(dilations, kernel, strict=True))
-    win = np.lib.stride_tricks.sliding_window_view(padded, span, axis=tuple(range(2, 2 + nd)))
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
-              + tuple(slice(None, None, d) for d in dilations)]
+    win = _np_windows(padded, kernel, strides, dilations)
     return win.max(axis=tuple(range(2 + nd, 2 + 2 * nd)))
 
 
