@@ -47,7 +47,7 @@ import torch
 
 from hq_ptq import progress
 from hq_ptq.api import analyze, search_plan
-from hq_ptq.bench.run import _measure_plan, _saved_size, _seeded, _torchao_row, _train_loader
+from hq_ptq.bench.run import _measure_plan, _seeded, _torchao_row, _train_loader
 from hq_ptq.bench.verdicts import paired_interval
 from hq_ptq.dnas import DNASConfig, dnas_search
 from hq_ptq.pipeline import float_model, recipe_loaders
@@ -177,9 +177,8 @@ def measure(args) -> None:
                            n_test=sum(len(y) for _, y in ctx.test))
             elif row.startswith("torchao"):
                 r = ctx.seeded(seed)
-                fp_pickle = _saved_size(ctx.float_net.state_dict())
                 a, _, _ = ctx.analysis(seed, "fisher")
-                m = _torchao_row(ctx.float_net, ctx.test, int(row[-1]), sorted(a.protected), r, fp_pickle)
+                m = _torchao_row(ctx.float_net, ctx.test, int(row[-1]), sorted(a.protected), r)
                 rec.update({k: m[k] for k in ("avg_bits", "ptq_accuracy", "energy_uj", "torchao_refused")})
             else:
                 try:

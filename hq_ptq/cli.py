@@ -372,8 +372,9 @@ def inspect_cmd(
         sizes.add_row(part, f"{b[part]:,}")
     console.print(sizes)
     console.print(
-        f"compression vs FP32: {comp['checkpoint']:.2f}x (checkpoint), {comp['weights']:.2f}x (weights); "
-        f"{comp['bits_per_weight']:.3f} bits per weight"
+        f"compression vs FP32 ({info['fp32_bytes']:,} bytes): {comp['file']:.2f}x (file), "
+        f"{comp['weights']:.2f}x (weights, 32 / average bits); "
+        f"{info['stored_bits_per_weight']:.3f} stored bits per weight"
     )
     if model is not None:
         from hq_ptq.pack import load

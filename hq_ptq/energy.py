@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hq_ptq.compression import FP_BITS
 from hq_ptq.plan import Plan
 from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
 from hq_ptq.swap import find_layers, layer_quant, quant_layers
@@ -131,7 +132,6 @@ class EnergyConstants:
 HOROWITZ_45NM = EnergyConstants()
 """The default 45 nm constants (Horowitz, ISSCC 2014)."""
 
-FP_BITS = 32
 # A power-of-two weight times a float32 activation adds the weight's exponent to the activation's 8-bit
 # exponent field: an integer add at this width.
 FP32_EXPONENT_BITS = 8

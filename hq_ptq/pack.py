@@ -23,7 +23,7 @@ LSB-first into a continuous little-endian bit stream (:func:`pack_bits`).
 >>> path = save(qmodel, "model.hqp.safetensors")
 >>> model = load(path)                       # zoo model: rebuilt from its config
 >>> model = load(path, model=MyNet())        # any other model: pass a fresh float skeleton
->>> inspect(path)["compression"]["checkpoint"]
+>>> inspect(path)["compression"]["file"]
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from hq_ptq.compression import file_compression, fp32_bytes, weight_compression
 from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
@@ -477,9 +478,10 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
         ``format``/``format_version``, ``model_config`` (or None), ``plan`` (dict);
         ``layers``: per layer name, scheme, bits, params, code/scale/bias bytes and their sum;
         ``bytes``: file, codes, scales, biases, float, metadata, and overhead (file minus those parts);
-        ``fp32_bytes``: checkpoint (4 B × every parameter and buffer of the float model) and weights
-        (4 B × quantized weights); ``compression``: checkpoint (FP32 checkpoint / file), weights
-        (FP32 weights / (codes + scales)) and bits_per_weight.
+        ``fp32_bytes``: the FP32 size of the float model (:func:`hq_ptq.compression.fp32_bytes`);
+        ``compression``: ``weights`` (32 / the plan's average bits) and ``file`` (FP32 size / this file),
+        the definitions of :mod:`hq_ptq.compression`; ``stored_bits_per_weight``: code bytes × 8 per
+        quantized weight (the average bits plus the padding of packing each layer to whole bytes).
 
     Raises:
         CheckpointError: as :func:`load` for unreadable, foreign or corrupt files.
@@ -512,16 +514,15 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     floats = sum(_nbytes(t) for k, t in state.items() if k not in scale_keys | bias_keys)
     metadata = sum(len(k.encode()) + len(v.encode()) for k, v in md.items())
     n_weights = sum(d["params"] for d in per_layer)
-    # the float model has the same state minus the quantizers' scales, plus the float weights
-    scale_elems = sum(state[k].numel() for k in scale_keys)
-    fp32_ckpt = 4 * (sum(t.numel() for t in state.values()) - scale_elems + n_weights)
-    fp32_weights = 4 * n_weights
+    # the float model's state is this one less the quantizers' scales, plus the float weights
+    fp32 = fp32_bytes([*(t for k, t in state.items() if k not in scale_keys), n_weights])
+    plan = parsed["plan"]
     return {
         "path": str(path),
         "format": md["format"],
         "format_version": int(md["format_version"]),
         "model_config": parsed["config"],
-        "plan": parsed["plan"].to_dict(),
+        "plan": plan.to_dict(),
         "layers": per_layer,
         "bytes": {
             "file": file_size,
@@ -532,12 +533,12 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
             "metadata": metadata,
             "overhead": file_size - (codes + scales + biases + floats + metadata),
         },
-        "fp32_bytes": {"checkpoint": fp32_ckpt, "weights": fp32_weights},
+        "fp32_bytes": fp32,
         "compression": {
-            "checkpoint": fp32_ckpt / file_size,
-            "weights": fp32_weights / max(codes + scales, 1),
-            "bits_per_weight": 8 * codes / max(n_weights, 1),
+            "weights": weight_compression(plan.avg_bits),
+            "file": file_compression(fp32, file_size),
         },
+        "stored_bits_per_weight": 8 * codes / max(n_weights, 1),
     }
 
 

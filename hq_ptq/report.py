@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from hq_ptq.compression import FP_BITS, weight_compression
 from hq_ptq.energy import EnergyReport
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
@@ -27,7 +28,6 @@ REPORT_VERSION = 1
 # The seed paper calls the layers its search leaves at high precision "bottleneck layers that require
 # high-precision weights"; 6 bits is the smallest width above every candidate of the low-bit regime.
 BOTTLENECK_BITS = 6
-FP_BITS = 32
 
 # results keys read for the summary, first match wins (pipeline.RunResult uses the first of each)
 _FP_KEYS = ("fp_accuracy", "fp32_accuracy")
@@ -147,8 +147,8 @@ def _summary(plan: Plan, results: Mapping[str, Any], energy: EnergyReport | None
         "avg_bits": plan.avg_bits,
         "budget": plan.budget,
         "method": plan.method,
-        # Weights only, scales and zero points not counted: SpikeHQ's 32 / average bits.
-        "compression": FP_BITS / plan.avg_bits,
+        # weight compression (hq_ptq.compression): SpikeHQ's 32 / average bits, codes only
+        "compression": weight_compression(plan.avg_bits),
         "weight_bits": plan.size_bits,
         "fp32_weight_bits": FP_BITS * plan.total_params,
         "total_params": plan.total_params,

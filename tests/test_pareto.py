@@ -72,7 +72,10 @@ def test_every_row_and_column(run):
     for label in ("ours greedy @ 3.5", "ours MILP @ 3.5", "uniform-only MP @ 3.5"):
         assert rows[label]["search_seconds"] >= results["analysis_seconds"]
     assert rows["DNAS @ 3.5"]["search_seconds"] > 0 and rows["DNAS @ 3.5"]["dnas"]["steps"] == 2
-    # compression against the float file: quantized rows are smaller
+    # file compression against the FP32 size (hq_ptq.compression): quantized rows are smaller
+    assert rows["FP32"]["size_bytes"] == results["fp32_bytes"]
+    for r in results["rows"][1:]:
+        assert r["compression"] == pytest.approx(results["fp32_bytes"] / r["size_bytes"]), r["label"]
     assert rows["ours greedy @ 3"]["compression"] > rows["uniform 8-bit"]["compression"] > 1
 
 

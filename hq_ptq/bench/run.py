@@ -29,7 +29,7 @@ import torch
 from hq_ptq.api import analyze, search_plan
 from hq_ptq.baselines import torchao_weight_only
 from hq_ptq.bench.verdicts import claims
-from hq_ptq.checkpoint import save_float
+from hq_ptq.compression import file_compression, fp32_bytes
 from hq_ptq.dnas import DNASConfig, dnas_search
 from hq_ptq.energy import estimate_energy, measure_activity
 from hq_ptq.pack import inspect, save
@@ -154,13 +154,13 @@ def _measure_plan(
     return out
 
 
-def _torchao_row(float_net, test, bits: int, protected: list[str], recipe: Recipe, fp_pickle: int) -> dict:
+def _torchao_row(float_net, test, bits: int, protected: list[str], recipe: Recipe) -> dict:
     model = detached_copy(float_net)
     q = recipe.quant
     fixed = {n: 8 for n in protected}
     res = torchao_weight_only(model, bits, fixed=fixed, include=q.include, exclude=q.exclude)
     acc = evaluate(model, test, description=f"evaluate torchao int{bits}")
-    size = _saved_size(model.state_dict())
+    size = _saved_size(model.state_dict())  # torchao's own format: its tensor subclasses, pickled
     energy = _energy_uj(model, test, {res.modules[n]: b for n, b in res.bits.items()})
     return {
         "label": f"torchao int{bits}",
@@ -169,8 +169,8 @@ def _torchao_row(float_net, test, bits: int, protected: list[str], recipe: Recip
         "avg_bits": res.avg_bits,
         "ptq_accuracy": acc,
         "size_bytes": size,
-        "compression": fp_pickle / size,
-        "size_note": "torch.save state_dict; compression against torch.save of the float state_dict",
+        "compression": file_compression(fp32_bytes(float_net.state_dict()), size),
+        "size_note": "size: torch.save of the torchao model's state_dict",
         "energy_uj": energy,
         "search_seconds": res.seconds,
         "qat_seconds": 0.0,
@@ -201,13 +201,12 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         fp_acc = evaluate(float_net, test, description="evaluate float")
-        fp_file = save_float(float_net, workdir / "fp32.safetensors").stat().st_size
-        fp_pickle = _saved_size(float_net.state_dict())
+        fp32 = fp32_bytes(float_net.state_dict())
         act = measure_activity(float_net, test, max_batches=4)
         fp_energy = estimate_energy(act, {next(iter(act)): 8}).fp32_pj / 1e6
         rows.append({
             "label": "FP32", "family": "fp32", "budget": None, "avg_bits": 32.0, "ptq_accuracy": fp_acc,
-            "size_bytes": fp_file, "energy_uj": fp_energy, "search_seconds": 0.0, "qat_seconds": 0.0,
+            "size_bytes": fp32, "energy_uj": fp_energy, "search_seconds": 0.0, "qat_seconds": 0.0,
         })
 
         t0 = time.perf_counter()
@@ -264,12 +263,12 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
                 m = _measure_plan(plan, qat, float_net, seeded, test, workdir, slug)
                 measured[key] = (label, m)
             rows.append({"label": label, "family": family, "budget": plan.budget, **m,
-                         "compression": fp_file / m["size_bytes"], "search_seconds": search_s})
+                         "compression": file_compression(fp32, m["size_bytes"]), "search_seconds": search_s})
             if family == "dnas":
                 rows[-1]["dnas"] = {k: v for k, v in plan.meta.items() if k != "probs"}
         protected = sorted(analysis.protected)
         for bits in (8, 4):
-            rows.append(_torchao_row(float_net, test, bits, protected, recipe, fp_pickle))
+            rows.append(_torchao_row(float_net, test, bits, protected, recipe))
 
     for row in rows:
         row["accuracy"] = row.get("qat_mean", row["ptq_accuracy"])
@@ -284,6 +283,7 @@ def run_pareto(recipe_name: str, settings: BenchSettings = FULL, overrides: list
         # the effective recipe of seed 0 (QAT and search settings included), so the run describes itself
         "recipe_config": base.to_dict(),
         "fp_accuracy": fp_acc,
+        "fp32_bytes": fp32,  # the FP32 size (hq_ptq.compression), the FP32 row's size
         "n_test": n_test,
         "protected": protected,
         "analysis_seconds": analysis_s,
