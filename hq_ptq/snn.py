@@ -613,9 +613,11 @@ def to_multistep(
     """
     if backend is not None:
         _check_backend(backend, "backend=")
+    # Other snnTorch neurons are named first: a model of snn.Synaptic/Alpha/... only (no Leaky at all) is
+    # told which module it cannot convert, not that it has nothing to convert.
+    _check_convertible(model, "")
     if not any(isinstance(m, snn.Leaky) for m in model.modules()):
         raise ValueError(f"to_multistep found no snn.Leaky in {type(model).__name__}; nothing to convert")
-    _check_convertible(model, "")
     hidden = _behind_custom_forward(model)
     if example_input is None:
         if hidden:

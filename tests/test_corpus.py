@@ -11,14 +11,15 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import snntorch as snn
 import torch
-from corpus import CORPUS, CorpusModel
+from corpus import CORPUS, CorpusModel, by_name
 
 import hq_ptq
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.model_io import call, tensors
 from hq_ptq.schemes import quantized_weight
-from hq_ptq.snn import reset_states
+from hq_ptq.snn import reset_states, to_multistep
 from hq_ptq.swap import layer_quant, quant_layers
 
 FAST = QuantConfig(search=SearchConfig(metric="fisher"), qat=QATConfig(steps=3))
@@ -91,3 +92,15 @@ def test_calibrated_qat_quantize_save_load_export(entry: CorpusModel, tmp_path):
     assert plan.meta["metric"] == "fisher"
     loaded = _round_trip(model, entry, tmp_path, "qat")
     _export_and_verify(loaded, entry, tmp_path, "qonnx")
+
+
+def test_to_multistep_names_the_synaptic_neuron_it_cannot_convert():
+    """A model whose only neurons are snn.Synaptic (no snn.Leaky at all) is told which module to_multistep
+    cannot convert, not "found no snn.Leaky ... nothing to convert"; nothing is changed."""
+    model = by_name("snntorch-tutorial3-synaptic").build()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"^lif1 is an snn.Synaptic; to_multistep converts snn.Leaky only"):
+        to_multistep(model)
+    assert [type(m) for m in model.modules()] == before
+    with pytest.raises(ValueError, match=r"^the model is an snn.Synaptic; to_multistep converts snn.Leaky"):
+        to_multistep(snn.Synaptic(alpha=0.7, beta=0.8, init_hidden=True))

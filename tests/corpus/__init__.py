@@ -271,6 +271,30 @@ def _sdt_loss(outputs, targets):
     return TET_loss(outputs[0], targets, nn.CrossEntropyLoss(), means=1.0, lamb=0.0)
 
 
+# ------------------------------------------------ 8. snnTorch legacy tutorial 3 (Synaptic FCN)
+
+
+def _tutorial3_synaptic() -> nn.Module:
+    from .snntorch_tutorial3_synaptic import Net
+
+    return Net()
+
+
+def _tutorial3_synaptic_loss(outputs, targets):
+    # legacy tutorial 3, section 5 "Training": LogSoftmax on the membrane record, NLLLoss at every step summed
+    # over the steps (BPTT), into a [1] tensor
+    from . import snntorch_tutorial3_synaptic as m
+
+    log_softmax_fn = nn.LogSoftmax(dim=-1)
+    loss_fn = nn.NLLLoss()
+    spk_rec, mem_rec = outputs
+    log_p_y = log_softmax_fn(mem_rec)
+    loss_val = torch.zeros((1), dtype=torch.float, device=mem_rec.device)
+    for step in range(m.num_steps):
+        loss_val += loss_fn(log_p_y[step], targets)
+    return loss_val
+
+
 # ------------------------------------------------ the registry
 
 _SNNTORCH = "jeshraghian/snntorch@634fc22385ec5581998e62787bbe39b53662140f"
@@ -380,6 +404,22 @@ CORPUS: tuple[CorpusModel, ...] = (
         dead_layers=("block.0.attn.talking_heads",),
         unused_neurons=("block.0.attn.attn_lif.lif", "patch_embed.rpe_lif.lif"),
         notes="talking_heads (Conv1d), attn_lif and MS_SPS.rpe_lif are defined but unused by forward",
+    ),
+    CorpusModel(
+        name="snntorch-tutorial3-synaptic",
+        source=f"{_SNNTORCH} docs/tutorials/legacy/tutorial_3_old.rst",
+        licence="MIT",
+        exercises="snn.Synaptic neurons (second order: synaptic current and membrane, two explicit state "
+        "variables, spk, syn, mem = lif(cur, syn, mem) after syn, mem = lif.init_synaptic()), own T loop "
+        "on a static [B,784] input, (spk_rec, mem_rec) tuple output, LogSoftmax + NLLLoss summed over steps",
+        build=_builder(_tutorial3_synaptic, _mnist_flat),
+        batches=_mnist_flat,
+        loss_fn=_tutorial3_synaptic_loss,
+        output_fn=lambda out: out[0].sum(0),
+        classes=10,
+        notes="module-level sizes shrunk: num_hidden 1000 -> 32, num_steps 25 -> 6 (a Synaptic neuron "
+        "needs a few steps to charge its current: at 4 steps the output layer barely fires); the loss is "
+        "a [1] tensor, as in the tutorial",
     ),
 )
 
