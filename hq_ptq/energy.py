@@ -263,6 +263,15 @@ def _neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
     return out
 
 
+# Real-valued state tensors a neuron keeps per element, beside the membrane (snnTorch's state buffers, the
+# previous spikes of the recurrent neurons aside: one bit, not a potential). Every other neuron keeps one.
+_STATE_VARIABLES = {"Synaptic": 2, "RSynaptic": 2, "Alpha": 3, "SLSTM": 2, "SConv2dLSTM": 2}
+
+
+def _state_variables(neuron: nn.Module) -> int:
+    return _STATE_VARIABLES.get(type(neuron).__name__, 1)
+
+
 class _Stats:
     __slots__ = ("calls", "macs", "items", "nonzero", "abs_sum", "numel", "binary", "integer", "model_input")
 
@@ -357,18 +366,21 @@ def measure_activity(
     neuron_elems: dict[str, float] = {n: 0.0 for n, _, _ in neuron_mods}
     neuron_batch: dict[str, float] = {}
 
-    def make_neuron_hook(name: str, time_first_neuron: bool):
+    def make_neuron_hook(name: str, time_first_neuron: bool, states: int):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not args or not isinstance(_value(args[0]), torch.Tensor):
+            # the spikes have the state's shape (the input's, except for a neuron with its own layers inside,
+            # e.g. SLSTM's hidden size); the input is the fallback for a neuron that returns no tensor
+            first = _value(output[0] if isinstance(output, (tuple, list)) and output else output)
+            x = first if isinstance(first, torch.Tensor) else (_value(args[0]) if args else None)
+            if not isinstance(x, torch.Tensor):
                 return
-            x = _value(args[0])
             if time_first_neuron:
                 if x.dim() < 2:
                     return
-                per_sample = x[0].numel() / current["batch"]
+                per_sample = states * x[0].numel() / current["batch"]
                 neuron_batch[name] = neuron_batch.get(name, 0.0) + per_sample
             else:
-                per_sample = x.numel() / current["batch"]
+                per_sample = states * x.numel() / current["batch"]
                 neuron_batch[name] = max(neuron_batch.get(name, 0.0), per_sample)
 
         return hook
@@ -398,7 +410,8 @@ def measure_activity(
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
-    handles += [m.register_forward_hook(make_neuron_hook(n, tf)) for n, m, tf in neuron_mods]
+    handles += [m.register_forward_hook(make_neuron_hook(n, tf, _state_variables(m)))
+                for n, m, tf in neuron_mods]
     # per module, so a model with some submodules deliberately frozen in eval comes back as it was
     modes = [(m, m.training) for m in model.modules()]
     samples, time_steps, seen = 0, None, 0

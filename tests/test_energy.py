@@ -316,6 +316,30 @@ def _lif_batches():
     return [(torch.randn(T, B, 2, 4, 4, generator=g), torch.zeros(B, dtype=torch.long))]
 
 
+class SecondOrderNet(nn.Module):
+    """Step-wise snnTorch neurons with more state than a membrane: Synaptic (syn + mem) on 6 features, and an
+    SLSTM whose state has its hidden size (4), not its input size (6)."""
+
+    def __init__(self):
+        import snntorch as snn
+
+        super().__init__()
+        self.fc = nn.Linear(2 * 4 * 4, 6)
+        self.syn = snn.Synaptic(alpha=0.8, beta=0.7, init_hidden=True)
+        self.lstm = snn.SLSTM(6, 4, init_hidden=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [self.lstm(self.syn(self.fc(x_t.flatten(1)))) for x_t in x.unbind(0)]
+        return self.head(torch.stack(outs).mean(0))
+
+
+def test_neuron_state_counts_every_state_variable_at_the_state_shape():
+    torch.manual_seed(0)
+    act = measure_activity(SecondOrderNet(), _lif_batches())
+    assert act.neurons == {"syn": 2 * 6, "lstm": 2 * 4}
+
+
 def test_real_first_layer_macs_or_shifts_and_neuron_state():
     torch.manual_seed(0)
     act = measure_activity(LifNet(), _lif_batches())
