@@ -35,7 +35,7 @@ from torch import nn
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import call, describe, map_tensors, tensors
 
-__all__ = ["per_sample_squared_norms"]
+__all__ = ["max_samples", "per_sample_squared_norms"]
 
 # a row's seeded gradient must equal (owner + 1) x its plain gradient to this relative error, and its ratio
 # must be that integer to within ROW_ATOL (relative alone would let a row shared by samples 500 and 501 pass)
@@ -46,7 +46,17 @@ SUM_RTOL = 1e-3
 # the mean of the per-sample losses must equal the batch loss this closely (as for micro-batches)
 LOSS_RTOL = 1e-3
 
+# Per-sample gradients are held as one [n, *weight] tensor per layer until the sums are checked, so a batch
+# costs n x (all analysed weights); larger batches are split by the caller (max_samples) so that a paper-size
+# model at a large calibration batch does not exhaust memory
+PER_SAMPLE_BYTES = 512 * 2**20
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def max_samples(params: list[torch.Tensor]) -> int:
+    """How many samples one call of :func:`per_sample_squared_norms` takes within ``PER_SAMPLE_BYTES``."""
+    per_sample = sum(p.numel() * p.element_size() for p in params)
+    return max(1, PER_SAMPLE_BYTES // max(per_sample, 1))
 _CONV_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.grad.conv3d_weight}
 
 
@@ -142,9 +152,11 @@ def _loss_seeds(
 
         losses = [sample(i) for i in range(n)]
         mean = math.fsum(float(loss.detach()) for loss in losses) / n
-        if abs(mean - whole) > LOSS_RTOL * abs(whole) + 1e-7:
+        if not abs(mean - whole) <= LOSS_RTOL * abs(whole) + 1e-7:  # a NaN loss fails too
             return f"the per-sample losses average {mean:.6g}, not the batch loss {whole:.6g}"
         outs = [t for t in tensors(outputs) if t.requires_grad]
+        if not outs:  # e.g. a forward under torch.no_grad
+            return "no output depends on the analysed layers"
         wanted = [leaf for t, leaf in zip(tensors(outputs), tensors(leaves), strict=True) if t.requires_grad]
         plain = torch.autograd.grad(torch.stack(losses).sum(), wanted, retain_graph=True, allow_unused=True)
         weights = torch.arange(1, n + 1, dtype=losses[0].dtype, device=losses[0].device)
@@ -173,6 +185,9 @@ def per_sample_squared_norms(
     """
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0:
         return f"targets are {describe(targets)}, not a tensor with a leading batch dimension"
+    if len(targets) > max_samples(params):
+        return (f"{len(targets)} samples' gradients exceed {PER_SAMPLE_BYTES / 2**20:.0f} MiB; "
+                f"pass at most {max_samples(params)} at once")
     modules = list(layers.values())
     for module in modules:
         if not isinstance(module, (nn.Linear, *_CONVS)):
@@ -307,8 +322,6 @@ def _try_split(
     if isinstance(seeds, str):
         return seeds
     outs, plain, seeded = seeds
-    if not outs:
-        return "no output depends on the analysed layers"
     batch_grads = torch.autograd.grad(outs, params, plain, retain_graph=True, allow_unused=True)
     torch.autograd.grad(outs, params, seeded, retain_graph=True, allow_unused=True)
     return sums.totals(calls, batch_grads)

@@ -37,7 +37,7 @@ from torch import nn
 from hq_ptq.distributed import Shard
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import call, describe, map_tensors, tensors
-from hq_ptq.per_sample import per_sample_squared_norms
+from hq_ptq.per_sample import max_samples, per_sample_squared_norms
 from hq_ptq.snn import detached_copy
 from hq_ptq.swap import set_layer_quant, swap_layers
 
@@ -551,8 +551,9 @@ def _squared_norms(grads: Iterable[torch.Tensor | None]) -> torch.Tensor:
     return torch.stack([g.detach().double().pow(2).sum().cpu() if g is not None else zero for g in grads])
 
 
-def _micro_batches(batch: Batch) -> list[Batch] | str:
-    """``batch`` split into single-sample ``(inputs, targets)`` pairs, or why it cannot be.
+def _micro_batches(batch: Batch, size: int = 1) -> list[Batch] | str:
+    """``batch`` split into ``(inputs, targets)`` pairs of ``size`` samples (the last may hold fewer), or why
+    it cannot be.
 
     The batch dimension of each input tensor is its one dimension of size ``len(targets)``; targets are
     split along their first dimension.
@@ -572,14 +573,45 @@ def _micro_batches(batch: Batch) -> list[Batch] | str:
         dims.append(found[0])
     if not dims:
         return "the inputs hold no tensor to split"
-    if n == 1:
+    if n <= size:
         return [(inputs, targets)]
 
-    def sample(i: int) -> Batch:
+    def chunk(i: int) -> Batch:
+        k = min(size, n - i)
         dim = iter(dims)
-        return map_tensors(inputs, lambda t: t.narrow(next(dim), i, 1)), targets.narrow(0, i, 1)
+        return map_tensors(inputs, lambda t: t.narrow(next(dim), i, k)), targets.narrow(0, i, k)
 
-    return [sample(i) for i in range(n)]
+    return [chunk(i) for i in range(0, n, size)]
+
+
+def _one_pass(
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    batch: Batch,
+    loss_fn: LossFn,
+    reset: ResetFn | None,
+    device: torch.device,
+    params: list[torch.Tensor],
+) -> tuple[torch.Tensor, int] | str:
+    """:func:`per_sample_squared_norms` on ``batch``, in chunks of samples whose per-sample gradients fit in
+    memory (squared norms add up over samples, so the chunks' sums are the batch's)."""
+    chunks = [batch]
+    _, targets = _split_batch(batch)
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) > max_samples(params):
+        split = _micro_batches(batch, max_samples(params))
+        chunks = chunks if isinstance(split, str) else split
+    total, count = torch.zeros(len(params), dtype=torch.float64), 0
+    for inputs, targets in (_split_batch(c) for c in chunks):
+        if reset is not None:
+            reset(model)
+        got = per_sample_squared_norms(
+            model, layers, params, _to_device(inputs, device), _to_device(targets, device), loss_fn
+        )
+        if isinstance(got, str):
+            return got
+        total += got[0]
+        count += got[1]
+    return total, count
 
 
 def _sample_squared_grads(
@@ -595,12 +627,7 @@ def _sample_squared_grads(
 ) -> tuple[torch.Tensor, int] | str:
     """``(sum_i ||g_{i,l}||^2 per layer, number of samples)`` for one batch, or why it cannot be had
     (see :func:`fisher_traces` for the order of the ways tried)."""
-    inputs, targets = _split_batch(batch)
-    if reset is not None:
-        reset(model)
-    fast = per_sample_squared_norms(
-        model, layers, params, _to_device(inputs, device), _to_device(targets, device), loss_fn
-    )
+    fast = _one_pass(model, layers, batch, loss_fn, reset, device, params)
     if not isinstance(fast, str):
         return fast
     logger.debug("fisher: no one-pass per-sample gradients (%s); splitting into micro-batches", fast)

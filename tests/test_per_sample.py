@@ -219,3 +219,44 @@ def test_a_row_shared_by_two_samples_is_refused_at_any_batch_size():
     seeded = plain * 501.5
     assert _owners(plain, seeded, 1000) is None
     assert _owners(plain, plain * 501, 1000).tolist() == [500]
+
+
+def test_a_batch_whose_gradients_exceed_the_memory_budget_is_split_into_chunks(monkeypatch):
+    """Per-sample gradients cost n x the analysed weights: beyond PER_SAMPLE_BYTES the batch is refused by
+    per_sample_squared_norms and fisher_traces feeds it in chunks that fit, with the same traces."""
+    from hq_ptq import per_sample
+
+    torch.manual_seed(0)
+    model = _Convs()
+    layers = {n: model.get_submodule(n) for n in ["c1", "c2", "c3", "p", "t", "v", "fc"]}
+    whole = sensitivity.fisher_traces(model, layers, _conv_batches(), None, reset=reset_states)
+    weight_bytes = sum(layer.weight.numel() * 4 for layer in layers.values())
+    monkeypatch.setattr(per_sample, "PER_SAMPLE_BYTES", 2 * weight_bytes)  # 2 samples at once; batches of 5
+    refused = _one_pass(model, layers, _conv_batches()[0])
+    assert isinstance(refused, str) and "pass at most 2 at once" in refused
+    calls = []
+    original = sensitivity.per_sample_squared_norms
+    monkeypatch.setattr(sensitivity, "per_sample_squared_norms",
+                        lambda *args: calls.append(len(args[4])) or original(*args))
+    chunked = sensitivity.fisher_traces(model, layers, _conv_batches(), None, reset=reset_states)
+    assert calls == [2, 2, 1, 2, 2, 1]  # every chunk went through the one-pass path, none fell back
+    for name in whole:
+        assert chunked[name] == pytest.approx(whole[name], rel=1e-6), name
+
+
+def test_a_forward_without_gradients_or_a_nan_loss_is_refused_with_the_reason():
+    torch.manual_seed(0)
+    model = _Convs()
+    layers = {n: model.get_submodule(n) for n in ["c1", "fc"]}
+    inputs, targets = _conv_batches()[0]
+    params = [layer.weight for layer in layers.values()]
+    with sensitivity._analysis_mode(model, params), torch.no_grad():
+        got = per_sample_squared_norms(model, layers, params, inputs, targets, F.cross_entropy)
+    # outputs [5, 5]: both readings of the batch dimension are tried; the right one names the reason
+    assert isinstance(got, str) and "batch dimensions [0]: no output depends on the analysed layers" in got
+
+    def nan_loss(outputs, targets):
+        return F.cross_entropy(outputs, targets) * float("nan")
+
+    got = _one_pass(model, layers, (inputs, targets), nan_loss)
+    assert isinstance(got, str) and "not the batch loss nan" in got
