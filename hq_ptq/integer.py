@@ -118,7 +118,8 @@ def _check_exact(y: torch.Tensor, where: str) -> torch.Tensor:
 class _Tag(torch.autograd.Function):
     """Identity in PyTorch; in a graph traced by ``torch.onnx.export`` an ``hq_ptq::Tag`` node, which
     :func:`hq_ptq.integer_graph.export_integer_qonnx` turns into a QONNX datatype annotation of the tagged
-    tensor (and removes)."""
+    tensor (and removes). ``dtype`` is the QONNX datatype, except for ``kind="float_units"`` (a membrane
+    handed back in the float neuron's units, not annotated), where it is the neuron's name."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, kind: str, dtype: str) -> torch.Tensor:  # type: ignore[override]
@@ -223,7 +224,9 @@ class IntegerLIF(nn.Module):
     ``(x * 2^in_frac * in_mult + rounding) >> in_shift``; a current from an :class:`IntegerSynapse` is
     already in it. The leak is ``>> leak_shift`` or, when ``leak_shift`` is None, ``(m * leak_mult) >> 16``.
     A membrane the neuron returns (``return_mem``) or takes back (``mem``) is in the float neuron's units,
-    ``m * threshold / 2^k``, so code around the neuron reads the values it always read.
+    ``m * threshold / 2^k``, so code around the neuron reads the values it always read. Traced for the
+    integer graph, a membrane taken back exactly as this neuron handed it out skips the float units (the
+    eager round trip gives the same integers back).
     """
 
     def __init__(self, bits: int, threshold_bits: int, leak_shift: int | None, leak_mult: int, reset: str,
@@ -239,18 +242,24 @@ class IntegerLIF(nn.Module):
         self.reference = False
         self.saturated = 0  # membrane values clamped at the width on the last call
         self.state: torch.Tensor | None = None  # per step with init_hidden: the integer membrane
+        # while traced, per step with explicit membranes: (the float-unit membrane handed out, its integers)
+        self._handed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_integer_state(self) -> None:
         """Forget the membrane a per-step ``init_hidden`` neuron carries (:func:`hq_ptq.snn.reset_states`)."""
-        self.state = None
+        self.state = self._handed = None
 
     def init_leaky(self) -> torch.Tensor:
         """snnTorch's idiom ``mem = lif.init_leaky()`` before a time loop: an empty membrane (zeros)."""
-        self.state = None
+        self.state = self._handed = None
         return torch.zeros(0)
 
     def _to_float(self, mem: torch.Tensor) -> torch.Tensor:
-        return (mem * (self.threshold / 2.0**self.threshold_bits)).float()
+        """The membrane in the float neuron's units, ``m * threshold / 2^k``; traced, tagged ``float_units``
+        with the neuron's name (the integer graph's export refuses it, by name, where the threshold makes
+        it a number that is not fixed point and the graph reads it)."""
+        out = (mem * (self.threshold / 2.0**self.threshold_bits)).float()
+        return _Tag.apply(out, "float_units", self.name) if torch.jit.is_tracing() else out
 
     def extra_repr(self) -> str:
         leak = f">> {self.leak_shift}" if self.leak_shift is not None else f"* {self.leak_mult} >> 16"
@@ -306,6 +315,8 @@ class IntegerLIF(nn.Module):
     def _forward_step(self, cur: torch.Tensor, mem: torch.Tensor | None) -> Any:
         if self.init_hidden:
             prev = self.state
+        elif self._handed is not None and mem is self._handed[0] and torch.jit.is_tracing():
+            prev = self._handed[1]  # the membrane handed back as it was: the graph skips the float units
         elif mem is not None and mem.numel():  # the float-unit membrane this neuron returned last step
             prev = torch.round(mem.double() * (2.0**self.threshold_bits / self.threshold))
         else:
@@ -322,7 +333,10 @@ class IntegerLIF(nn.Module):
         if self.init_hidden:
             self.state = new
             return (spike, self._to_float(new)) if self.return_mem else spike
-        return spike, self._to_float(new)
+        out = self._to_float(new)
+        if torch.jit.is_tracing():
+            self._handed = (out, new)
+        return spike, out
 
 
 # ---- the NumPy reference: int64 arithmetic only ---------------------------------------------------------

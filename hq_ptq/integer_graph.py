@@ -20,15 +20,23 @@ where products pass 2^24), so the file runs in onnxruntime as it is; a compiler 
 :func:`run_integer_graph` is the reference for that file: it executes the graph node by node in NumPy with
 integer arithmetic only, every tensor an int64 mantissa ``m`` and a power-of-two exponent ``e`` (value
 ``m / 2^e``). Sums align exponents by shifting, products add them, a division must be by a power of two
-(it moves the exponent), ``Floor`` is an arithmetic right shift, a mean must be over a power-of-two count.
-A constant that is not dyadic, an op outside the small set integer graphs use, or an int64 overflow is
-refused with the node's name. The export checks that onnxruntime and this runner give the eager integer
-model's outputs bit for bit, and the same spikes.
+(it moves the exponent), ``Floor`` is an arithmetic right shift, ``Round`` rounds half to even (as torch and
+onnxruntime), a mean must be over a power-of-two count, a cast must be exact in its target type. A constant
+that is not dyadic, an op outside the small set integer graphs use, or an op whose result may pass int64
+(bounded before it runs: ``max|a| * max|b| * K`` for a K-term dot product, ``max|a| + max|b|`` for a sum)
+is refused with the node's name; so is an input whose shape is not the declared one. The export checks that
+onnxruntime and this runner give the eager integer model's outputs bit for bit, and the same spikes.
+
+A membrane a per-step neuron hands back to the model is in the float neuron's units, ``m * threshold / 2^k``.
+Handed back to the neuron unchanged (``spk, mem = lif(cur, mem)``) it stays an integer in the graph; where
+the graph reads it otherwise (an output, a detached copy) it must be a fixed-point number, so a threshold
+such as 0.8 is refused up front, naming the neuron.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -126,7 +134,8 @@ def export_integer_qonnx(
 
     Raises:
         ValueError: ``model`` is not an integer model, an accumulator reached 2^24 on the eager run (the
-            float32 Conv of the graph would round), or the check failed.
+            float32 Conv of the graph would round), the graph reads a membrane in float units that are not
+            fixed point (a threshold that is not a power of two; the neuron named), or the check failed.
     """
     if not _is_integer_model(model):
         raise ValueError(
@@ -157,6 +166,9 @@ def export_integer_qonnx(
     finally:
         model.train(training)
     tags = _strip_tags(proto)
+    _prune(proto)
+    _refuse_float_units(proto, tags, model)
+    tags = {name: tag for name, tag in tags.items() if tag[0] != "float_units"}
     proto = _annotate(proto, tags)
     info = {
         "format": "hq_ptq.integer_graph/1",
@@ -170,6 +182,46 @@ def export_integer_qonnx(
     if check:
         _check(proto, args, want, info["spikes"])
     return atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+
+
+def _prune(proto: onnx.ModelProto) -> None:
+    """Drop the nodes no graph output needs (e.g. a float-unit membrane the model never reads)."""
+    graph = proto.graph
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+
+
+def _float_units_fixed(lif: IntegerLIF) -> bool:
+    """Whether ``m * threshold / 2^k`` is, for every membrane ``m`` of the width, a fixed-point number the
+    graph carries: a constant with at most :data:`MAX_EXPONENT` fractional bits, a product exact in float32
+    (the container the membrane is handed back in). Always so for a power-of-two threshold."""
+    num, den = (lif.threshold / 2.0**lif.threshold_bits).as_integer_ratio()
+    mag = abs(num)
+    odd = mag // (mag & -mag) if mag else 0  # trailing zero bits dropped
+    return odd <= 1 or (den <= 2**MAX_EXPONENT and odd << (lif.bits - 1) < EXACT_FLOAT32)
+
+
+def _refuse_float_units(proto: onnx.ModelProto, tags: dict[str, tuple[str, str]], model: nn.Module) -> None:
+    """Refuse, naming the neuron, a membrane the graph reads in the float neuron's units when the threshold
+    makes them numbers that are not fixed point (``m * 0.8 / 2^k``): the integer graph cannot carry those."""
+    read = {o.name for o in proto.graph.output} | {i for node in proto.graph.node for i in node.input}
+    lifs = {m.name: m for m in model.modules() if isinstance(m, IntegerLIF)}
+    for tensor, (kind, owner) in tags.items():
+        if kind != "float_units" or tensor not in read:
+            continue
+        lif = lifs[owner]
+        if not _float_units_fixed(lif):
+            raise ValueError(
+                f"{owner}: hands its membrane back in float units (threshold {lif.threshold:g} is not a "
+                "power of two), which an integer graph cannot carry; export the spikes only (leave the "
+                "membrane out of the outputs), or use a power-of-two threshold"
+            )
 
 
 def _annotate(proto: onnx.ModelProto, tags: dict[str, tuple[str, str]]) -> onnx.ModelProto:
@@ -227,6 +279,28 @@ class _Dyadic:
         return self.m.astype(np.float64) / 2.0**self.e  # exact: every value printed is < 2^53
 
 
+class _Refused(Exception):
+    """A refusal from deep in the runner; :func:`run_integer_graph` prefixes it with the node's name."""
+
+
+def _peak(m: np.ndarray) -> int:
+    """``max |m|`` as a Python int (exact, int64's minimum included)."""
+    return max(int(m.max()), -int(m.min())) if m.size else 0
+
+
+def _fits(bound: int, what: str) -> None:
+    """Refuse an op whose result may pass int64: ``bound`` bounds its magnitude (Python int, exact)."""
+    if bound >= 2**63:
+        raise OverflowError(f"int64 overflow: {what} may reach 2^{bound.bit_length() - 1}")
+
+
+def _sum(a: _Dyadic, b: _Dyadic, sign: int = 1) -> _Dyadic:
+    """``a + sign * b``, exponents aligned, refused where it may pass int64."""
+    (p, q), e = _align(a, b)
+    _fits(_peak(p) + _peak(q), "a sum")
+    return _Dyadic(p + q if sign > 0 else p - q, e)
+
+
 def _shl(m: np.ndarray, k: int) -> np.ndarray:
     if k == 0:
         return m
@@ -282,8 +356,65 @@ def _pow2_divisor(d: _Dyadic, where: str) -> tuple[np.ndarray, np.ndarray]:
     return np.sign(m), np.log2(mag).astype(np.int64) - d.e
 
 
+def _int_array(x: Any) -> np.ndarray:
+    """The integers of a shape, axis or index operand (refused unless each is an integer)."""
+    if not isinstance(x, _Dyadic):
+        return np.asarray(x, dtype=np.int64)
+    d = _normal(x.m, x.e)
+    if d.e:
+        raise _Refused("a shape, axis or index operand that is not an integer")
+    return d.m
+
+
 def _ints(x: Any) -> list[int]:
-    return [int(v) for v in np.asarray(x.m if isinstance(x, _Dyadic) else x).reshape(-1)]
+    return [int(v) for v in _int_array(x).reshape(-1)]
+
+
+def _significant_bits(m: np.ndarray) -> int:
+    """The most significant bits any mantissa has once its trailing zero bits are dropped (its odd part)."""
+    if not m.size:
+        return 0
+    if int(m.min()) == np.iinfo(np.int64).min:
+        return 1  # -2^63, a power of two
+    mag = np.abs(m)
+    low = np.bitwise_and(mag, -mag)  # lowest set bit (0 for 0)
+    return _peak(mag // np.maximum(low, 1)).bit_length()
+
+
+_FLOATS = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+           onnx.TensorProto.FLOAT16: np.float16}
+
+
+def _cast(x: Any, to: int, where: str) -> Any:
+    """ONNX ``Cast``, refused wherever it would round, wrap or truncate."""
+    if isinstance(x, np.ndarray) and x.dtype == np.bool_:
+        return x if to == onnx.TensorProto.BOOL else _Dyadic(x.astype(np.int64), 0)
+    if to == onnx.TensorProto.BOOL:
+        return x.m != 0
+    name = onnx.TensorProto.DataType.Name(to).lower()
+    if to in _FLOATS:
+        # exact in the container iff every value survives the round trip; the values (below 2^53 once
+        # trailing zero bits are dropped) are exact in float64 first
+        v = x.value() if _significant_bits(x.m) <= 53 else None
+        if v is None or not np.array_equal(v.astype(_FLOATS[to]).astype(np.float64), v):
+            raise ValueError(f"{where}: a cast to {name} of a value it does not hold exactly")
+        return x
+    x = _normal(x.m, x.e)
+    if x.e:
+        raise ValueError(f"{where}: an integer cast of a fixed-point value (not an integer)")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(to)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"{where}: a cast to {name} is not supported by the integer runner")
+    info = np.iinfo(dtype)
+    if x.m.size and (int(x.m.min()) < info.min or int(x.m.max()) > info.max):
+        raise ValueError(f"{where}: a cast to {name} of a value outside its range")
+    return x
+
+
+def _no_auto_pad(attrs: dict[str, Any], where: str) -> None:
+    pad = attrs.get("auto_pad", b"NOTSET")
+    if (pad.decode() if isinstance(pad, bytes) else pad) != "NOTSET":
+        raise ValueError(f"{where}: auto_pad is not supported by the integer runner (explicit pads are)")
 
 
 def _maxpool(m: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
@@ -300,6 +431,7 @@ def _maxpool(m: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
 
 def _conv(x: _Dyadic, w: _Dyadic, bias: _Dyadic | None, attrs: dict[str, Any]) -> _Dyadic:
     nd = w.m.ndim - 2
+    _fits(_peak(x.m) * _peak(w.m) * int(np.prod(w.m.shape[1:])), "a Conv accumulation")
     pads = attrs.get("pads", [0] * (2 * nd))
     if list(pads[:nd]) != list(pads[nd:]):
         raise ValueError("asymmetric Conv padding is not supported by the integer runner")
@@ -310,9 +442,7 @@ def _conv(x: _Dyadic, w: _Dyadic, bias: _Dyadic | None, attrs: dict[str, Any]) -
     acc = _np_accumulate("conv1d" if nd == 1 else "conv2d", x.m, w.m, conv)
     out = _Dyadic(acc, x.e + w.e)
     if bias is not None:
-        shaped = _Dyadic(bias.m.reshape([1, -1] + [1] * nd), bias.e)
-        (a, b), e = _align(out, shaped)
-        out = _Dyadic(a + b, e)
+        out = _sum(out, _Dyadic(bias.m.reshape([1, -1] + [1] * nd), bias.e))
     return out
 
 
@@ -324,20 +454,28 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
     """One node on dyadic (or boolean) tensors; returns its outputs."""
     x = ins[0] if ins else None
     if op in ("Add", "Sub"):
-        (a, b), e = _align(*ins)
-        return [_Dyadic(a + b if op == "Add" else a - b, e)]
+        return [_sum(*ins, sign=1 if op == "Add" else -1)]
     if op == "Mul":
         a, b = ins
+        _fits(_peak(a.m) * _peak(b.m), "a product")
         return [_normal(a.m * b.m, a.e + b.e)]
     if op == "Div":
         a, d = ins
         sign, k = _pow2_divisor(d, where)
         top = max(int(k.max()), 0)
+        _fits(_peak(a.m) << (top - int(k.min())), "a quotient at a common exponent")
         m = a.m * sign * (np.int64(1) << (top - k))  # m / 2^k == m * 2^(top-k) / 2^top
         e = a.e + top
         return [_normal(m, e) if e >= 0 else _Dyadic(_shl(m, -e), 0)]
     if op == "Floor":
         return [_Dyadic(x.m >> x.e, 0)]
+    if op == "Round":  # half to even, as torch.round and onnxruntime
+        if x.e == 0:
+            return [x]
+        q = x.m >> x.e
+        r = x.m - (q << x.e)  # 0 <= r < 2^e
+        half = np.int64(1) << (x.e - 1)
+        return [_Dyadic(q + ((r > half) | ((r == half) & ((q & 1) == 1))), 0)]
     if op == "Neg":
         return [_Dyadic(-x.m, x.e)]
     if op == "Relu":
@@ -354,18 +492,7 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
         (ma, mb), e = _align(a, b)
         return [_Dyadic(np.where(cond, ma, mb), e)]
     if op == "Cast":
-        to = attrs["to"]
-        if isinstance(x, np.ndarray) and x.dtype == np.bool_:
-            return [x if to == onnx.TensorProto.BOOL else _Dyadic(x.astype(np.int64), 0)]
-        if to == onnx.TensorProto.BOOL:
-            return [x.m != 0]
-        if to in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
-            if to == onnx.TensorProto.FLOAT and np.any(np.abs(x.m) >= EXACT_FLOAT32):
-                raise ValueError(f"{where}: a float32 cast of a value whose mantissa reaches 2^24")
-            return [x]
-        if x.e:
-            raise ValueError(f"{where}: an integer cast of a fixed-point value")
-        return [x]
+        return [_cast(x, attrs["to"], where)]
     if op == "Clip":
         lo, hi = (ins + [None, None])[1:3]
         parts = [x] + [t for t in (lo, hi) if t is not None]
@@ -377,9 +504,11 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
             m = np.minimum(m, ms[-1])
         return [_Dyadic(m, e)]
     if op == "Conv":
+        _no_auto_pad(attrs, where)
         return [_conv(ins[0], ins[1], ins[2] if len(ins) > 2 else None, attrs)]
     if op == "MatMul":
         a, b = ins
+        _fits(_peak(a.m) * _peak(b.m) * a.m.shape[-1], "a MatMul accumulation")
         return [_Dyadic(np.matmul(a.m, b.m), a.e + b.e)]
     if op == "Gemm":
         a, b = ins[0], ins[1]
@@ -387,12 +516,13 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
         bm = b.m.T if attrs.get("transB") else b.m
         if attrs.get("alpha", 1.0) != 1.0 or (len(ins) > 2 and attrs.get("beta", 1.0) != 1.0):
             raise ValueError(f"{where}: Gemm with alpha/beta other than 1")
+        _fits(_peak(am) * _peak(bm) * am.shape[-1], "a Gemm accumulation")
         out = _Dyadic(am @ bm, a.e + b.e)
-        if len(ins) > 2:
-            (p, q), e = _align(out, ins[2])
-            out = _Dyadic(p + q, e)
-        return [out]
+        return [_sum(out, ins[2]) if len(ins) > 2 else out]
     if op == "MaxPool":
+        _no_auto_pad(attrs, where)
+        if attrs.get("ceil_mode", 0):
+            raise ValueError(f"{where}: MaxPool with ceil_mode=1 is not supported by the integer runner")
         return [_Dyadic(_maxpool(x.m, attrs), x.e)]
     if op in ("ReduceMean", "ReduceSum", "ReduceMax"):
         axes = attrs.get("axes")
@@ -402,10 +532,11 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
         keep = bool(attrs.get("keepdims", 1))
         if op == "ReduceMax":
             return [_Dyadic(x.m.max(axis=axes, keepdims=keep), x.e)]
+        count = int(np.prod([x.m.shape[a] for a in axes]))
+        _fits(_peak(x.m) * count, "a sum over the reduced axes")
         total = x.m.sum(axis=axes, keepdims=keep)
         if op == "ReduceSum":
             return [_Dyadic(total, x.e)]
-        count = int(np.prod([x.m.shape[a] for a in axes]))
         if count & (count - 1):
             raise ValueError(f"{where}: a mean over {count} elements, not a power of two")
         return [_normal(total, x.e + count.bit_length() - 1)]
@@ -415,6 +546,7 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
             raise ValueError(f"{where}: Pow other than 2^integer")
         k = expo.m
         top = max(int(-k.min()), 0)
+        _fits(1 << (int(k.max()) + top), "a power of two at a common exponent")
         return [_normal(np.int64(1) << (k + top), top)]
     # structure: the mantissas move, the exponent stays
     if op == "Shape":
@@ -425,9 +557,11 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
         shape = _ints(ins[1])
         shape = [x.m.shape[i] if s == 0 else s for i, s in enumerate(shape)]
         return [_Dyadic(x.m.reshape(shape), x.e)]
-    if op == "Flatten":
-        axis = attrs.get("axis", 1) % max(x.m.ndim, 1)
-        return [_Dyadic(x.m.reshape(int(np.prod(x.m.shape[:axis])), -1), x.e)]
+    if op == "Flatten":  # axis in [-r, r]
+        axis = attrs.get("axis", 1)
+        axis = axis + x.m.ndim if axis < 0 else axis
+        shape = x.m.shape
+        return [_Dyadic(x.m.reshape(math.prod(shape[:axis]), math.prod(shape[axis:])), x.e)]
     if op == "Transpose":
         return [_Dyadic(np.transpose(x.m, attrs.get("perm")), x.e)]
     if op in ("Squeeze", "Unsqueeze"):
@@ -456,7 +590,7 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
             index[a % x.m.ndim] = slice(s, t, st)
         return [_Dyadic(x.m[tuple(index)], x.e)]
     if op == "Gather":
-        idx = np.asarray(ins[1].m)
+        idx = _int_array(ins[1])
         return [_Dyadic(np.take(x.m, idx, axis=attrs.get("axis", 0)), x.e)]
     if op == "Expand":
         shape = _ints(ins[1])
@@ -468,25 +602,39 @@ def _run_node(op: str, ins: list[Any], attrs: dict[str, Any], where: str) -> lis
     raise ValueError(f"{where}: op {op} is not supported by the integer runner")
 
 
+def _check_shape(info: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
+    """Refuse an input whose shape differs from the graph's declared one (in rank or a static dimension)."""
+    kind = info.type.tensor_type
+    if not kind.HasField("shape"):
+        return
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim]
+    if len(dims) != len(shape) or any(d is not None and d != s for d, s in zip(dims, shape, strict=False)):
+        wanted = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in kind.shape.dim]
+        raise ValueError(f"input {info.name}: the graph declares shape {wanted}, got {list(shape)}")
+
+
 def run_integer_graph(
     model: onnx.ModelProto | str | os.PathLike[str], inputs: list[np.ndarray], *, extra: list[str] = ()
 ) -> dict[str, np.ndarray]:
     """Run an integer graph from :func:`export_integer_qonnx` with integer arithmetic only.
 
-    ``inputs`` are the graph inputs in order (event counts or fixed-point values; each must be dyadic).
-    Returns ``{name: values}`` (float64, exact) for every graph output and every name in ``extra`` (e.g. the
-    spike tensors listed in the file's ``hq_ptq`` metadata).
+    ``inputs`` are the graph inputs in order (event counts or fixed-point values; each must be dyadic), each
+    of the shape the graph declares (its static dimensions). Returns ``{name: values}`` (float64, exact) for
+    every graph output and every name in ``extra`` (e.g. the spike tensors listed in the file's ``hq_ptq``
+    metadata).
     """
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     graph = proto.graph
     env: dict[str, Any] = {"": None}
     for init in graph.initializer:
         env[init.name] = _from_float(numpy_helper.to_array(init), f"initializer {init.name}")
-    names = [i.name for i in graph.input if i.name not in env]
+    declared = [i for i in graph.input if i.name not in env]
+    names = [i.name for i in declared]
     if len(names) != len(inputs):
         raise ValueError(f"the graph takes {len(names)} inputs ({names}), got {len(inputs)}")
-    for name, value in zip(names, inputs, strict=True):
-        env[name] = _from_float(value, f"input {name}", MAX_INPUT_FRAC)  # as integerize reads its inputs
+    for info, value in zip(declared, inputs, strict=True):
+        _check_shape(info, np.shape(value))
+        env[info.name] = _from_float(value, f"input {info.name}", MAX_INPUT_FRAC)  # as integerize reads them
     for node in graph.node:
         where = f"node {node.name or node.op_type} ({node.op_type})"
         attrs = _attrs(node)
@@ -497,7 +645,7 @@ def run_integer_graph(
         else:
             try:
                 outs = _run_node(node.op_type, [env[i] for i in node.input], attrs, where)
-            except OverflowError as err:
+            except (OverflowError, _Refused) as err:
                 raise ValueError(f"{where}: {err}") from None
         for name, value in zip(node.output, outs, strict=False):
             env[name] = value
