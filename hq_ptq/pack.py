@@ -213,6 +213,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         layer_meta.append(
             {"name": name, "scheme": scheme, "bits": bits, "encoding": encoding, "shape": list(codes.shape)}
         )
+        if len(aliases[name]) > 1:  # a layer registered under several names (inspect's FP32 size counts each)
+            layer_meta[-1]["aliases"] = aliases[name]
 
     by_dtype: dict[str, list[Tensor]] = {}
     index: dict[str, list[list[Any]]] = {}
@@ -492,10 +494,12 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     layers, per_layer = parsed["layers"], []
     scale_keys: set[str] = set()
     bias_keys: set[str] = set()
+    fp32_weights = 0  # elements of the float model's weights: a layer's once per name it is registered under
     for entry in layers:
-        name = entry["name"]
-        scale = [k for k in state if k.startswith(f"{name}.weight_quant.")]
-        bias = [k for k in state if k == f"{name}.bias"]
+        name, names = entry["name"], entry.get("aliases", [entry["name"]])
+        fp32_weights += len(names) * entry["params"]
+        scale = [k for k in state if any(k.startswith(f"{a}.weight_quant.") for a in names)]
+        bias = [k for k in state if k in {f"{a}.bias" for a in names}]
         scale_keys.update(scale)
         bias_keys.update(bias)
         per_layer.append({
@@ -515,7 +519,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     metadata = sum(len(k.encode()) + len(v.encode()) for k, v in md.items())
     n_weights = sum(d["params"] for d in per_layer)
     # the float model's state is this one less the quantizers' scales, plus the float weights
-    fp32 = fp32_bytes([*(t for k, t in state.items() if k not in scale_keys), n_weights])
+    fp32 = fp32_bytes([*(t for k, t in state.items() if k not in scale_keys), fp32_weights])
     plan = parsed["plan"]
     return {
         "path": str(path),

@@ -234,6 +234,28 @@ def _header_end(data: bytes) -> int:
     return 8 + int.from_bytes(data[:8], "little")
 
 
+def test_fp32_size_of_a_layer_registered_under_two_names(tmp_path):
+    """A module under two names (e.g. a tied or re-exported layer) is in the float state_dict once per name:
+    inspect's FP32 size counts its weight for each, and none of its scales, and the file still loads."""
+    def tied() -> nn.Module:
+        model = _CNN()
+        model.again = model.fc
+        return model
+
+    torch.manual_seed(3)
+    float_model = tied()
+    fp32 = fp32_bytes(float_model.state_dict())
+    apply_plan(float_model, _plan(float_model, "mixed"))
+    path = save(float_model.eval(), tmp_path / "tied.safetensors")
+    info = inspect(path)
+    assert info["fp32_bytes"] == fp32
+    names = [row["name"] for row in info["layers"]]
+    assert names.count("fc") == 1 and "again" not in names
+    loaded = load(path, model=tied())
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(8))
+    _assert_same_outputs(float_model, loaded, [x])
+
+
 def test_checksum_catches_a_flipped_byte_and_truncation(cnn_file, tmp_path):
     _, data = cnn_file
     bad = tmp_path / "bad.safetensors"
