@@ -178,8 +178,10 @@ def analysis_autocast(
 
     Float32 for every metric (:data:`BF16_METRICS` is empty; ``_FP32_WHY`` gives each reason): autocast is
     switched off inside the block, also when the caller opened one, because the metrics' own checks (the
-    per-sample split, Hutchinson's stopping rule) assume float32 arithmetic. With ``precision == "bf16"``
-    one INFO line says so and why.
+    per-sample split, Hutchinson's stopping rule) assume float32 arithmetic. For the same reason cuDNN's
+    TF32 convolutions (torch's default on CUDA: a 10-bit mantissa) are switched off in the block, so the
+    traces are those of the CPU up to float32 rounding. With ``precision == "bf16"`` one INFO line says so
+    and why.
     """
     precision = check_precision(precision)
     if precision == "bf16" and metric in BF16_METRICS:
@@ -188,4 +190,18 @@ def analysis_autocast(
         why = _FP32_WHY.get(metric, "it has not been measured in bfloat16")
         log.info("the sensitivity analysis (%s) runs in fp32, not bf16: %s", metric, why)
     kind = _device_type(device)
-    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+    return _fp32_block(kind) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fp32_block(kind: str) -> Any:
+    with contextlib.ExitStack() as block:
+        block.enter_context(torch.autocast(kind, enabled=False))
+        if kind == "cuda":
+            cudnn = torch.backends.cudnn
+            try:
+                block.enter_context(cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                                deterministic=cudnn.deterministic, allow_tf32=False))
+            except RuntimeError:  # TF32 set through torch's newer fp32_precision API: the caller's choice
+                pass
+        yield

@@ -248,6 +248,17 @@ class MultiStepLeaky(nn.Module):
         lif = self.lif
         return type(lif) is snn.Leaky and not lif.state_quant and not lif.inhibition and lif.reset_delay
 
+    def _reset_mode(self) -> int:
+        """snnTorch's reset code (its ``reset_mechanism_val`` buffer, the value its forward reads), read once
+        per change: reading an accelerator buffer on every forward would synchronise the device each time.
+        The cache key is the buffer and its version counter, which every in-place write (``load_state_dict``,
+        snnTorch's ``reset_mechanism`` setter) bumps."""
+        val = self.lif.reset_mechanism_val
+        key = (id(val), val._version)
+        if getattr(self, "_reset_key", None) != key:
+            self._reset_key, self._reset_code = key, int(val)
+        return self._reset_code
+
     def _fused(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         lif = self.lif
         spk, mem = FusedLIF.apply(
@@ -256,7 +267,7 @@ class MultiStepLeaky(nn.Module):
             lif.beta.clamp(0, 1),
             lif.threshold,
             lif.graded_spikes_factor,
-            int(lif.reset_mechanism_val),
+            self._reset_mode(),
             lif.spike_grad,
             True,
         )
@@ -273,7 +284,7 @@ class MultiStepLeaky(nn.Module):
         beta = lif.beta.clamp(0, 1)
         thr = lif.threshold
         gain = lif.graded_spikes_factor
-        mode = int(lif.reset_mechanism_val)
+        mode = self._reset_mode()
         mem = self._start_mem(x)
         # the pending reset of a carried-in membrane is its own spike, so (mem) alone is the full state
         reset = spike_fn(mem - thr).detach()

@@ -368,3 +368,15 @@ def test_verification_asking_for_a_missing_provider_is_one_line(tmp_path, cpu_on
     assert "CPUExecutionProvider" in _one_line(err)
     with pytest.raises(ValueError, match="is not available here"):
         run_export(path, x, provider="cuda")
+
+
+def test_analysis_turns_cudnn_tf32_off_on_cuda_and_restores_it():
+    """cuDNN runs float32 convolutions as TF32 by default on CUDA; the analysis block switches that off (the
+    flags are plain settings, so this holds on a CPU-only build too) and restores it after, autocast off."""
+    before = torch.backends.cudnn.allow_tf32
+    with analysis_autocast("fp32", "fisher", "cuda"):
+        assert torch.backends.cudnn.allow_tf32 is False
+        assert not torch.is_autocast_enabled("cuda")
+    assert torch.backends.cudnn.allow_tf32 == before
+    with analysis_autocast("fp32", "fisher", "cpu"):
+        assert torch.backends.cudnn.allow_tf32 == before

@@ -150,3 +150,20 @@ def test_surrogate_disabled_restores_a_module_surrogate() -> None:
     with surrogate_disabled(lif):
         assert "spike_grad" not in lif._modules
     assert lif.spike_grad is original and lif._modules["spike_grad"] is original
+
+
+def test_multistep_leaky_follows_a_reset_mechanism_changed_after_a_forward():
+    """The reset code is read once per change of snnTorch's buffer (not on every forward, which would
+    synchronise an accelerator): a change by the setter or by load_state_dict still takes effect."""
+    x = torch.rand(6, 3, 5, generator=torch.Generator().manual_seed(0)) * 2
+
+    def neuron(reset: str) -> MultiStepLeaky:
+        return MultiStepLeaky(beta=0.8, threshold=0.7, reset_mechanism=reset)
+
+    changed = neuron("zero")
+    changed(x)
+    changed.lif.reset_mechanism = "subtract"
+    assert torch.equal(changed(x), neuron("subtract")(x))
+    changed.load_state_dict(neuron("none").state_dict())
+    assert torch.equal(changed(x), neuron("none")(x))
+    assert not torch.equal(neuron("none")(x), neuron("zero")(x))
