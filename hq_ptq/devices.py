@@ -189,6 +189,13 @@ def analysis_autocast(
     if precision == "bf16":
         why = _FP32_WHY.get(metric, "it has not been measured in bfloat16")
         log.info("the sensitivity analysis (%s) runs in fp32, not bf16: %s", metric, why)
+    return full_fp32(device)
+
+
+def full_fp32(device: torch.device | str) -> contextlib.AbstractContextManager[Any]:
+    """A block that computes in float32 on ``device`` whatever the caller set: autocast off, and on CUDA
+    cuDNN's TF32 convolutions off (torch's default there; a 10-bit mantissa), restored after. Used where
+    results are compared with the CPU's or with a float32 runtime (the analysis, export verification)."""
     kind = _device_type(device)
     return _fp32_block(kind) if kind in ("cpu", "cuda") else contextlib.nullcontext()
 

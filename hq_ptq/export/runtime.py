@@ -29,8 +29,8 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 PROVIDER_NAMES = {"cpu": CPU_PROVIDER, "cuda": CUDA_PROVIDER}
 # the CUDA provider's options: float32 MatMul/Conv without TF32 (10-bit mantissas), which onnxruntime's CUDA
 # provider turns on by default on Ampere and later and which would move outputs by ~1e-3 and flip spikes
-# that sit near a threshold: a verification compares with PyTorch, whose float32 convolutions and matmuls
-# hq_ptq leaves at full precision
+# that sit near a threshold: a verification compares with PyTorch, whose reference forward runs in full
+# float32 (devices.full_fp32: cuDNN's TF32 switched off as well)
 CUDA_OPTIONS = {"use_tf32": "0"}
 
 

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from hq_ptq.devices import model_device
+from hq_ptq.devices import full_fp32, model_device
 from hq_ptq.export.passes import _STANDARD_DOMAINS, QONNX_DOMAIN
 from hq_ptq.export.runtime import _check_backend, _io_info, _run, resolve_providers
 from hq_ptq.export.trace import (
@@ -70,7 +70,8 @@ def _torch_reference(
 
         return record
 
-    with _export_state(model), explicit_membranes(model) as layers:
+    # float32 as onnxruntime computes it (its CUDA provider runs without TF32: runtime.CUDA_OPTIONS)
+    with full_fp32(model_device(model)), _export_state(model), explicit_membranes(model) as layers:
         hooks = [m.register_forward_hook(recorder(name)) for name, m in _recorded_neurons(model)]
         try:
             outputs = _flat_outputs(call(model, x))
