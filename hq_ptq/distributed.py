@@ -13,6 +13,7 @@ Command lines: ``torchrun --nproc-per-node 2 -m hq_ptq run RECIPE`` or ``hq-ptq 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -222,6 +223,10 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
 def shutdown() -> None:
     """Leave the process group if one is initialised."""
     if dist.is_available() and dist.is_initialized():
+        # a DistributedDataParallel still waiting to be collected frees its reducer during teardown while
+        # holding the GIL that gloo's thread needs: a deadlock seen on CPU torch 2.13 (the DDP smoke test of
+        # benchmarks/gpu_check.py, in most runs). Collect first, so no reducer outlives the group.
+        gc.collect()
         dist.destroy_process_group()
 
 
