@@ -595,11 +595,8 @@ def _one_pass(
 ) -> tuple[torch.Tensor, int] | str:
     """:func:`per_sample_squared_norms` on ``batch``, in chunks of samples whose per-sample gradients fit in
     memory (squared norms add up over samples, so the chunks' sums are the batch's)."""
-    chunks = [batch]
-    _, targets = _split_batch(batch)
-    if isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) > max_samples(params):
-        split = _micro_batches(batch, max_samples(params))
-        chunks = chunks if isinstance(split, str) else split
+    split = _micro_batches(batch, max_samples(params))  # [batch] itself when it fits
+    chunks = [batch] if isinstance(split, str) else split  # unsplittable: per_sample says why, or takes it
     total, count = torch.zeros(len(params), dtype=torch.float64), 0
     for inputs, targets in (_split_batch(c) for c in chunks):
         if reset is not None:
