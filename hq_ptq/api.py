@@ -515,10 +515,10 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model``'s weights in place under an average-bit ``budget`` and return it.
 
-    Every Conv1d/Conv2d/Linear matching ``config.include``/``exclude`` gets a uniform or power-of-two Brevitas
-    quantizer; the per-layer (scheme, bits) plan minimises Hessian-weighted weight perturbation with the
-    parameter-weighted average bits ≤ ``budget``. With ``train_data``, a short QAT (task loss + distillation
-    from the float model) recovers accuracy.
+    Every Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d matching ``config.include``/``exclude`` gets a
+    uniform or power-of-two Brevitas quantizer; the per-layer (scheme, bits) plan minimises Hessian-weighted
+    weight perturbation with the parameter-weighted average bits ≤ ``budget``. With ``train_data``, a short
+    QAT (task loss + distillation from the float model) recovers accuracy.
 
     The call is a transaction: the budget, candidates, data and the model's forward on the first
     calibration batch are checked before the model is touched, and if anything fails later (or the call

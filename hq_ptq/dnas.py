@@ -27,10 +27,12 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from hq_ptq import progress
 from hq_ptq.config import QuantConfig
@@ -41,7 +43,7 @@ from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.space import candidates as allowed_candidates
 from hq_ptq.space import protected_layers
-from hq_ptq.swap import LAYER_MAP, find_layers, swap_layers
+from hq_ptq.swap import LAYER_MAP, LAYER_TYPES, find_layers, swap_layers
 
 __all__ = ["DNASConfig", "MixedQuantLayer", "decode_plan", "dnas_search", "relax"]
 
@@ -96,7 +98,7 @@ class DNASConfig:
 
 
 class MixedQuantLayer(nn.Module):
-    """A Conv1d/Conv2d/Linear whose weight is ``Σ_k p_k · Q_k(W)`` over candidate quantizers.
+    """A Linear/Conv/ConvTranspose layer whose weight is ``Σ_k p_k · Q_k(W)`` over candidate quantizers.
 
     Every candidate is an hq_ptq Brevitas quant layer sharing the float layer's ``weight`` Parameter, so
     ``Q_k`` is exactly the quantizer the final plan would use. With one candidate the layer is fixed
@@ -106,7 +108,7 @@ class MixedQuantLayer(nn.Module):
     def __init__(self, layer: nn.Module, candidates: Sequence[Candidate]) -> None:
         super().__init__()
         if type(layer) not in LAYER_MAP:
-            raise ValueError(f"MixedQuantLayer takes Conv1d/Conv2d/Linear, got {type(layer).__name__}")
+            raise ValueError(f"MixedQuantLayer takes a {LAYER_TYPES} layer, got {type(layer).__name__}")
         if not candidates:
             raise ValueError("MixedQuantLayer needs at least one (scheme, bits) candidate")
         self.layer = layer
@@ -157,11 +159,10 @@ class MixedQuantLayer(nn.Module):
             p = self.probs()
         return sum(p[k] * quantized_weight(q) for k, q in enumerate(self.quants))
 
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.mixed_weight()
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        # the float layer's own forward with the relaxed weight: Linear, Conv and ConvTranspose (its
+        # output_size argument included) alike
+        return functional_call(self.layer, {"weight": self.mixed_weight()}, args, kwargs)
 
 
 def relax(

@@ -44,7 +44,7 @@ from torch import nn
 from hq_ptq.compression import FP_BITS
 from hq_ptq.plan import Plan
 from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
-from hq_ptq.swap import find_layers, layer_quant, quant_layers
+from hq_ptq.swap import LAYER_TYPES, find_layers, layer_quant, quant_layers
 
 __all__ = [
     "FP32_EXPONENT_BITS",
@@ -292,12 +292,15 @@ def _value(t: Any) -> torch.Tensor:
     return t.value if hasattr(t, "value") and not isinstance(t, torch.Tensor) else t
 
 
-def _dense_macs(module: nn.Module, out: torch.Tensor) -> int:
+def _dense_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # every input element is scattered through one kernel into out_channels/groups outputs
+        return x.numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.modules.conv._ConvNd):
         return out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
-    raise ValueError(f"cannot count MACs of {type(module).__name__}; only Conv1d/Conv2d/Linear are measured")
+    raise ValueError(f"cannot count MACs of {type(module).__name__}; only {LAYER_TYPES} layers are measured")
 
 
 def _split_batch(batch: Any, time_first: bool) -> tuple[torch.Tensor, int, int]:
@@ -334,7 +337,7 @@ def measure_activity(
 ) -> Activity:
     """Spike rates, input kinds and dense MACs of every weight layer, per inference.
 
-    Hooks every hq_ptq-quantized layer and every plain ``Conv1d``/``Conv2d``/``Linear`` (so a float
+    Hooks every hq_ptq-quantized layer and every plain Linear/Conv/ConvTranspose layer (so a float
     model works too), runs up to ``max_batches`` batches in eval mode without gradients, and divides
     the totals by the number of samples seen. The model's training mode is restored afterwards.
 
@@ -393,7 +396,7 @@ def measure_activity(
             y = _value(output)
             s = stats[name]
             s.calls += 1
-            s.macs += _dense_macs(module, y)
+            s.macs += _dense_macs(module, x, y)
             s.items += x.shape[0] if x.dim() > 1 else 1
             s.numel += x.numel()
             s.nonzero += int(torch.count_nonzero(x))

@@ -541,6 +541,10 @@ def integerize(
     qlayers = quant_layers(model)
     if not qlayers:
         raise ValueError("integerize needs a quantized model (apply a plan first, e.g. hq_ptq.quantize)")
+    transposed = [n for n, m in qlayers.items() if isinstance(m, nn.modules.conv._ConvTransposeNd)]
+    if transposed:  # fake-quant export (export_qonnx without integer=True) takes them
+        raise ValueError(f"{transposed[0]}: {type(qlayers[transposed[0]]).__name__} has no integer synapse "
+                         "(the integer path takes quantized Linear/Conv1d/Conv2d)")
     neurons: dict[str, nn.Module] = {}
     for n, m in model.named_modules():
         if isinstance(m, MultiStepLeaky) or (type(m) is snn.Leaky and not any(

@@ -49,7 +49,7 @@ from hq_ptq.compression import file_compression, fp32_bytes, weight_compression
 from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write
 from hq_ptq.plan import Plan
-from hq_ptq.schemes import SCHEMES, dequantize, weight_codes
+from hq_ptq.schemes import SCHEMES, channel_axis, dequantize, weight_codes
 from hq_ptq.state import apply_plan, get_plan
 from hq_ptq.swap import layer_quant, quant_layers
 
@@ -455,7 +455,7 @@ def load(
         # the step the quantizer uses depends only on the (just loaded) scale, not on the weight
         _, scale = weight_codes(layer)
         try:
-            w = dequantize(codes, scale, entry["scheme"], entry["bits"])
+            w = dequantize(codes, scale, entry["scheme"], entry["bits"], channel_axis(layer))
         except ValueError as err:
             raise CheckpointError(f"{path}: layer {entry['name']}: {err}") from None
         with torch.no_grad():

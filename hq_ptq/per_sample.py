@@ -51,6 +51,7 @@ LOSS_RTOL = 1e-3
 # model at a large calibration batch does not exhaust memory
 PER_SAMPLE_BYTES = 512 * 2**20
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def max_samples(params: list[torch.Tensor]) -> int:
@@ -74,7 +75,7 @@ def _pointwise(module: nn.Module) -> bool:
 
 def _rows(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, output gradients)`` with one leading row dimension: the rows of a Linear, the images of a
-    Conv (an unbatched image is one row)."""
+    Conv or ConvTranspose (an unbatched image is one row)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     if x.dim() == len(module.kernel_size) + 1:  # type: ignore[arg-type]
@@ -90,8 +91,13 @@ def _rows_grad(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.
         g = grad.flatten(2).transpose(0, 1).flatten(1) @ x.flatten(2).transpose(1, 2).flatten(0, 1)
         return g.reshape(module.weight.shape)
     conv = module  # type: Any
+    weight_grad = _CONV_WEIGHT_GRAD[len(conv.kernel_size)]
+    if isinstance(module, _TRANSPOSED):
+        # a transposed conv is the input-adjoint of the conv with the same weight, so its weight gradient
+        # is that conv's, read from the other side: the output gradient is the conv's input and x its
+        # output gradient (output_padding only sizes the output; the conv maps it back onto x's grid)
+        return weight_grad(grad, conv.weight.shape, x, conv.stride, conv.padding, conv.dilation, conv.groups)
     if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        weight_grad = _CONV_WEIGHT_GRAD[len(conv.kernel_size)]
         return weight_grad(x, conv.weight.shape, grad, conv.stride, conv.padding, conv.dilation, conv.groups)
     # other padding: the conv's own forward on a detached copy of its weight, differentiated
     with torch.enable_grad():
@@ -190,8 +196,9 @@ def per_sample_squared_norms(
                 f"pass at most {max_samples(params)} at once")
     modules = list(layers.values())
     for module in modules:
-        if not isinstance(module, (nn.Linear, *_CONVS)):
-            return f"layer type {type(module).__name__} (only Linear and Conv1d/2d/3d are split by rows)"
+        if not isinstance(module, (nn.Linear, *_CONVS, *_TRANSPOSED)):
+            return (f"layer type {type(module).__name__} (only Linear, Conv1d/2d/3d and "
+                    "ConvTranspose1d/2d/3d are split by rows)")
     calls: list[list[_Call]] = [[] for _ in modules]
     # the second backward hands each call's pair of gradients to this, which turns it into per-sample
     # gradients at once and frees both: the pairs of all layers are never held together

@@ -2,6 +2,10 @@
 
 Two schemes ship (spikes are already binary, so only weights are quantized):
 
+"Per output channel" follows the layer's weight layout: the first dimension of a Linear/Conv weight, the
+second of a transposed convolution's ``[C_in, C_out/groups, k…]`` (:func:`channel_axis`; Brevitas' own
+``output_channel_dim``), for every scheme, fit and codec here.
+
 * ``uniform``: symmetric narrow-range signed integer, per-output-channel learnable float scale
   (``Int8WeightPerChannelFloat`` with ``parameter_from_stats``: the scale is a Parameter initialised
   from the channel absmax on the first forward, then trained with straight-through gradients).
@@ -49,6 +53,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "SCHEMES",
+    "channel_axis",
     "PoTTensorQuant",
     "PoTWeightQuant",
     "Scheme",
@@ -160,8 +165,18 @@ def weight_quant(scheme: str, bits: int) -> type:
 # uniform
 
 
+def channel_axis(layer: nn.Module) -> int:
+    """The output-channel dimension of ``layer``'s weight: 1 for a transposed convolution, else 0."""
+    return 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+def _axis_shape(n_dims: int, axis: int) -> tuple[int, ...]:
+    # (1, …, -1 at axis, …, 1): a per-channel vector broadcast along the weight's output channels
+    return tuple(-1 if d == axis else 1 for d in range(max(n_dims, 1)))
+
+
 def _channel_view(t: Tensor, like: Tensor) -> Tensor:
-    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+    return t.reshape(_axis_shape(like.dim(), 0))
 
 
 def _uniform_fake_quant(w: Tensor, threshold: Tensor, bits: int) -> Tensor:
@@ -226,7 +241,10 @@ class PoTTensorQuant(nn.Module):
     so codes and the exported FloatQuant node reproduce it bit for bit.
     """
 
-    def __init__(self, bit_width: int, tracked_parameter_list: list[Tensor], learn_scale: bool = True):
+    def __init__(
+        self, bit_width: int, tracked_parameter_list: list[Tensor], output_channel_dim: int = 0,
+        learn_scale: bool = True,
+    ):
         super().__init__()
         w = tracked_parameter_list[0].detach()
         self.bit_width = int(bit_width)
@@ -234,9 +252,10 @@ class PoTTensorQuant(nn.Module):
         self.exponent_bias = 2 ** (self.exponent_bit_width - 1) - 1
         self.max_exp = 2**self.exponent_bit_width - 1 - self.exponent_bias
         self.n_levels = 2 ** (self.bit_width - 1) - 1
-        absmax = w.abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-8)
+        axis = int(output_channel_dim)
+        absmax = w.abs().movedim(axis, 0).reshape(w.shape[axis], -1).amax(1).clamp_min(1e-8)
         self.scale = nn.Parameter(absmax, requires_grad=learn_scale)
-        self.view = (-1,) + (1,) * (w.dim() - 1)
+        self.view = _axis_shape(w.dim(), axis)
         # the float proxy's input_view_impl reads this (Brevitas' inference export handler)
         self.input_view_impl = Identity()
 
@@ -277,6 +296,10 @@ class PoTWeightQuant(ExtendedInjector):
     learn_scale = True
     signed = True
     float_to_int_impl_type = FloatToIntImplType.ROUND  # the proxy reports it as FloatQuant rounding_mode
+
+    @value
+    def output_channel_dim(module):  # noqa: N805 - the layer Brevitas' proxy injects (1 for ConvTranspose)
+        return getattr(module, "output_channel_dim", 0)
 
     @value
     def max_available_float(bit_width):  # noqa: N805 - Brevitas resolves it by argument name
@@ -322,16 +345,19 @@ def _scheme_with_fake_quant(scheme: str, bits: int) -> Scheme:
     return s
 
 
-def fake_quant(weight: Tensor, threshold: Tensor, scheme: str, bits: int) -> Tensor:
+def fake_quant(weight: Tensor, threshold: Tensor, scheme: str, bits: int, axis: int = 0) -> Tensor:
     """What ``scheme`` at ``bits`` makes of ``weight`` when its per-channel threshold is ``threshold``.
 
     Pure torch, bit-identical to the Brevitas quantizer holding that threshold (uniform: the clip
-    value, step ``t/(2^(b-1)-1)``; pot: the largest level ``s``).
+    value, step ``t/(2^(b-1)-1)``; pot: the largest level ``s``). ``axis`` is the weight's output-channel
+    dimension (:func:`channel_axis`).
 
     Raises:
         ValueError: unknown scheme/bits, or a scheme registered without ``fake_quant``.
     """
-    return _scheme_with_fake_quant(scheme, bits).fake_quant(weight, threshold.reshape(-1), int(bits))
+    quant = _scheme_with_fake_quant(scheme, bits).fake_quant
+    # a registered fake_quant takes channels first; move the layer's output channels there and back
+    return quant(weight.movedim(axis, 0), threshold.reshape(-1), int(bits)).movedim(0, axis)
 
 
 def threshold_parameter(proxy: nn.Module, scheme: str, bits: int) -> nn.Parameter:
@@ -352,8 +378,9 @@ def _channel_errors(w2d: Tensor, thresholds: Tensor, quant: FakeQuant, bits: int
     return torch.stack(cols, 1)
 
 
-def mse_threshold(weight: Tensor, scheme: str, bits: int) -> Tensor:
-    """Per-output-channel threshold minimising ``‖fake_quant(W, t) − W‖²`` (shape ``(C_out,)``).
+def mse_threshold(weight: Tensor, scheme: str, bits: int, axis: int = 0) -> Tensor:
+    """Per-output-channel threshold minimising ``‖fake_quant(W, t) − W‖²`` (shape ``(C_out,)``; ``axis``
+    is the weight's output-channel dimension, :func:`channel_axis`).
 
     A deterministic coarse-to-fine search over clip ratios ``t / absmax``: 64 ratios from 1.0 down to
     0.05, then 17 around the best. The absmax threshold (ratio 1) is a candidate and wins ties, so the
@@ -364,7 +391,7 @@ def mse_threshold(weight: Tensor, scheme: str, bits: int) -> Tensor:
     """
     quant = _scheme_with_fake_quant(scheme, bits).fake_quant
     with torch.no_grad():
-        w2d = weight.detach().reshape(weight.shape[0], -1)
+        w2d = weight.detach().movedim(axis, 0).reshape(weight.shape[axis], -1)
         absmax = w2d.abs().amax(1)
         ratios = _COARSE_RATIOS.to(device=w2d.device, dtype=w2d.dtype)  # on the weight's device
         cand = absmax[:, None] * ratios[None, :]
@@ -413,8 +440,9 @@ def weight_codes(layer: nn.Module) -> tuple[Tensor, Tensor]:
 
     Returns:
         ``(codes, scale)``: ``codes`` int8 with the weight's shape, ``|codes| ≤ 2^(b-1)-1``;
-        ``scale`` float of shape ``(C_out,)``. For uniform ``w_q = c·scale``; for PoT ``0`` is zero
-        and ``±(k+1)`` is ``±scale·2^-k``. ``dequantize(codes, scale, scheme, bits)`` gives the
+        ``scale`` float of shape ``(C_out,)``, along the weight's :func:`channel_axis`. For uniform
+        ``w_q = c·scale``; for PoT ``0`` is zero and ``±(k+1)`` is ``±scale·2^-k``.
+        ``dequantize(codes, scale, scheme, bits, channel_axis(layer))`` gives the
         layer's quantized weight exactly.
 
     Raises:
@@ -423,12 +451,14 @@ def weight_codes(layer: nn.Module) -> tuple[Tensor, Tensor]:
     _check_quant_layer(layer)
     with torch.no_grad():
         qt = layer.quant_weight()
-    channels = qt.value.shape[0]
+    axis = channel_axis(layer)
+    channels = qt.value.shape[axis]
+    view = _axis_shape(qt.value.dim(), axis)
     if isinstance(qt, IntQuantTensor):
         if torch.any(qt.zero_point != 0):
             raise ValueError(f"{type(layer).__name__}: asymmetric (zero-point) weights have no signed codes")
         scale = _per_channel(qt.scale, channels)
-        codes = torch.round(qt.value / scale.view((-1,) + (1,) * (qt.value.dim() - 1)))
+        codes = torch.round(qt.value / scale.view(view))
         limit = 2 ** (int(qt.bit_width) - 1) - 1
     elif isinstance(qt, FloatQuantTensor):
         if float(qt.mantissa_bit_width) != 0:
@@ -437,7 +467,7 @@ def weight_codes(layer: nn.Module) -> tuple[Tensor, Tensor]:
         e, bias = int(qt.exponent_bit_width), int(qt.exponent_bias)
         # largest level s = scale_f·2^max_exp (an exact power-of-two rescale)
         scale = _per_channel(qt.scale, channels) * 2.0 ** (2**e - 1 - bias)
-        r = qt.value / scale.view((-1,) + (1,) * (qt.value.dim() - 1))
+        r = qt.value / scale.view(view)
         _, ex = torch.frexp(r.abs())  # |r| = 2^-k exactly, so ex = 1 - k
         codes = torch.where(r != 0, torch.sign(r) * (2 - ex).to(r.dtype), torch.zeros_like(r))
         limit = 2**e - 1
@@ -448,12 +478,13 @@ def weight_codes(layer: nn.Module) -> tuple[Tensor, Tensor]:
     return codes.to(torch.int8), scale
 
 
-def dequantize(codes: Tensor, scale: Tensor, scheme: str, bits: int) -> Tensor:
+def dequantize(codes: Tensor, scale: Tensor, scheme: str, bits: int, axis: int = 0) -> Tensor:
     """Float weights from ``weight_codes`` output; bit-identical to the layer's quantized weight.
 
     Args:
-        codes: integer codes, output channels first.
+        codes: integer codes with the weight's shape.
         scale: per-output-channel scale ``(C_out,)`` (or one value).
+        axis: the codes' output-channel dimension (:func:`channel_axis` of the layer; 0 unless transposed).
         scheme: registered scheme name; its ``codes`` format picks the decoding.
         bits: bit width, used to validate the code range.
 
@@ -464,7 +495,7 @@ def dequantize(codes: Tensor, scale: Tensor, scheme: str, bits: int) -> Tensor:
     limit = 2 ** (bits - 1) - 1
     if codes.numel() and int(codes.abs().max()) > limit:
         raise ValueError(f"codes exceed ±{limit} for {scheme} at {bits} bits; wrong bits for these codes?")
-    s = scale.reshape(-1).view((-1,) + (1,) * (codes.dim() - 1)) if codes.dim() else scale
+    s = scale.reshape(-1).view(_axis_shape(codes.dim(), axis)) if codes.dim() else scale
     c = codes.to(device=scale.device, dtype=scale.dtype)
     if fmt == "int":
         return c * s

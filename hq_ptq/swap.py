@@ -1,4 +1,5 @@
-"""Attach hq_ptq weight quantizers to any model: swap Conv1d/Conv2d/Linear for Brevitas layers in place.
+"""Attach hq_ptq weight quantizers to any model: swap Linear, Conv1d/Conv2d and ConvTranspose1d/2d for
+Brevitas layers in place.
 
 Swapped layers quantize weights only (no input/output/bias quantization, ``return_quant_tensor=False``),
 share the original ``weight``/``bias`` Parameters, and carry their quantization state as one frozen record,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from collections.abc import Iterable
 
 import brevitas.nn as qnn
@@ -24,7 +26,7 @@ from torch import nn
 
 from hq_ptq.config import SCALE_INITS
 from hq_ptq.plan import LayerQuant
-from hq_ptq.schemes import SCHEMES, mse_threshold, threshold_parameter, weight_quant
+from hq_ptq.schemes import SCHEMES, channel_axis, mse_threshold, threshold_parameter, weight_quant
 
 __all__ = [
     "LAYER_MAP",
@@ -42,11 +44,16 @@ log = logging.getLogger(__name__)
 
 # Exact types only: subclasses (e.g. MultiheadAttention's out_proj, which F.multi_head_attention_forward
 # reads as a raw tensor) would be silently bypassed if swapped, and Brevitas layers subclass these too.
+# Transposed convolutions (decoders, e.g. snnTorch's spiking autoencoder) keep their output channels in the
+# weight's second dimension; schemes.channel_axis tells every per-channel step so.
 LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: qnn.QuantConv1d,
     nn.Conv2d: qnn.QuantConv2d,
+    nn.ConvTranspose1d: qnn.QuantConvTranspose1d,
+    nn.ConvTranspose2d: qnn.QuantConvTranspose2d,
     nn.Linear: qnn.QuantLinear,
 }
+LAYER_TYPES = "Linear, Conv1d/Conv2d or ConvTranspose1d/2d"
 
 QUANT_ATTR = "hq_quant"
 
@@ -65,6 +72,12 @@ def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
     )
 
 
+def _grouped_transposed(module: nn.Module) -> bool:
+    # Brevitas sizes a transposed convolution's per-channel scale by out_channels, but its weight holds
+    # out_channels / groups per input channel: only groups=1 is quantized
+    return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1
+
+
 def _is_hq_layer(module: nn.Module) -> bool:
     return isinstance(module, QuantWeightBiasInputOutputLayer) and isinstance(
         getattr(module, QUANT_ATTR, None), LayerQuant
@@ -74,20 +87,28 @@ def _is_hq_layer(module: nn.Module) -> bool:
 def find_layers(
     model: nn.Module, include: str | Iterable[str] = ("*",), exclude: str | Iterable[str] = ()
 ) -> list[str]:
-    """Qualified names (model order) of the float Conv1d/Conv2d/Linear and hq_ptq-quantized layers
-    matching an ``include`` glob and no ``exclude`` glob (``fnmatch``, case-sensitive).
+    """Qualified names (model order) of the float Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d and
+    hq_ptq-quantized layers matching an ``include`` glob and no ``exclude`` glob (``fnmatch``,
+    case-sensitive). A grouped transposed convolution is left out, with a warning: it stays float.
 
     Raises:
         ValueError: no layer matched (the message names the globs).
     """
     inc, exc = _as_globs(include, "include"), _as_globs(exclude, "exclude")
-    names = [
-        n for n, m in model.named_modules()
-        if n and (type(m) in LAYER_MAP or _is_hq_layer(m)) and _matches(n, inc, exc)
-    ]
+    names, grouped = [], []
+    for n, m in model.named_modules():
+        if not n or not _matches(n, inc, exc):
+            continue
+        if _is_hq_layer(m) or (type(m) in LAYER_MAP and not _grouped_transposed(m)):
+            names.append(n)
+        elif type(m) in LAYER_MAP:
+            grouped.append(n)
+    if grouped:
+        warnings.warn(f"grouped transposed convolutions stay float (only groups=1 is quantized): {grouped}",
+                      stacklevel=2)
     if not names:
         raise ValueError(
-            f"no Conv1d/Conv2d/Linear layer matches include={list(inc)} exclude={list(exc)}; "
+            f"no {LAYER_TYPES} layer matches include={list(inc)} exclude={list(exc)}; "
             "check the globs against [n for n, _ in model.named_modules()]"
         )
     return names
@@ -102,6 +123,8 @@ def _quant_layer_like(module: nn.Module, injector: type) -> nn.Module:
     if isinstance(module, nn.Linear):
         q = qnn.QuantLinear(module.in_features, module.out_features, **common)
     else:
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            common["output_padding"] = module.output_padding
         q = LAYER_MAP[type(module)](
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups,
@@ -120,7 +143,8 @@ def _check_scale_init(scale_init: str) -> None:
         raise ValueError(f"scale_init must be one of {', '.join(SCALE_INITS)}, got {scale_init!r}")
 
 
-def _init_scales(proxy: nn.Module, weight: torch.Tensor, scheme: str, bits: int, scale_init: str) -> None:
+def _init_scales(proxy: nn.Module, layer: nn.Module, scheme: str, bits: int, scale_init: str) -> None:
+    weight = layer.weight
     with torch.no_grad():
         # One call initialises stats-based scales now (absmax), so the state_dict has the same keys for
         # every scheme from the start: Brevitas creates `scaling_impl.value` lazily on the first call,
@@ -129,7 +153,8 @@ def _init_scales(proxy: nn.Module, weight: torch.Tensor, scheme: str, bits: int,
         # a scheme without a pure fake_quant (e.g. a user's per-tensor one) keeps the absmax init
         if scale_init == "mse" and SCHEMES[scheme].fake_quant is not None:
             threshold = threshold_parameter(proxy, scheme, bits)
-            threshold.copy_(mse_threshold(weight, scheme, bits).reshape(threshold.shape))
+            axis = channel_axis(layer)
+            threshold.copy_(mse_threshold(weight, scheme, bits, axis).reshape(threshold.shape))
 
 
 def swap_layers(
@@ -141,7 +166,8 @@ def swap_layers(
     bits: int = 8,
     scale_init: str = "mse",
 ) -> list[str]:
-    """Replace matching ``nn.Conv1d``/``nn.Conv2d``/``nn.Linear`` in place by Brevitas quant layers.
+    """Replace matching ``Linear``/``Conv1d``/``Conv2d``/``ConvTranspose1d``/``ConvTranspose2d`` in place by
+    Brevitas quant layers.
 
     Each new layer quantizes its weight with ``scheme`` at ``bits`` and keeps the original weight and
     bias Parameters and constructor attributes (stride, padding, dilation, groups, padding_mode,
@@ -176,7 +202,7 @@ def swap_layers(
         if name in targets and type(module) in LAYER_MAP and id(module) not in replaced:
             new = _quant_layer_like(module, injector)
             setattr(new, QUANT_ATTR, LayerQuant(scheme, int(bits)))
-            _init_scales(new.weight_quant, new.weight, scheme, bits, scale_init)
+            _init_scales(new.weight_quant, new, scheme, bits, scale_init)
             replaced[id(module)] = new
             swapped.append(name)
     # second pass: a module registered under several names is replaced under all of them
@@ -255,7 +281,7 @@ def set_layer_quant(
     layer.weight_quant = _new_proxy(layer, injector)
     layer._cached_sub_tensor_slice_list_modules = None  # Brevitas caches submodules of the old proxy
     setattr(layer, QUANT_ATTR, LayerQuant(scheme, int(bits), sensitivity))
-    _init_scales(layer.weight_quant, layer.weight, scheme, bits, scale_init)
+    _init_scales(layer.weight_quant, layer, scheme, bits, scale_init)
 
 
 def weight_error(layer: nn.Module, scheme: str, bits: int, *, scale_init: str = "mse") -> float:
@@ -271,7 +297,7 @@ def weight_error(layer: nn.Module, scheme: str, bits: int, *, scale_init: str = 
     _check_hq_layer(layer)
     proxy = _new_proxy(layer, weight_quant(scheme, bits))
     _check_scale_init(scale_init)
-    _init_scales(proxy, layer.weight, scheme, bits, scale_init)
+    _init_scales(proxy, layer, scheme, bits, scale_init)
     with torch.no_grad():
         out = proxy(layer.weight)
         wq = out.value if hasattr(out, "value") else out

@@ -89,7 +89,7 @@ def test_unreachable_budget_names_range():
 
 
 def test_model_without_layers_and_bad_weights_fail_loudly():
-    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Linear layer matches"):
+    with pytest.raises(ValueError, match="no Linear, Conv1d/Conv2d or ConvTranspose1d/2d layer matches"):
         hq_ptq.quantize(nn.Sequential(nn.ReLU()), budget=4, calib_data=_batches())
     model = small_cnn()
     with torch.no_grad():

@@ -18,7 +18,7 @@ from hq_ptq import model_io
 
 ENTRIES = {entry.name: entry for entry in CORPUS}
 NAMES = list(ENTRIES)
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Linear)
 
 
 def _first_batch(entry: CorpusModel):

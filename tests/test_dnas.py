@@ -75,6 +75,18 @@ def test_mixed_weight_is_the_chosen_candidate_when_one_hot():
     assert all(q.weight is layer.layer.weight for q in layer.quants)
 
 
+def test_a_relaxed_transposed_conv_runs_its_own_forward_with_the_mixed_weight():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1))
+    layer = relax(model, CANDS)["0"]
+    x = torch.randn(2, 3, 5, 5)
+    w = layer.mixed_weight()
+    want = F.conv_transpose2d(x, w, layer.layer.bias, stride=2, padding=1, output_padding=1)
+    torch.testing.assert_close(layer(x), want)
+    # the float layer's output_size argument passes through
+    assert layer(x, output_size=[9, 9]).shape == (2, 4, 9, 9)
+
+
 def test_dnas_search_returns_a_valid_plan_within_budget():
     model = tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -130,7 +142,7 @@ def test_bad_settings_are_refused():
         DNASConfig(tau_start=0.5, tau_end=1.0)
     with pytest.raises(ValueError, match="unreachable"):
         dnas_search(tiny_cnn(), batches(), 1.0, config=CONFIG, dnas=DNASConfig(steps=1))
-    with pytest.raises(ValueError, match="Conv1d/Conv2d/Linear"):
+    with pytest.raises(ValueError, match="Linear, Conv1d/Conv2d or ConvTranspose1d/2d layer"):
         MixedQuantLayer(nn.ReLU(), CANDS)
     cfg = DNASConfig(steps=5, tau_start=4.0, tau_end=1.0)
     assert cfg.tau(0) == pytest.approx(4.0) and cfg.tau(4) == pytest.approx(1.0)

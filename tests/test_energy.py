@@ -142,6 +142,15 @@ def test_non_temporal_model():
     assert first.kind == "spike" and first.rate == 0.25
 
 
+def test_a_transposed_conv_counts_one_kernel_per_input_element():
+    # each input element is scattered through one 3x3 kernel into 5 output channels: 2*4*4 * 5*9 MACs per
+    # sample (the output's 8x8 grid would give out.numel() * C_in * 9, four times too many at stride 2)
+    model = nn.Sequential(nn.ConvTranspose2d(2, 5, 3, stride=2, padding=1, output_padding=1))
+    x = torch.ones(3, 2, 4, 4)
+    act = measure_activity(model, [(x, torch.zeros(3))], time_first=False)
+    assert act["0"].macs == 2 * 4 * 4 * 5 * 9
+
+
 def test_int_add_is_the_line_through_horowitz_points():
     c = HOROWITZ_45NM
     assert c.int_add(8) == pytest.approx(0.03) and c.int_add(32) == pytest.approx(0.1)

@@ -96,8 +96,9 @@ def test_unknown_scheme_or_bits():
 
 
 def test_model_without_quantizable_layers():
-    _fails(r"no Conv1d/Conv2d/Linear layer matches include=\['\*'\]", analyze, nn.Sequential(nn.ReLU()))
-    _fails(r"no Conv1d/Conv2d/Linear layer matches include=\['head\*'\]", analyze, _net(),
+    none = "no Linear, Conv1d/Conv2d or ConvTranspose1d/2d layer matches"
+    _fails(none + r" include=\['\*'\]", analyze, nn.Sequential(nn.ReLU()))
+    _fails(none + r" include=\['head\*'\]", analyze, _net(),
            config=QuantConfig(include=("head*",)))
 
 

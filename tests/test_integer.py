@@ -222,6 +222,8 @@ CORPUS_OUTCOME = {
     "sdt-cifar10dvs-tet-official": "patch_embed.proj_lif.lif: Leaky with state_quant, inhibition or",
     # a second state variable (syn) the integer LIF does not have; its MNIST pixels would be refused next
     "snntorch-tutorial3-synaptic": "lif1: Synaptic neurons are not supported by the integer path",
+    # the decoder's transposed convolutions (fake-quant export takes them; the integer path has no synapse)
+    "snntorch-sae": "decoder.2: QuantConvTranspose2d has no integer synapse",
 }
 
 

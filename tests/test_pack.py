@@ -194,6 +194,26 @@ def test_plain_cnn_round_trip_needs_a_skeleton(tmp_path):
     _assert_same_outputs(model, loaded, [torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(7))])
 
 
+@pytest.mark.parametrize("kind", ["uniform", "pot"])
+def test_transposed_conv_round_trip_is_bit_identical(kind, tmp_path):
+    # output channels in the weight's second dimension: scales, codes and dequantization follow them there
+    def decoder() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(),
+                             nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+                             nn.Flatten(2), nn.ConvTranspose1d(4, 2, 3, stride=2, bias=False))
+
+    torch.manual_seed(5)
+    model = decoder()
+    apply_plan(model, _plan(model, kind))
+    _learn_scales(model, seed=4)
+    model.eval()
+    path = save(model, tmp_path / "decoder.safetensors")
+    torch.manual_seed(6)
+    loaded = load(path, model=decoder())
+    assert type(loaded[2]).__name__ == "QuantConvTranspose2d"
+    _assert_same_outputs(model, loaded, [torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8))])
+
+
 def test_size_is_the_sum_of_its_parts(zoo_float_state, tmp_path):
     model = _zoo(zoo_float_state, "mixed")
     path = save(model, tmp_path / "m.safetensors")

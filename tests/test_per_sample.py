@@ -149,6 +149,7 @@ CORPUS_OUTCOME = {
     "spikformer-cifar10dvs-official": (None, 0),
     "sdt-cifar10dvs-tet-official": (None, 0),
     "snntorch-tutorial3-synaptic": (None, 0),  # T = 6 != B: the [T, B, 10] outputs are unambiguous
+    "snntorch-sae": (None, 0),  # ConvTranspose2d rows: the transposed weight gradient
 }
 
 

@@ -7,7 +7,15 @@ import torch
 from snntorch import utils as snn_utils
 from torch import nn
 
-from hq_ptq.schemes import SCHEMES, mse_threshold, quantized_weight, threshold_parameter
+from hq_ptq.schemes import (
+    SCHEMES,
+    channel_axis,
+    dequantize,
+    mse_threshold,
+    quantized_weight,
+    threshold_parameter,
+    weight_codes,
+)
 from hq_ptq.swap import (
     SCALE_INITS,
     find_layers,
@@ -50,6 +58,17 @@ def _conv1d() -> nn.Module:
     )
 
 
+def _decoder() -> nn.Module:
+    # a transposed convolution keeps its output channels in the weight's second dimension: [C_in, C_out, k, k]
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose2d(8, 5, 3, stride=2, padding=1, output_padding=1),
+        nn.Flatten(2),
+        nn.ConvTranspose1d(5, 2, 4, stride=3, dilation=2, bias=False),
+    )
+
+
 class SNN(nn.Module):
     """snnTorch style: an nn.Sequential of layers and Leaky(init_hidden=True), looped over T."""
 
@@ -77,11 +96,12 @@ MODELS = {
             ["features.0", "features.2", "features.4", "head"]),
     "mlp": (_mlp, lambda g: torch.randn(5, 12, generator=g), ["0", "2", "4"]),
     "conv1d": (_conv1d, lambda g: torch.randn(2, 4, 20, generator=g), ["0", "2"]),
+    "decoder": (_decoder, lambda g: torch.randn(2, 3, 8, 8, generator=g), ["0", "2", "4"]),
     "snn": (SNN, lambda g: (torch.rand(4, 2, 2, 8, 8, generator=g) < 0.4).float(), ["net.0", "net.3"]),
 }
 
-_CTOR = ("stride", "padding", "dilation", "groups", "padding_mode", "in_channels", "out_channels",
-         "kernel_size", "in_features", "out_features")
+_CTOR = ("stride", "padding", "output_padding", "dilation", "groups", "padding_mode", "in_channels",
+         "out_channels", "kernel_size", "in_features", "out_features")
 
 
 def _build(kind: str) -> tuple[nn.Module, torch.Tensor, list[str]]:
@@ -104,8 +124,10 @@ def test_swap_keeps_weights_attributes_and_outputs(kind):
     assert list(layers) == names
     for n, q in layers.items():
         old = before[n]
-        assert type(q) is {nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d,
-                           nn.Linear: qnn.QuantLinear}[type(old)]
+        assert type(q) is {
+            nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d, nn.Linear: qnn.QuantLinear,
+            nn.ConvTranspose1d: qnn.QuantConvTranspose1d, nn.ConvTranspose2d: qnn.QuantConvTranspose2d,
+        }[type(old)]
         for attr in (a for a in _CTOR if hasattr(old, a)):
             assert getattr(q, attr) == getattr(old, attr), (n, attr)
         assert q.weight is params[n][0] and q.bias is params[n][1]
@@ -155,7 +177,7 @@ def test_nothing_matched_names_the_globs():
     model, _, _ = _build("mlp")
     with pytest.raises(ValueError, match=r"include=\['blocks\.\*'\] exclude=\['\*head'\]"):
         swap_layers(model, include=("blocks.*",), exclude=("*head",))
-    with pytest.raises(ValueError, match="no Conv1d/Conv2d/Linear"):
+    with pytest.raises(ValueError, match="no Linear, Conv1d/Conv2d or ConvTranspose1d/2d layer"):
         swap_layers(model, exclude=("*",))
     assert not quant_layers(model)
 
@@ -262,6 +284,42 @@ def test_applied_scale_is_the_mse_threshold_or_the_absmax(scheme, bits):
     assert weight_error(layer, scheme, bits) <= absmax_err
     if bits <= 3:
         assert weight_error(layer, scheme, bits) < absmax_err
+
+
+@pytest.mark.parametrize("scheme, bits", CANDIDATES)
+def test_transposed_convs_are_quantized_per_output_channel(scheme, bits):
+    model, x, _ = _build("decoder")
+    swap_layers(model, scheme=scheme, bits=bits)
+    for name in ("2", "4"):
+        layer = quant_layers(model)[name]
+        w, wq = layer.weight.detach(), quantized_weight(layer).detach()
+        assert channel_axis(layer) == 1 and w.shape[1] == layer.out_channels
+        threshold = threshold_parameter(layer.weight_quant, scheme, bits).detach().flatten()
+        assert threshold.shape == (layer.out_channels,)
+        # the fitted threshold of output channel o is the one of the channel-first weight's row o
+        assert torch.equal(threshold, mse_threshold(w.transpose(0, 1), scheme, bits))
+        assert torch.equal(threshold, mse_threshold(w, scheme, bits, axis=1))
+        codes, scale = weight_codes(layer)
+        assert scale.shape == (layer.out_channels,)
+        assert torch.equal(dequantize(codes, scale, scheme, bits, axis=1), wq)
+        # every output channel holds its own scheme's levels of its own scale
+        for o in range(layer.out_channels):
+            r = wq[:, o] / scale[o]
+            if scheme == "uniform":
+                torch.testing.assert_close(r, r.round(), rtol=0, atol=1e-4)  # c*step/step, in float
+                assert r.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
+            else:
+                k = torch.log2(r.abs()[r != 0])
+                assert torch.equal(k, k.round()) and k.max() <= 0
+    with torch.no_grad():
+        assert model(x).shape == (2, 2, (8 * 8 - 1) * 3 + 2 * (4 - 1) + 1)  # 8x8 back out, then 1-D
+
+
+def test_grouped_transposed_conv_stays_float_with_a_warning():
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))
+    with pytest.warns(UserWarning, match=r"grouped transposed convolutions stay float.*'1'"):
+        assert swap_layers(model, scheme="pot", bits=4) == ["0"]
+    assert type(model[1]) is nn.ConvTranspose2d
 
 
 def test_swap_layers_fits_the_scale_too():

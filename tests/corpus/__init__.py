@@ -295,6 +295,26 @@ def _tutorial3_synaptic_loss(outputs, targets):
     return loss_val
 
 
+# ------------------------------------------------ 9. snnTorch spiking autoencoder (ConvTranspose2d decoder)
+
+
+def _sae() -> nn.Module:
+    from .snntorch_sae import SAE
+
+    return SAE()
+
+
+def _sae_batches(n: int, seed: int) -> list[Batch]:
+    """Images in [0, 1] at the tutorial's 32x32 (MNIST resized, Normalize((0,), (1,))); the target of a
+    reconstruction is the image itself."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.rand(BATCH_SIZE, 1, 32, 32, generator=gen)
+        out.append((x, x.clone()))
+    return out
+
+
 # ------------------------------------------------ the registry
 
 _SNNTORCH = "jeshraghian/snntorch@634fc22385ec5581998e62787bbe39b53662140f"
@@ -420,6 +440,22 @@ CORPUS: tuple[CorpusModel, ...] = (
         notes="module-level sizes shrunk: num_hidden 1000 -> 32, num_steps 25 -> 6 (a Synaptic neuron "
         "needs a few steps to charge its current: at 4 steps the output layer barely fires); the loss is "
         "a [1] tensor, as in the tutorial",
+    ),
+    CorpusModel(
+        name="snntorch-sae",
+        source=f"{_SNNTORCH} docs/tutorials/tutorial_sae.rst",
+        licence="MIT",
+        exercises="spiking autoencoder: ConvTranspose2d decoder (output channels in the weight's 2nd dim), "
+        "Leaky(output=True) returning (spk, mem) through nn.Sequential, two time loops of its own (encode "
+        "all steps, then decode), utils.reset inside forward, the last membrane as a [B,1,32,32] image, MSE",
+        build=_builder(_sae, _sae_batches),
+        batches=_sae_batches,
+        loss_fn=F.mse_loss,
+        classes=None,
+        silent_neurons=("decoder.9",),
+        notes="module-level num_steps shrunk 5 -> 3 and thresh 1 -> 0.5 (at 1 the untrained latent Leaky "
+        "never fires, so the decoder gets no input); channel widths are fixed by the tutorial (319k "
+        "parameters). decoder.9 (threshold 20000) never fires by design: its membrane is the output",
     ),
 )
 
