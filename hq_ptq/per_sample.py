@@ -9,9 +9,12 @@ batch gradient is a sum over the rows of the layer's output (the rows of a Linea
 
 Which rows belong to which sample is not known for a model we have not seen: a time loop may fold ``[T, B]``
 into one dimension or call a layer once per step. So it is measured. Backward is linear in its seed, so when
-a second backward seeds sample ``i``'s loss with weight ``i + 1``, the output gradient of a row that reaches
-only sample ``i``'s loss comes back multiplied by ``i + 1``. The whole batch is refused (the caller then uses
-micro-batches) when:
+a second backward seeds sample ``i``'s loss with weight ``i + 2``, the output gradient of a row that reaches
+only sample ``i``'s loss comes back multiplied by ``i + 2``. (Not ``i + 1``: a backward that is not linear
+in its seed but ignores its scale, such as a custom Function returning ``sign(grad)`` or a normalised
+gradient, would give every row the ratio 1 and hand all of them to sample 0; with ``i + 2`` the ratio 1
+names no sample and the batch is refused.) The whole batch is refused (the caller then uses micro-batches)
+when:
 
 * an output tensor has no dimension of size ``len(targets)`` to slice samples from, or the mean of the
   per-sample losses is not the batch loss (for every reading of an ambiguous shape);
@@ -37,10 +40,11 @@ from hq_ptq.model_io import call, describe, map_tensors, tensors
 
 __all__ = ["max_samples", "per_sample_squared_norms"]
 
-# a row's seeded gradient must equal (owner + 1) x its plain gradient to this relative error, and its ratio
+# a row's seeded gradient must equal (owner + 2) x its plain gradient to this relative error, and its ratio
 # must be that integer to within ROW_ATOL (relative alone would let a row shared by samples 500 and 501 pass)
 ROW_RTOL = 1e-3
 ROW_ATOL = 0.05
+SEED_OFFSET = 2  # sample i's loss is seeded with weight i + 2 (see the module docstring: 1 would be ambiguous)
 # per-sample gradients must add up to the batch gradient to this error, relative to their root-sum-square
 SUM_RTOL = 1e-3
 # the mean of the per-sample losses must equal the batch loss this closely (as for micro-batches)
@@ -117,10 +121,10 @@ def _owners(plain: torch.Tensor, seeded: torch.Tensor, n: int) -> torch.Tensor |
     k = torch.where(live, torch.round((s * p).sum(1) / pp.clamp_min(torch.finfo(pp.dtype).tiny)), 0.0)
     residual = (s - k[:, None] * p).pow(2).sum(1)
     close = (residual <= ROW_RTOL**2 * ss) & (residual <= ROW_ATOL**2 * pp)
-    ok = torch.where(live, (k >= 1) & (k <= n) & close, ss == 0)
+    ok = torch.where(live, (k >= SEED_OFFSET) & (k < n + SEED_OFFSET) & close, ss == 0)
     if not bool(ok.all()):
         return None
-    return torch.where(live, k - 1, -1.0).long()
+    return torch.where(live, k - SEED_OFFSET, -1.0).long()
 
 
 def _batch_dim_choices(outputs: Any, n: int) -> list[list[int]] | str:
@@ -143,7 +147,7 @@ MAX_CHOICES = 4  # batch-dimension readings tried per batch (each costs two back
 def _loss_seeds(
     outputs: Any, dims: list[int], targets: torch.Tensor, loss_fn: Callable[[Any, Any], torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | str:
-    """``(output tensors, seed of sum_i loss_i, seed of sum_i (i+1) loss_i)`` on the outputs (the loss part
+    """``(output tensors, seed of sum_i loss_i, seed of sum_i (i+2) loss_i)`` on the outputs (the loss part
     of the graph only) with samples sliced along ``dims``, or why the loss does not split into per-sample
     losses."""
     n = len(targets)
@@ -165,7 +169,7 @@ def _loss_seeds(
             return "no output depends on the analysed layers"
         wanted = [leaf for t, leaf in zip(tensors(outputs), tensors(leaves), strict=True) if t.requires_grad]
         plain = torch.autograd.grad(torch.stack(losses).sum(), wanted, retain_graph=True, allow_unused=True)
-        weights = torch.arange(1, n + 1, dtype=losses[0].dtype, device=losses[0].device)
+        weights = torch.arange(SEED_OFFSET, n + SEED_OFFSET, dtype=losses[0].dtype, device=losses[0].device)
         seeded = torch.autograd.grad((torch.stack(losses) * weights).sum(), wanted, allow_unused=True)
     zero = [torch.zeros_like(t) for t in outs]
     return (

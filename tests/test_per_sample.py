@@ -219,7 +219,30 @@ def test_a_row_shared_by_two_samples_is_refused_at_any_batch_size():
     plain = torch.ones(1, 4)
     seeded = plain * 501.5
     assert _owners(plain, seeded, 1000) is None
-    assert _owners(plain, plain * 501, 1000).tolist() == [500]
+    assert _owners(plain, plain * 502, 1000).tolist() == [500]  # sample i is seeded with weight i + 2
+
+
+class _SignGrad(torch.autograd.Function):
+    """Identity forward, sign of the output gradient backward: not linear in the seed, blind to its scale."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.sign()
+
+
+def test_refuses_a_backward_that_ignores_the_scale_of_its_seed():
+    # with seeds i + 1 every row's ratio would be 1, all rows would go to sample 0 and the sums would still
+    # match: wrong per-sample norms, accepted. With i + 2 the ratio 1 names no sample.
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(lin)
+    model.forward = lambda x: _SignGrad.apply(lin(x))  # the sign sits between the layer and the loss
+    got = _one_pass(model, {"0": lin}, _mlp_batch())
+    assert isinstance(got, str) and "rows of layer '0' reach the losses of several samples" in got
 
 
 def test_a_batch_whose_gradients_exceed_the_memory_budget_is_split_into_chunks(monkeypatch):
