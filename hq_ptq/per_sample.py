@@ -44,7 +44,7 @@ __all__ = ["max_samples", "per_sample_squared_norms"]
 # must be that integer to within ROW_ATOL (relative alone would let a row shared by samples 500 and 501 pass)
 ROW_RTOL = 1e-3
 ROW_ATOL = 0.05
-SEED_OFFSET = 2  # sample i's loss is seeded with weight i + 2 (see the module docstring: 1 would be ambiguous)
+SEED_OFFSET = 2  # sample i is seeded with weight i + 2 (module docstring: 1 would be ambiguous)
 # per-sample gradients must add up to the batch gradient to this error, relative to their root-sum-square
 SUM_RTOL = 1e-3
 # the mean of the per-sample losses must equal the batch loss this closely (as for micro-batches)
