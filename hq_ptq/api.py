@@ -13,7 +13,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ from hq_ptq.state import SEARCH_ATTR, apply_plan
 from hq_ptq.swap import (
     QUANT_ATTR,
     find_layers,
+    float_layers,
     quant_layers,
     swap_layers,
     weight_error,
@@ -289,6 +290,8 @@ class Analysis:
     # budget (hq_ptq.energy); None when it could not be measured, and activity_note says why
     activity: dict[str, LayerActivity] | None = None
     activity_note: str = ""
+    # weight layers hq_ptq does not quantize (hq_ptq.swap.float_layers): name -> (type, weights, why)
+    float_layers: dict[str, tuple[str, int, str]] = field(default_factory=dict)
 
 
 def analyze(
@@ -331,6 +334,17 @@ def _score(
     """:func:`analyze` after its checks (``quantize`` has made them already): traces, swap, score table."""
     cands = candidates(config)
     protected = protected_layers(names, config)
+    unquantized = float_layers(model)
+    if unquantized:
+        share = sum(w for _, w, _ in unquantized.values())
+        total = share + sum(model.get_submodule(n).weight.numel() for n in names)
+        first = ", ".join(f"{n} ({kind}: {why})" for n, (kind, _, why) in list(unquantized.items())[:3])
+        warnings.warn(
+            f"{len(unquantized)} weight layers stay float32 ({share:,} of {total:,} layer weights, "
+            f"{100 * share / total:.1f}%; the average bits cover the quantized layers only): {first}"
+            + (" ..." if len(unquantized) > 3 else ""),
+            stacklevel=3,
+        )
     # before any swap or quantizer: the float model's activity on the calibration batches
     activity, activity_note = _measure_activity(model, names, calib)
     if calib is not None and config.search.metric == "loss":
@@ -362,7 +376,7 @@ def _score(
     sizes = {n: layers[n].weight.numel() for n in names}
     return Analysis(
         table, sizes, traces, metric, protected, yielding_layers(names, config), tuple(dead),
-        activity=activity, activity_note=activity_note,
+        activity=activity, activity_note=activity_note, float_layers=unquantized,
     )
 
 
@@ -470,6 +484,8 @@ def search_plan(
         "protected": sorted(protected),
         "released": released,
         "dead_layers": list(analysis.dead),
+        "float_layers": {n: {"type": kind, "weights": w, "why": why}
+                         for n, (kind, w, why) in analysis.float_layers.items()},
     }
     return Plan(layers=plan.layers, budget=plan.budget, method=plan.method, meta=meta)
 

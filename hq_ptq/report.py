@@ -285,6 +285,12 @@ def _markdown(
             "- dead layers (trace zero on the calibration data, ranked least sensitive): "
             + ", ".join(f"`{_cell(n)}`" for n in meta["dead_layers"])
         )
+    if meta.get("float_layers"):
+        left = meta["float_layers"]
+        facts.append(
+            "- left float32 (a layer type hq_ptq does not quantize; not in the average bits): "
+            + ", ".join(f"`{_cell(n)}` ({v['type']}, {v['weights']:,} weights)" for n, v in left.items())
+        )
     if meta.get("released"):
         facts.append(
             "- protection released to reach the budget (searched like the other layers): "

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import warnings
 from collections.abc import Iterable
 
 import brevitas.nn as qnn
@@ -32,6 +31,7 @@ __all__ = [
     "LAYER_MAP",
     "SCALE_INITS",
     "find_layers",
+    "float_layers",
     "layer_quant",
     "layer_state",
     "quant_layers",
@@ -78,6 +78,45 @@ def _grouped_transposed(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1
 
 
+def _quantizable(module: nn.Module) -> bool:
+    return _is_hq_layer(module) or (type(module) in LAYER_MAP and not _grouped_transposed(module))
+
+
+def _why_float(module: nn.Module) -> str | None:
+    """Why hq_ptq leaves this weight layer float32, or None when it is not a weight layer hq_ptq knows."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "F.multi_head_attention_forward reads its in_proj_weight and out_proj.weight directly"
+    if type(module) in LAYER_MAP:
+        return "a grouped transposed convolution (only groups=1 is quantized)"
+    if type(module) in (nn.Conv3d, nn.ConvTranspose3d):
+        return "3-D convolutions are not quantized"
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return ("a subclass of a Linear/Conv type may read its weight in its own forward, which a Brevitas "
+                "layer would bypass; only exact types are swapped")
+    if isinstance(module, (nn.RNNBase, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)):
+        return "this layer type is not quantized"
+    return None
+
+
+def float_layers(model: nn.Module) -> dict[str, tuple[str, int, str]]:
+    """Weight layers of ``model`` that hq_ptq does not quantize whatever the globs say, and stay float32:
+    name → ``(type name, weights in matrices/kernels, why)``. A Linear/Conv *subclass*, a grouped or 3-D
+    transposed convolution, a Conv3d, ``nn.MultiheadAttention`` (its ``out_proj`` counted with it), RNNs,
+    Bilinear and embeddings. :func:`hq_ptq.api.analyze` warns about them: the plan's average bits cover the
+    quantized layers only."""
+    out: dict[str, tuple[str, int, str]] = {}
+    for name, module in model.named_modules():
+        if _quantizable(module) or isinstance(module, QuantWeightBiasInputOutputLayer):
+            continue  # ours, or a Brevitas layer the model brought
+        if any(name.startswith(n + ".") for n in out):
+            continue
+        why = _why_float(module)
+        weights = sum(p.numel() for p in module.parameters() if p.dim() >= 2) if why else 0
+        if weights:
+            out[name] = (type(module).__name__, weights, why)
+    return out
+
+
 def _is_hq_layer(module: nn.Module) -> bool:
     return isinstance(module, QuantWeightBiasInputOutputLayer) and isinstance(
         getattr(module, QUANT_ATTR, None), LayerQuant
@@ -89,23 +128,13 @@ def find_layers(
 ) -> list[str]:
     """Qualified names (model order) of the float Linear/Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d and
     hq_ptq-quantized layers matching an ``include`` glob and no ``exclude`` glob (``fnmatch``,
-    case-sensitive). A grouped transposed convolution is left out, with a warning: it stays float.
+    case-sensitive). A grouped transposed convolution is left out (:func:`float_layers` names it).
 
     Raises:
         ValueError: no layer matched (the message names the globs).
     """
     inc, exc = _as_globs(include, "include"), _as_globs(exclude, "exclude")
-    names, grouped = [], []
-    for n, m in model.named_modules():
-        if not n or not _matches(n, inc, exc):
-            continue
-        if _is_hq_layer(m) or (type(m) in LAYER_MAP and not _grouped_transposed(m)):
-            names.append(n)
-        elif type(m) in LAYER_MAP:
-            grouped.append(n)
-    if grouped:
-        warnings.warn(f"grouped transposed convolutions stay float (only groups=1 is quantized): {grouped}",
-                      stacklevel=2)
+    names = [n for n, m in model.named_modules() if n and _quantizable(m) and _matches(n, inc, exc)]
     if not names:
         raise ValueError(
             f"no {LAYER_TYPES} layer matches include={list(inc)} exclude={list(exc)}; "

@@ -39,6 +39,32 @@ def test_data_free_quantize_warns_and_respects_budget():
     model(torch.randn(2, 1, 8, 8))
 
 
+class _WithAttention(nn.Module):
+    """A CNN whose head attends with nn.MultiheadAttention, which hq_ptq leaves float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(tokens, tokens, tokens)[0].mean(1))
+
+
+def test_layers_left_float_are_warned_about_and_recorded_in_the_plan():
+    torch.manual_seed(0)
+    model = _WithAttention()
+    # in_proj 3*8 x 8 and out_proj 8 x 8 = 256 float weights; conv 8*9 and head 4*8 = 104 quantized
+    match = r"1 weight layers stay float32 \(256 of 360 layer weights, 71\.1%.*attn \(MultiheadAttention: F\."
+    with pytest.warns(UserWarning, match=match):
+        hq_ptq.quantize(model, 4.0, calib_data=_batches())  # the default metric: fisher
+    left = hq_ptq.get_plan(model).meta["float_layers"]
+    assert left == {"attn": {"type": "MultiheadAttention", "weights": 256, "why": left["attn"]["why"]}}
+    assert set(quant_layers(model)) == {"conv", "head"}
+
+
 def test_quantize_with_calibration_and_qat_changes_weights():
     model = small_cnn()
     data = _batches()

@@ -138,12 +138,15 @@ def test_minimal_report_with_unknown_scores(tmp_path: Path):
 
 
 def test_report_lists_dead_and_released_layers(tmp_path: Path):
-    plan = Plan(LAYERS, budget=3.5, meta={"dead_layers": ["fc1"], "released": ["head"]})
+    left = {"attn": {"type": "MultiheadAttention", "weights": 3072, "why": "..."}}
+    plan = Plan(LAYERS, budget=3.5, meta={"dead_layers": ["fc1"], "released": ["head"], "float_layers": left})
     md = write_report(tmp_path, plan=plan, results={})["md"].read_text(encoding="utf-8")
     assert "- dead layers (trace zero on the calibration data, ranked least sensitive): `fc1`" in md
+    assert ("- left float32 (a layer type hq_ptq does not quantize; not in the average bits): "
+            "`attn` (MultiheadAttention, 3,072 weights)") in md
     assert "- protection released to reach the budget (searched like the other layers): `head`" in md
     plain = write_report(tmp_path / "b", plan=PLAN, results={})["md"].read_text(encoding="utf-8")
-    assert "dead layers" not in plain and "released" not in plain
+    assert "dead layers" not in plain and "released" not in plain and "left float32" not in plain
 
 
 def test_rewriting_replaces_files(tmp_path: Path):

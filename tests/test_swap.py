@@ -19,6 +19,7 @@ from hq_ptq.schemes import (
 from hq_ptq.swap import (
     SCALE_INITS,
     find_layers,
+    float_layers,
     layer_quant,
     quant_layers,
     set_layer_quant,
@@ -315,11 +316,29 @@ def test_transposed_convs_are_quantized_per_output_channel(scheme, bits):
         assert model(x).shape == (2, 2, (8 * 8 - 1) * 3 + 2 * (4 - 1) + 1)  # 8x8 back out, then 1-D
 
 
-def test_grouped_transposed_conv_stays_float_with_a_warning():
-    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))
-    with pytest.warns(UserWarning, match=r"grouped transposed convolutions stay float.*'1'"):
-        assert swap_layers(model, scheme="pot", bits=4) == ["0"]
-    assert type(model[1]) is nn.ConvTranspose2d
+class _StandardizedConv(nn.Conv2d):
+    """A user's Conv2d subclass that reads its weight in its own forward (weight standardization)."""
+
+    def forward(self, x):
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        w = (self.weight - mean) / std
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_layers_hq_ptq_cannot_quantize_are_named_with_their_weights_and_reason():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), _StandardizedConv(4, 4, 3),
+        nn.Flatten(), nn.Linear(4, 8), nn.MultiheadAttention(8, 2), nn.Conv3d(1, 2, 3), nn.LayerNorm(8),
+    )
+    assert swap_layers(model, scheme="pot", bits=4) == ["0", "4"]
+    assert type(model[1]) is nn.ConvTranspose2d and type(model[2]) is _StandardizedConv
+    left = float_layers(model)
+    assert list(left) == ["1", "2", "5", "6"]  # LayerNorm's weight is a vector: not a weight layer
+    assert [kind for kind, _, _ in left.values()] == [
+        "ConvTranspose2d", "_StandardizedConv", "MultiheadAttention", "Conv3d"]
+    assert [w for _, w, _ in left.values()] == [4 * 2 * 2 * 2, 4 * 4 * 9, 3 * 8 * 8 + 8 * 8, 2 * 27]
+    assert "grouped" in left["1"][2] and "subclass" in left["2"][2] and "in_proj_weight" in left["5"][2]
+    assert float_layers(nn.Sequential(nn.Linear(2, 2), nn.ConvTranspose1d(2, 2, 3))) == {}
 
 
 def test_swap_layers_fits_the_scale_too():
