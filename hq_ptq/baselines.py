@@ -125,6 +125,10 @@ def torchao_weight_only(
     start = time.perf_counter()
     for name in names:
         b = fixed.get(name, bits)
+        if isinstance(model.get_submodule(targets[name]), nn.modules.conv._ConvTransposeNd):
+            # torchao takes it, quantizes along PerAxis(0) (the input channels here) and then cannot run it
+            refused[name] = "torchao weight-only has no transposed convolution"
+            continue
         config = IntxWeightOnlyConfig(weight_dtype=dtypes[b], granularity=PerAxis(0))
         try:
             quantize_(model, config, filter_fn=lambda _m, fqn, target=targets[name]: fqn == target)

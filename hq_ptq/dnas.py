@@ -43,7 +43,7 @@ from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.space import candidates as allowed_candidates
 from hq_ptq.space import protected_layers
-from hq_ptq.swap import LAYER_MAP, LAYER_TYPES, find_layers, swap_layers
+from hq_ptq.swap import LAYER_MAP, LAYER_TYPES, find_layers, quantizable, swap_layers
 
 __all__ = ["DNASConfig", "MixedQuantLayer", "decode_plan", "dnas_search", "relax"]
 
@@ -107,8 +107,9 @@ class MixedQuantLayer(nn.Module):
 
     def __init__(self, layer: nn.Module, candidates: Sequence[Candidate]) -> None:
         super().__init__()
-        if type(layer) not in LAYER_MAP:
-            raise ValueError(f"MixedQuantLayer takes a {LAYER_TYPES} layer, got {type(layer).__name__}")
+        if not quantizable(layer):
+            raise ValueError(f"MixedQuantLayer takes a {LAYER_TYPES} layer (groups=1 if transposed), got "
+                             f"{type(layer).__name__}")
         if not candidates:
             raise ValueError("MixedQuantLayer needs at least one (scheme, bits) candidate")
         self.layer = layer

@@ -94,7 +94,8 @@ def _layer_weights(layers: Mapping[str, nn.Module]) -> dict[str, nn.Parameter]:
         if id(w) in seen:
             # A shared weight would be counted twice in the joint Hessian-vector product.
             raise ValueError(
-                f"layers {seen[id(w)]!r} and {name!r} share one weight; list a shared weight once"
+                f"layers {seen[id(w)]!r} and {name!r} share one weight (tied); hq_ptq quantizes a weight "
+                f"once: exclude one of them, e.g. QuantConfig(exclude=({name!r},))"
             )
         seen[id(w)] = name
         weights[name] = w

@@ -17,7 +17,7 @@ from torch import nn
 
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.schemes import weight_quant
-from hq_ptq.swap import LAYER_MAP, LAYER_TYPES, layer_state, quant_layers, set_layer_quant, swap_layers
+from hq_ptq.swap import LAYER_TYPES, layer_state, quant_layers, quantizable, set_layer_quant, swap_layers
 
 __all__ = ["SEARCH_ATTR", "SearchReport", "apply_plan", "get_plan"]
 
@@ -49,10 +49,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, scale_init: str = "mse") -> nn.M
     if missing:
         raise ValueError(f"plan names layers the model does not have: {', '.join(missing[:5])}")
     layers = quant_layers(model)
-    odd = [c.name for c in plan.layers if c.name not in layers and type(modules[c.name]) not in LAYER_MAP]
+    odd = [c.name for c in plan.layers if c.name not in layers and not quantizable(modules[c.name])]
     if odd:
         kinds = ", ".join(f"{n} ({type(modules[n]).__name__})" for n in odd[:5])
-        raise ValueError(f"plan names layers that are not {LAYER_TYPES}: {kinds}")
+        raise ValueError(f"plan names layers that are not {LAYER_TYPES} (groups=1 if transposed): {kinds}")
     for choice in plan.layers:
         weight_quant(choice.scheme, choice.bits)  # raises on an unknown scheme or bits
     to_swap = [c.name for c in plan.layers if c.name not in layers]

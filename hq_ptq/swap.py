@@ -35,6 +35,7 @@ __all__ = [
     "layer_quant",
     "layer_state",
     "quant_layers",
+    "quantizable",
     "set_layer_quant",
     "swap_layers",
     "weight_error",
@@ -46,11 +47,28 @@ log = logging.getLogger(__name__)
 # reads as a raw tensor) would be silently bypassed if swapped, and Brevitas layers subclass these too.
 # Transposed convolutions (decoders, e.g. snnTorch's spiking autoencoder) keep their output channels in the
 # weight's second dimension; schemes.channel_axis tells every per-channel step so.
+class QuantConvTranspose1d(qnn.QuantConvTranspose1d):
+    """Brevitas' layer, with ``forward(x, output_size)`` sized as torch sizes it: Brevitas 0.13.4 leaves the
+    dilation out of the output padding, so a dilated layer called with ``output_size`` was refused."""
+
+    def compute_output_padding(self, inp, output_size):
+        return self._output_padding(inp, output_size, self.stride, self.padding, self.kernel_size,
+                                    num_spatial_dims=1, dilation=self.dilation)
+
+
+class QuantConvTranspose2d(qnn.QuantConvTranspose2d):
+    """As :class:`QuantConvTranspose1d`, in 2-D."""
+
+    def compute_output_padding(self, inp, output_size):
+        return self._output_padding(inp, output_size, self.stride, self.padding, self.kernel_size,
+                                    num_spatial_dims=2, dilation=self.dilation)
+
+
 LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: qnn.QuantConv1d,
     nn.Conv2d: qnn.QuantConv2d,
-    nn.ConvTranspose1d: qnn.QuantConvTranspose1d,
-    nn.ConvTranspose2d: qnn.QuantConvTranspose2d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: qnn.QuantLinear,
 }
 LAYER_TYPES = "Linear, Conv1d/Conv2d or ConvTranspose1d/2d"
@@ -78,8 +96,13 @@ def _grouped_transposed(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups != 1
 
 
+def quantizable(module: nn.Module) -> bool:
+    """A float layer hq_ptq swaps (an exact LAYER_MAP type, transposed only with groups=1)."""
+    return type(module) in LAYER_MAP and not _grouped_transposed(module)
+
+
 def _quantizable(module: nn.Module) -> bool:
-    return _is_hq_layer(module) or (type(module) in LAYER_MAP and not _grouped_transposed(module))
+    return _is_hq_layer(module) or quantizable(module)
 
 
 def _why_float(module: nn.Module) -> str | None:

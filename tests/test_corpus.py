@@ -18,7 +18,7 @@ from corpus import CORPUS, CorpusModel, by_name
 import hq_ptq
 from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.model_io import call, tensors
-from hq_ptq.schemes import quantized_weight
+from hq_ptq.schemes import channel_axis, quantized_weight
 from hq_ptq.snn import reset_states, to_multistep
 from hq_ptq.swap import layer_quant, quant_layers
 
@@ -39,7 +39,7 @@ def _check_plan(model: torch.nn.Module, budget: float) -> hq_ptq.Plan:
         scheme, bits = layer_quant(layer)
         if scheme == "pot":  # every weight is 0 or ±s·2^-k of its channel's scale
             with torch.no_grad():
-                w = quantized_weight(layer).flatten(1)
+                w = quantized_weight(layer).movedim(channel_axis(layer), 0).flatten(1)
             scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
             ratio = w.abs() / scale
             k = torch.log2(ratio[ratio > 0])

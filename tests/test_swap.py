@@ -7,6 +7,7 @@ import torch
 from snntorch import utils as snn_utils
 from torch import nn
 
+from hq_ptq import swap
 from hq_ptq.schemes import (
     SCHEMES,
     channel_axis,
@@ -127,7 +128,7 @@ def test_swap_keeps_weights_attributes_and_outputs(kind):
         old = before[n]
         assert type(q) is {
             nn.Conv1d: qnn.QuantConv1d, nn.Conv2d: qnn.QuantConv2d, nn.Linear: qnn.QuantLinear,
-            nn.ConvTranspose1d: qnn.QuantConvTranspose1d, nn.ConvTranspose2d: qnn.QuantConvTranspose2d,
+            nn.ConvTranspose1d: swap.QuantConvTranspose1d, nn.ConvTranspose2d: swap.QuantConvTranspose2d,
         }[type(old)]
         for attr in (a for a in _CTOR if hasattr(old, a)):
             assert getattr(q, attr) == getattr(old, attr), (n, attr)
@@ -314,6 +315,42 @@ def test_transposed_convs_are_quantized_per_output_channel(scheme, bits):
                 assert torch.equal(k, k.round()) and k.max() <= 0
     with torch.no_grad():
         assert model(x).shape == (2, 2, (8 * 8 - 1) * 3 + 2 * (4 - 1) + 1)  # 8x8 back out, then 1-D
+
+
+def test_a_dilated_transposed_conv_still_takes_output_size():
+    # Brevitas 0.13.4 sizes the output padding without the dilation; hq_ptq's subclass passes it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose1d(2, 3, 3, stride=2, dilation=2))
+    x = torch.randn(1, 2, 5)
+    with torch.no_grad():
+        want = model[0](x, output_size=[14])
+    swap_layers(model, scheme="uniform", bits=8)
+    model[0].weight_quant.disable_quant = True
+    with torch.no_grad():
+        assert torch.equal(model[0](x, output_size=[14]), want)
+
+
+def test_a_plan_naming_a_grouped_transposed_conv_is_refused_before_any_swap():
+    from hq_ptq.plan import LayerChoice, Plan
+    from hq_ptq.state import apply_plan
+
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))
+    plan = Plan((LayerChoice("0", "uniform", 4, 8, 0.0), LayerChoice("1", "uniform", 4, 32, 0.0)))
+    with pytest.raises(ValueError, match=r"groups=1 if transposed\): 1 \(ConvTranspose2d\)"):
+        apply_plan(model, plan)
+    assert type(model[0]) is nn.Conv2d  # nothing swapped
+
+
+def test_torchao_baseline_leaves_a_transposed_conv_float_and_says_why():
+    from hq_ptq.baselines import torchao_weight_only
+
+    torch.manual_seed(0)
+    model = _decoder()
+    res = torchao_weight_only(model, 8)
+    assert set(res.bits) == {"0"} and set(res.refused) == {"2", "4"}
+    assert "transposed" in res.refused["2"]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 8, 8))  # still runs
 
 
 class _StandardizedConv(nn.Conv2d):
