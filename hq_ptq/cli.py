@@ -117,6 +117,8 @@ def train_cmd(
 
     r = load_recipe(recipe, set_ or [])
     model, result, path = train_recipe(r, out)
+    if result.resumed_after:
+        console.print(f"resumed: training continued after epoch {result.resumed_after} of {result.epochs}")
     n = sum(p.numel() for p in model.parameters())
     console.print(f"trained {r.model_name} ({n:,} parameters) on {r.data_name} in {result.seconds:.0f}s")
     console.print(f"test accuracy: [bold]{100 * result.test_accuracy:.2f}%[/bold]   checkpoint: {path}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -262,8 +263,17 @@ def quantize_checkpoint(
     return get_plan(net), fp_acc, q_acc, Path(out)
 
 
+def train_state_path(out: str | os.PathLike) -> Path:
+    """Where ``hq-ptq train`` keeps its per-epoch checkpoint for the float model it writes to ``out``."""
+    out = Path(out)
+    return out.with_name(out.name + ".train.pt")
+
+
 def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, TrainResult, Path]:
     """Train the recipe's float model and save it to ``out`` (default: the recipe's fp_checkpoint).
+
+    After every epoch the run is checkpointed beside ``out`` (``<out>.train.pt``, :func:`train_state_path`):
+    a run stopped on the way continues from its last epoch when the same command is run again.
 
     A factory model is trained with the recipe's ``[model] loss`` (default cross-entropy) and
     ``output_fn``, without augmentation; its file records the factory (never imported on load) and loads
@@ -273,12 +283,14 @@ def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, Tr
     check_references(recipe)
     train, test = recipe_loaders(recipe)
     model = build_recipe_model(recipe)
+    state = train_state_path(out)
     if is_user_recipe(recipe):
         loss_fn, output_fn = recipe_functions(recipe)
         config = replace(recipe.train, shift_augment=_shift(recipe))
-        result = train_float(model, train, test, config, loss_fn=loss_fn, output_fn=output_fn)
+        result = train_float(model, train, test, config, loss_fn=loss_fn, output_fn=output_fn,
+                             checkpoint=state)
     else:
-        result = train_float(model, train, test, recipe.train)
+        result = train_float(model, train, test, recipe.train, checkpoint=state)
     meta = {
         "recipe": recipe.name,
         "model": recipe.model,

@@ -36,8 +36,9 @@ def enabled() -> bool:
 
 
 @contextmanager
-def task(description: str, total: int | None) -> Iterator[Callable[..., None]]:
-    """Show a bar for one step; yields ``update(advance=1, **fields)``.
+def task(description: str, total: int | None, completed: int = 0) -> Iterator[Callable[..., None]]:
+    """Show a bar for one step (``completed`` of ``total`` already done, e.g. by a resumed run); yields
+    ``update(advance=1, **fields)``.
 
     Example:
         with task("calibrate", total=len(batches)) as update:
@@ -62,7 +63,7 @@ def task(description: str, total: int | None) -> Iterator[Callable[..., None]]:
         )
         _active.start()
     progress = _active
-    task_id = progress.add_task(description, total=total, info="")
+    task_id = progress.add_task(description, total=total, completed=completed, info="")
 
     def update(advance: float = 1, **fields: object) -> None:
         info = " ".join(f"{k}={v}" for k, v in fields.items())

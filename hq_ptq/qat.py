@@ -20,7 +20,6 @@ float32, and a checkpoint resumes only under the precision it was written with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -47,10 +46,9 @@ from hq_ptq.distributed import (
     current_shard,
     data_digest,
 )
-from hq_ptq.files import atomic_write
 from hq_ptq.model_io import OutputFn, call, class_scores, describe, tensors
 from hq_ptq.snn import reset_states, stable_surrogates
-from hq_ptq.train import cosine_lr
+from hq_ptq.train import content_digest, cosine_lr, save_state
 
 log = logging.getLogger(__name__)
 
@@ -140,37 +138,10 @@ def _shapes(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def _content_digest(obj: Any) -> str:
-    """sha256 over every tensor's bytes and every value of a nested state, keys in sorted order."""
-    h = hashlib.sha256()
-
-    def feed(x: Any) -> None:
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous().reshape(-1)
-            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
-            if t.numel():
-                h.update(t.view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, dict):
-            h.update(f"D{len(x)}".encode())
-            for k in sorted(x, key=repr):
-                h.update(repr(k).encode())
-                feed(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for item in x:
-                feed(item)
-        else:
-            h.update(f"V{x!r}".encode())
-
-    feed(obj)
-    return h.hexdigest()
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write a QAT checkpoint (a dict of tensors and plain data) atomically with ``torch.save``, with a
     sha256 of its content so a damaged file is refused rather than resumed from."""
-    doc = {**state, "sha256": _content_digest(state)}
-    return atomic_write(path, lambda tmp: torch.save(doc, tmp))
+    return save_state(path, state)
 
 
 def load_checkpoint(
@@ -206,7 +177,7 @@ def load_checkpoint(
         )
     try:
         digest = doc.pop("sha256")
-        if not isinstance(digest, str) or digest != _content_digest(doc):
+        if not isinstance(digest, str) or digest != content_digest(doc):
             raise ValueError(f"QAT checkpoint {path}: checksum mismatch, the file is altered; {fix}")
         want = _shapes(model)
         if doc["shapes"] != want:

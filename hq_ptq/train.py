@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +18,7 @@ from torch import nn
 
 from hq_ptq import progress
 from hq_ptq.devices import batch_to, model_device
+from hq_ptq.files import atomic_write
 from hq_ptq.model_io import OutputFn, call, class_scores, describe
 from hq_ptq.snn import reset_states
 
@@ -50,6 +55,73 @@ class TrainResult:
     train_loss: float
     seconds: float
     epochs: int
+    resumed_after: int = 0  # epochs a checkpoint had already done (0: trained from scratch)
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 over every tensor's bytes and every value of a nested state, keys in sorted order."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(x.shape)}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for item in x:
+                feed(item)
+        else:
+            h.update(f"V{x!r}".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a training or QAT checkpoint (a dict of tensors and plain data) atomically with ``torch.save``,
+    with a sha256 of its content so a damaged file is refused rather than resumed from."""
+    doc = {**state, "sha256": content_digest(state)}
+    return atomic_write(path, lambda tmp: torch.save(doc, tmp))
+
+
+TRAIN_CHECKPOINT_FORMAT = "hq_ptq.train"
+TRAIN_CHECKPOINT_VERSION = 1
+
+
+def _train_settings(config: TrainConfig, steps_per_epoch: int | None) -> str:
+    return json.dumps({**asdict(config), "steps_per_epoch": steps_per_epoch}, sort_keys=True)
+
+
+def _load_train_state(path: Path, model: nn.Module, settings: str) -> dict[str, Any]:
+    """A training checkpoint for this model and these settings, validated, or a one-line ValueError."""
+    fix = f"delete {path} to start over"
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and EOF errors all mean the same to the user
+        detail = str(err).strip()[:200]
+        raise ValueError(f"training checkpoint {path} is unreadable ({detail}); {fix}") from None
+    if not isinstance(doc, dict) or doc.get("format") != TRAIN_CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an hq_ptq training checkpoint; {fix}")
+    if doc.get("format_version") != TRAIN_CHECKPOINT_VERSION:
+        version = doc.get("format_version")
+        raise ValueError(f"training checkpoint {path} has format version {version!r}; {fix}")
+    digest = doc.pop("sha256", None)
+    if digest != content_digest(doc):
+        raise ValueError(f"training checkpoint {path}: checksum mismatch, the file is altered; {fix}")
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if doc["shapes"] != shapes:
+        raise ValueError(f"training checkpoint {path} holds another model; {fix}")
+    if doc["settings"] != settings:
+        raise ValueError(f"training checkpoint {path} was written with other settings ({doc['settings']}); "
+                         f"train with the same ones or {fix}")
+    return doc
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -129,6 +201,7 @@ def train_float(
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     output_fn: OutputFn | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with AdamW + cosine; returns test accuracy when test data is given.
 
@@ -137,6 +210,11 @@ def train_float(
     smoothing). ``config.shift_augment`` shifts zoo-style ``[T, B, C, H, W]`` frames; leave it 0 for any
     other input. Accuracy is read through ``output_fn`` (see :func:`evaluate`). Batches are moved to the
     model's device (after the shift).
+
+    With ``checkpoint``, the model, optimizer, schedule and every random state (torch's, the shifts', a
+    DataLoader's shuffle generator) are written there atomically after each epoch, and a run that finds the
+    file continues after its last epoch, bit for bit as if it had not stopped (a file from another model or
+    other settings is refused, naming it). The file is removed when training ends.
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -158,13 +236,30 @@ def train_float(
     # without a length the schedule is unknown: constant learning rate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup) if total else 1.0)
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    # a DataLoader shuffles with its own generator when it has one (else with torch's, saved anyway)
+    shuffle = getattr(train_batches, "generator", None)
+    shuffle = shuffle if isinstance(shuffle, torch.Generator) else None
+    path = Path(checkpoint) if checkpoint is not None else None
+    settings = _train_settings(config, steps_per_epoch)
+    first_epoch, running = 0, float("nan")
+    if path is not None and path.is_file():
+        doc = _load_train_state(path, model, settings)
+        model.load_state_dict(doc["model"])
+        opt.load_state_dict(doc["optimizer"])
+        sched.load_state_dict(doc["schedule"])
+        torch.set_rng_state(doc["rng"]["torch"])
+        gen.set_state(doc["rng"]["shift"])
+        if shuffle is not None and doc["rng"]["shuffle"] is not None:
+            shuffle.set_state(doc["rng"]["shuffle"])
+        first_epoch, running = doc["epoch"], doc["loss"]
+        log.info("resumed training after epoch %d of %d from %s", first_epoch, config.epochs, path)
     start = time.perf_counter()
     model.train()
     device = model_device(model)
-    running = float("nan")
     try:
-        with progress.task("train", total=total) as update:
-            for epoch in range(config.epochs):
+        done = first_epoch * steps_per_epoch if steps_per_epoch else 0
+        with progress.task("train", total=total, completed=done) as update:
+            for epoch in range(first_epoch, config.epochs):
                 for inputs, targets in train_batches:
                     if config.shift_augment:
                         inputs = random_shift(inputs, config.shift_augment, gen)
@@ -184,10 +279,23 @@ def train_float(
                 if not math.isfinite(running):
                     raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {running})")
                 log.info("epoch %d loss %.4f", epoch + 1, running)
+                if path is not None:
+                    save_state(path, {
+                        "format": TRAIN_CHECKPOINT_FORMAT, "format_version": TRAIN_CHECKPOINT_VERSION,
+                        "settings": settings, "epoch": epoch + 1, "loss": running,
+                        "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "schedule": sched.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "shift": gen.get_state(),
+                                "shuffle": shuffle.get_state() if shuffle is not None else None},
+                    })
                 if on_epoch is not None:
                     on_epoch(epoch + 1, running)
     finally:
         reset_states(model)  # no membrane of the last batch (with its graph) stays behind
     seconds = time.perf_counter() - start
+    if path is not None:
+        path.unlink(missing_ok=True)  # trained: the float checkpoint the caller writes is the result
     acc = evaluate(model, test_batches, output_fn=output_fn) if test_batches is not None else None
-    return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs)
+    return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs,
+                       resumed_after=first_epoch)

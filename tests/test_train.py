@@ -77,3 +77,44 @@ def test_random_shift_moves_each_sample_within_bounds():
     assert torch.equal(random_shift(x, 0, g), x)
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _resumable_run(tmp_path, config: TrainConfig, stop_after: int | None = None):
+    # fresh loaders and model each time, as a new process would build them
+    train, _ = make_loaders("digits", batch_size=16, T=2, train_subset=64, test_subset=16)
+    torch.manual_seed(1)
+    model = build_model("spikformer-tiny", embed_dim=16, num_heads=2, depth=1)
+
+    def crash(epoch: int, loss: float) -> None:
+        if epoch == stop_after:
+            raise _Stop
+
+    result = train_float(model, train, None, config, on_epoch=crash, checkpoint=tmp_path / "run.train.pt")
+    return model, result
+
+
+def test_a_stopped_training_run_continues_bit_for_bit(tmp_path):
+    config = TrainConfig(epochs=3, lr=1e-2, shift_augment=1)
+    whole, _ = _resumable_run(tmp_path / "a", config)
+    assert not (tmp_path / "a" / "run.train.pt").exists()  # removed once trained
+    with pytest.raises(_Stop):
+        _resumable_run(tmp_path / "b", config, stop_after=2)
+    assert (tmp_path / "b" / "run.train.pt").is_file()
+    resumed, result = _resumable_run(tmp_path / "b", config)
+    assert result.resumed_after == 2 and not (tmp_path / "b" / "run.train.pt").exists()
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_a_training_checkpoint_from_other_settings_is_refused(tmp_path):
+    with pytest.raises(_Stop):
+        _resumable_run(tmp_path, TrainConfig(epochs=3, lr=1e-2), stop_after=1)
+    with pytest.raises(ValueError, match=r"run\.train\.pt was written with other settings .*delete .* start"):
+        _resumable_run(tmp_path, TrainConfig(epochs=3, lr=5e-3))
+    (tmp_path / "run.train.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"training checkpoint .* is unreadable"):
+        _resumable_run(tmp_path, TrainConfig(epochs=3, lr=1e-2))
