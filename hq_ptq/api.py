@@ -55,6 +55,7 @@ from hq_ptq.swap import (
     find_layers,
     float_layers,
     quant_layers,
+    quantizable,
     swap_layers,
     weight_error,
 )
@@ -337,7 +338,10 @@ def _score(
     unquantized = float_layers(model)
     if unquantized:
         share = sum(w for _, w, _ in unquantized.values())
-        total = share + sum(model.get_submodule(n).weight.numel() for n in names)
+        # every distinct layer weight: the searched layers', these, and those the globs leave out
+        kept = {id(m.weight): m.weight.numel() for n, m in model.named_modules()
+                if n and (quantizable(m) or n in names)}
+        total = share + sum(kept.values())
         first = ", ".join(f"{n} ({kind}: {why})" for n, (kind, _, why) in list(unquantized.items())[:3])
         warnings.warn(
             f"{len(unquantized)} weight layers stay float32 ({share:,} of {total:,} layer weights, "

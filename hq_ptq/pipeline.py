@@ -297,10 +297,12 @@ def train_recipe(recipe: Recipe, out: Path | None = None) -> tuple[nn.Module, Tr
         "dataset": recipe.data,
         "train": asdict(recipe.train),
         "test_accuracy": result.test_accuracy,
-        "seconds": round(result.seconds, 1),
+        "seconds": round(result.seconds, 1),  # of the last call: a resumed run's own part
+        "resumed_after_epoch": result.resumed_after,
         "command": f"hq-ptq train {recipe.name}",
     }
     save_float(model, out, meta=meta, factory=recipe.model_factory)
+    state.unlink(missing_ok=True)  # only now: a crash before the float file exists keeps the run
     return model, result, Path(out)
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from collections.abc import Iterable
 
 import brevitas.nn as qnn
 import torch
+from brevitas.nn.mixin.parameter import QuantWeightMixin
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from torch import nn
 
@@ -116,7 +118,7 @@ def _why_float(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return ("a subclass of a Linear/Conv type may read its weight in its own forward, which a Brevitas "
                 "layer would bypass; only exact types are swapped")
-    if isinstance(module, (nn.RNNBase, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase, nn.Bilinear, nn.Embedding, nn.EmbeddingBag)):
         return "this layer type is not quantized"
     return None
 
@@ -128,16 +130,28 @@ def float_layers(model: nn.Module) -> dict[str, tuple[str, int, str]]:
     Bilinear and embeddings. :func:`hq_ptq.api.analyze` warns about them: the plan's average bits cover the
     quantized layers only."""
     out: dict[str, tuple[str, int, str]] = {}
+    seen: set[int] = set()  # a weight tied between layers counts once
     for name, module in model.named_modules():
-        if _quantizable(module) or isinstance(module, QuantWeightBiasInputOutputLayer):
+        if _quantizable(module) or isinstance(module, QuantWeightMixin):
             continue  # ours, or a Brevitas layer the model brought
-        if any(name.startswith(n + ".") for n in out):
-            continue
+        if any(n == "" or name.startswith(n + ".") for n in out):
+            continue  # inside a layer already named (the root included)
         why = _why_float(module)
-        weights = sum(p.numel() for p in module.parameters() if p.dim() >= 2) if why else 0
-        if weights:
-            out[name] = (type(module).__name__, weights, why)
+        if why is None:
+            continue
+        mats = [p for p in module.parameters() if p.dim() >= 2 and id(p) not in seen]
+        seen.update(id(p) for p in mats)
+        if mats:
+            out[name] = (type(module).__name__, sum(p.numel() for p in mats), why)
     return out
+
+
+def _warn_grouped_transposed(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    grouped = [n for n, m in model.named_modules()
+               if n and type(m) in LAYER_MAP and _grouped_transposed(m) and _matches(n, include, exclude)]
+    if grouped:
+        warnings.warn(f"grouped transposed convolutions stay float32 (only groups=1 is quantized): {grouped}",
+                      stacklevel=3)
 
 
 def _is_hq_layer(module: nn.Module) -> bool:
@@ -246,6 +260,7 @@ def swap_layers(
     injector = weight_quant(scheme, bits)
     _check_scale_init(scale_init)
     targets = set(find_layers(model, include, exclude))
+    _warn_grouped_transposed(model, _as_globs(include, "include"), _as_globs(exclude, "exclude"))
     modules = list(model.named_modules(remove_duplicate=False))
     already = sum(1 for n, m in model.named_modules() if n in targets and _is_hq_layer(m))
     replaced: dict[int, nn.Module] = {}

@@ -115,6 +115,9 @@ def _load_train_state(path: Path, model: nn.Module, settings: str) -> dict[str, 
     digest = doc.pop("sha256", None)
     if digest != content_digest(doc):
         raise ValueError(f"training checkpoint {path}: checksum mismatch, the file is altered; {fix}")
+    missing = {"shapes", "settings", "epoch", "loss", "model", "optimizer", "schedule", "rng"} - set(doc)
+    if missing:
+        raise ValueError(f"training checkpoint {path} is malformed (no {', '.join(sorted(missing))}); {fix}")
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     if doc["shapes"] != shapes:
         raise ValueError(f"training checkpoint {path} holds another model; {fix}")
@@ -122,6 +125,38 @@ def _load_train_state(path: Path, model: nn.Module, settings: str) -> dict[str, 
         raise ValueError(f"training checkpoint {path} was written with other settings ({doc['settings']}); "
                          f"train with the same ones or {fix}")
     return doc
+
+
+def _shuffle_generators(batches: Any) -> list[torch.Generator]:
+    """The generators a DataLoader shuffles with: its own, its sampler's, its batch sampler's sampler's
+    (each once). Torch's global generator, used when there is none, is saved anyway."""
+    found: list[torch.Generator] = []
+    for owner in (batches, getattr(batches, "sampler", None),
+                  getattr(getattr(batches, "batch_sampler", None), "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator) and all(g is not f for f in found):
+            found.append(g)
+    return found
+
+
+def _rng_states(gen: torch.Generator, shuffles: list[torch.Generator]) -> dict[str, Any]:
+    in_use = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda = torch.cuda.get_rng_state_all() if in_use else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "shift": gen.get_state(),
+            "shuffle": [g.get_state() for g in shuffles]}
+
+
+def _set_rng_states(states: dict[str, Any], gen: torch.Generator, shuffles: list[torch.Generator],
+                    path: Path) -> None:
+    if len(states["shuffle"]) != len(shuffles):
+        raise ValueError(f"training checkpoint {path} holds {len(states['shuffle'])} shuffle generator "
+                         f"states, the training data has {len(shuffles)}; delete {path} to start over")
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    gen.set_state(states["shift"])
+    for g, state in zip(shuffles, states["shuffle"], strict=True):
+        g.set_state(state)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -212,9 +247,11 @@ def train_float(
     model's device (after the shift).
 
     With ``checkpoint``, the model, optimizer, schedule and every random state (torch's, the shifts', a
-    DataLoader's shuffle generator) are written there atomically after each epoch, and a run that finds the
-    file continues after its last epoch, bit for bit as if it had not stopped (a file from another model or
-    other settings is refused, naming it). The file is removed when training ends.
+    DataLoader's shuffle generators, CUDA's when in use) are written there atomically after each epoch, and a
+    run that finds the file continues after its last epoch, bit for bit as if it had not stopped (a file
+    from another model or other settings is refused, naming it; the data are not checked). The caller
+    removes the file once it has saved the trained model (a finished run's file resumes to the end at once).
+    ``seconds`` of the result count this call's training only.
     """
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -236,9 +273,7 @@ def train_float(
     # without a length the schedule is unknown: constant learning rate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup) if total else 1.0)
     loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    # a DataLoader shuffles with its own generator when it has one (else with torch's, saved anyway)
-    shuffle = getattr(train_batches, "generator", None)
-    shuffle = shuffle if isinstance(shuffle, torch.Generator) else None
+    shuffles = _shuffle_generators(train_batches)
     path = Path(checkpoint) if checkpoint is not None else None
     settings = _train_settings(config, steps_per_epoch)
     first_epoch, running = 0, float("nan")
@@ -247,10 +282,7 @@ def train_float(
         model.load_state_dict(doc["model"])
         opt.load_state_dict(doc["optimizer"])
         sched.load_state_dict(doc["schedule"])
-        torch.set_rng_state(doc["rng"]["torch"])
-        gen.set_state(doc["rng"]["shift"])
-        if shuffle is not None and doc["rng"]["shuffle"] is not None:
-            shuffle.set_state(doc["rng"]["shuffle"])
+        _set_rng_states(doc["rng"], gen, shuffles, path)
         first_epoch, running = doc["epoch"], doc["loss"]
         log.info("resumed training after epoch %d of %d from %s", first_epoch, config.epochs, path)
     start = time.perf_counter()
@@ -286,16 +318,13 @@ def train_float(
                         "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
                         "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "schedule": sched.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(), "shift": gen.get_state(),
-                                "shuffle": shuffle.get_state() if shuffle is not None else None},
+                        "rng": _rng_states(gen, shuffles),
                     })
                 if on_epoch is not None:
                     on_epoch(epoch + 1, running)
     finally:
         reset_states(model)  # no membrane of the last batch (with its graph) stays behind
     seconds = time.perf_counter() - start
-    if path is not None:
-        path.unlink(missing_ok=True)  # trained: the float checkpoint the caller writes is the result
     acc = evaluate(model, test_batches, output_fn=output_fn) if test_batches is not None else None
     return TrainResult(test_accuracy=acc, train_loss=running, seconds=seconds, epochs=config.epochs,
                        resumed_after=first_epoch)

@@ -27,6 +27,7 @@ from hq_ptq.swap import (
     swap_layers,
     weight_error,
 )
+from hq_ptq.swap import _why_float as _why
 
 CANDIDATES = [(s, b) for s in SCHEMES if s in ("uniform", "pot") for b in SCHEMES[s].bits]
 
@@ -376,6 +377,22 @@ def test_layers_hq_ptq_cannot_quantize_are_named_with_their_weights_and_reason()
     assert [w for _, w, _ in left.values()] == [4 * 2 * 2 * 2, 4 * 4 * 9, 3 * 8 * 8 + 8 * 8, 2 * 27]
     assert "grouped" in left["1"][2] and "subclass" in left["2"][2] and "in_proj_weight" in left["5"][2]
     assert float_layers(nn.Sequential(nn.Linear(2, 2), nn.ConvTranspose1d(2, 2, 3))) == {}
+    # an LSTM cell (snnTorch's SLSTM holds one), a Brevitas layer the model brought, a tied weight once
+    plain = "this layer type is not quantized"
+    assert float_layers(nn.Sequential(nn.LSTMCell(3, 4))) == {"0": ("LSTMCell", 4 * 4 * (3 + 4), plain)}
+    assert float_layers(nn.Sequential(qnn.QuantEmbedding(10, 4), nn.Linear(4, 10))) == {}
+    emb, tied = nn.Embedding(10, 4), nn.Embedding(10, 4)
+    tied.weight = emb.weight
+    mha = nn.MultiheadAttention(4, 1)
+    assert float_layers(nn.Sequential(emb, tied, mha)) == {
+        "0": ("Embedding", 40, plain), "2": ("MultiheadAttention", 3 * 4 * 4 + 4 * 4, _why(mha))}
+    assert list(float_layers(nn.MultiheadAttention(4, 1))) == [""]  # the root, its out_proj inside it
+
+
+def test_swap_layers_warns_about_a_grouped_transposed_conv_it_leaves_float():
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2))
+    with pytest.warns(UserWarning, match=r"grouped transposed convolutions stay float32.*\['1'\]"):
+        assert swap_layers(model, scheme="pot", bits=4) == ["0"]
 
 
 def test_swap_layers_fits_the_scale_too():

@@ -14,6 +14,7 @@ from hq_ptq.train import TrainConfig, cosine_lr, evaluate, random_shift, train_f
 @pytest.fixture(scope="module")
 def trained():
     train, test = make_loaders("digits", batch_size=16, T=2, train_subset=160, test_subset=60)
+    torch.manual_seed(0)  # the initial weights do not depend on what ran before in this process
     model = build_model("spikformer-tiny", embed_dim=32, num_heads=2, depth=1)
     losses: list[float] = []
     result = train_float(
@@ -100,14 +101,42 @@ def _resumable_run(tmp_path, config: TrainConfig, stop_after: int | None = None)
 def test_a_stopped_training_run_continues_bit_for_bit(tmp_path):
     config = TrainConfig(epochs=3, lr=1e-2, shift_augment=1)
     whole, _ = _resumable_run(tmp_path / "a", config)
-    assert not (tmp_path / "a" / "run.train.pt").exists()  # removed once trained
     with pytest.raises(_Stop):
         _resumable_run(tmp_path / "b", config, stop_after=2)
     assert (tmp_path / "b" / "run.train.pt").is_file()
     resumed, result = _resumable_run(tmp_path / "b", config)
-    assert result.resumed_after == 2 and not (tmp_path / "b" / "run.train.pt").exists()
+    assert result.resumed_after == 2
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+    # the file stays until the caller has saved the model (train_recipe removes it after save_float)
+    assert _resumable_run(tmp_path / "b", config)[1].resumed_after == 3
+
+
+def test_resume_restores_a_shuffle_generator_held_by_the_sampler(tmp_path):
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
+
+    def run(folder, stop_after=None):
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3))
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(7))
+        loader = DataLoader(data, batch_size=5, sampler=sampler)
+
+        def crash(epoch, loss):
+            if epoch == stop_after:
+                raise _Stop
+
+        config = TrainConfig(epochs=3)
+        train_float(model, loader, None, config, on_epoch=crash, checkpoint=folder / "s.train.pt")
+        return model
+
+    whole = run(tmp_path / "a")
+    with pytest.raises(_Stop):
+        run(tmp_path / "b", stop_after=1)
+    resumed = run(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters(), strict=True))
 
 
 def test_a_training_checkpoint_from_other_settings_is_refused(tmp_path):
