@@ -48,7 +48,7 @@ from hq_ptq.distributed import (
 )
 from hq_ptq.model_io import OutputFn, call, class_scores, describe, tensors
 from hq_ptq.snn import reset_states, stable_surrogates
-from hq_ptq.train import content_digest, cosine_lr, save_state
+from hq_ptq.train import content_digest, cosine_lr, save_state, state_shapes
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,6 @@ def _settings(config: QATConfig, seed: int, precision: str = "fp32") -> str:
     return json.dumps({**settings, "seed": seed, **extra}, sort_keys=True)
 
 
-def _shapes(model: nn.Module) -> dict[str, list[int]]:
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write a QAT checkpoint (a dict of tensors and plain data) atomically with ``torch.save``, with a
     sha256 of its content so a damaged file is refused rather than resumed from."""
@@ -179,7 +175,7 @@ def load_checkpoint(
         digest = doc.pop("sha256")
         if not isinstance(digest, str) or digest != content_digest(doc):
             raise ValueError(f"QAT checkpoint {path}: checksum mismatch, the file is altered; {fix}")
-        want = _shapes(model)
+        want = state_shapes(model)
         if doc["shapes"] != want:
             have = doc["shapes"]
             diff = sorted(set(have) ^ set(want)) or [k for k in want if have.get(k) != want[k]]
@@ -339,7 +335,7 @@ def finetune(
             "settings": _settings(config, seed, precision),
             "meta": meta_json,
             "world_size": world,
-            "shapes": _shapes(model),
+            "shapes": state_shapes(model),
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),

@@ -91,6 +91,11 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: torch.save(doc, tmp))
 
 
+def state_shapes(model: nn.Module) -> dict[str, list[int]]:
+    """The shape of every state-dict entry: how a checkpoint recognises the model it was written for."""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
 TRAIN_CHECKPOINT_FORMAT = "hq_ptq.train"
 TRAIN_CHECKPOINT_VERSION = 1
 
@@ -118,8 +123,7 @@ def _load_train_state(path: Path, model: nn.Module, settings: str) -> dict[str, 
     missing = {"shapes", "settings", "epoch", "loss", "model", "optimizer", "schedule", "rng"} - set(doc)
     if missing:
         raise ValueError(f"training checkpoint {path} is malformed (no {', '.join(sorted(missing))}); {fix}")
-    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    if doc["shapes"] != shapes:
+    if doc["shapes"] != state_shapes(model):
         raise ValueError(f"training checkpoint {path} holds another model; {fix}")
     if doc["settings"] != settings:
         raise ValueError(f"training checkpoint {path} was written with other settings ({doc['settings']}); "
@@ -315,7 +319,7 @@ def train_float(
                     save_state(path, {
                         "format": TRAIN_CHECKPOINT_FORMAT, "format_version": TRAIN_CHECKPOINT_VERSION,
                         "settings": settings, "epoch": epoch + 1, "loss": running,
-                        "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+                        "shapes": state_shapes(model),
                         "model": model.state_dict(), "optimizer": opt.state_dict(),
                         "schedule": sched.state_dict(),
                         "rng": _rng_states(gen, shuffles),
