@@ -24,10 +24,12 @@ _HOMES = {
     "detached_copy": "snn", "reset_states": "snn", "set_lif_backend": "snn", "to_multistep": "snn",
     "to_stepwise": "snn",
     "apply_plan": "state", "get_plan": "state",
+    "split_attention": "attention",
 }
 
 if TYPE_CHECKING:  # static tools see the plain imports
     from hq_ptq.api import analyze, quantize, recalibrate_bn, search_plan
+    from hq_ptq.attention import split_attention
     from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
     from hq_ptq.export import export_onnxruntime, export_qonnx, run_export, verify_export
     from hq_ptq.integer import integerize, reference_mode, save_integer
@@ -76,6 +78,7 @@ __all__ = [
     "run_integer_graph",
     "to_multistep",
     "to_stepwise",
+    "split_attention",
     "set_lif_backend",
     "Plan",
     "LayerChoice",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq import progress
+from hq_ptq.attention import split_attention
 from hq_ptq.config import QuantConfig, check_energy_budget
 from hq_ptq.devices import analysis_autocast, batch_to, model_device, resolve_device
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
@@ -303,6 +304,8 @@ def analyze(
     config: QuantConfig | None = None,
 ) -> Analysis:
     """Swap the model's layers to hq_ptq quant layers (in place) and score every (scheme, bits) per layer.
+    Each ``nn.MultiheadAttention`` is split into four Linear projections first
+    (:func:`hq_ptq.attention.split_attention`), which the plan then names.
 
     Traces are measured on the float weights before any quantizer is attached. A layer whose trace is
     exactly zero (no gradient reached it on the calibration data, e.g. a block that never fires) is
@@ -315,6 +318,7 @@ def analyze(
     config = config or QuantConfig()
     _check_weights(model)
     candidates(config)
+    split_attention(model)
     names = find_layers(model, config.include, config.exclude)
     device = resolve_device(config.device, model)
     if config.device != "auto":
@@ -541,9 +545,10 @@ def quantize(
     QAT (task loss + distillation from the float model) recovers accuracy.
 
     The call is a transaction: the budget, candidates, data and the model's forward on the first
-    calibration batch are checked before the model is touched, and if anything fails later (or the call
+    calibration batch are checked before any layer is quantized, and if anything fails (or the call
     is interrupted) the model is put back exactly as it was given: module types, state_dict keys and
-    values, training flags.
+    values, training flags. Each ``nn.MultiheadAttention`` is split into four Linear projections first
+    (:func:`hq_ptq.attention.split_attention`: same outputs, quantizable layers).
 
     Args:
         model: any nn.Module with Conv/Linear layers. Batches are ``(inputs, targets)`` and the model is
@@ -594,9 +599,26 @@ def quantize(
         raise ValueError("energy_budget needs calib_data: each layer's activity is measured on it")
     candidates(config)
     _check_weights(model)
-    names = find_layers(model, config.include, config.exclude)
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in names}
-    settle_protection(protected_layers(names, config), yielding_layers(names, config), sizes, budget, config)
+    restore = _snapshot(model)
+    try:
+        # the only change before the checks below, and undone if one fails: it computes the same outputs
+        split_attention(model)
+        names = find_layers(model, config.include, config.exclude)
+        sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in names}
+        protected, yielding = protected_layers(names, config), yielding_layers(names, config)
+        settle_protection(protected, yielding, sizes, budget, config)
+        _quantize(model, names, calib_data, train_data, loss_fn, output_fn, config, budget, energy_budget)
+    except BaseException:
+        restore()
+        raise
+    model.eval()
+    return model
+
+
+def _quantize(model: nn.Module, names: list[str], calib_data: Batches | None, train_data: Batches | None,
+              loss_fn: LossFn | None, output_fn: OutputFn | None, config: QuantConfig, budget: float,
+              energy_budget: float | None) -> None:
+    """:func:`quantize` once the model is split and its layers found; a failure is undone by the caller."""
     # "auto": where the model is (the batches follow its first parameter); CUDA asked for must exist
     device = resolve_device(config.device, model)
     # the model moves to config.device now, and back to where it was if anything below fails
@@ -611,37 +633,30 @@ def quantize(
             warnings.warn(
                 "hq_ptq.quantize without calib_data uses the data-free metric; pass calib_data for "
                 "Hessian-aware sensitivity and train_data for QAT recovery",
-                stacklevel=2,
+                stacklevel=3,
             )
         qat = train_data is not None and config.qat.steps > 0
         # one float copy serves as the distillation teacher; candidates never copy the model
         teacher = detached_copy(model).eval() if qat and config.qat.distill_weight > 0 else None
 
-        restore = _snapshot(model)
-        try:
-            # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
-            first = calib[: config.search.calib_batches] if calib else None
-            analysis = _score(model, names, first, loss_fn, config)
-            plan = search_plan(analysis, budget, config, energy_budget=energy_budget)
-            apply_plan(model, plan, scale_init=config.scale_init)
-            if calib is not None and config.bn_recalibration_batches:
-                recalibrate_bn(model, calib, config.bn_recalibration_batches)
-            if qat:
-                finetune(
-                    model,
-                    train_data,
-                    config.qat,
-                    teacher=teacher,
-                    loss_fn=loss_fn,
-                    output_fn=output_fn,
-                    seed=config.seed,
-                    precision=config.precision,
-                )
-        except BaseException:
-            restore()
-            raise
-        model.eval()
-    return model
+        # the checks analyze() would repeat (weights, candidates, layers, the first forward) are done
+        first = calib[: config.search.calib_batches] if calib else None
+        analysis = _score(model, names, first, loss_fn, config)
+        plan = search_plan(analysis, budget, config, energy_budget=energy_budget)
+        apply_plan(model, plan, scale_init=config.scale_init)
+        if calib is not None and config.bn_recalibration_batches:
+            recalibrate_bn(model, calib, config.bn_recalibration_batches)
+        if qat:
+            finetune(
+                model,
+                train_data,
+                config.qat,
+                teacher=teacher,
+                loss_fn=loss_fn,
+                output_fn=output_fn,
+                seed=config.seed,
+                precision=config.precision,
+            )
 
 
 def _tensor_devices(model: nn.Module) -> dict[str, torch.device]:
@@ -671,8 +686,9 @@ def _on_device(model: nn.Module, device: torch.device | None):
         raise
 
 
-# plain attributes hq_ptq sets on layers it quantizes: the layer's record, and Brevitas' submodule cache
-_LAYER_ATTRS = (QUANT_ATTR, "_cached_sub_tensor_slice_list_modules")
+# plain attributes hq_ptq sets on modules: a quantized layer's record, Brevitas' submodule cache, and the
+# nested-tensor switch split_attention turns off on a TransformerEncoder
+_LAYER_ATTRS = (QUANT_ATTR, "_cached_sub_tensor_slice_list_modules", "use_nested_tensor")
 
 
 def _snapshot(model: nn.Module) -> Callable[[], None]:

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hq_ptq import progress
+from hq_ptq.attention import split_attention
 from hq_ptq.config import QuantConfig
 from hq_ptq.devices import batch_to, model_device
 from hq_ptq.plan import LayerChoice, Plan
@@ -311,6 +312,7 @@ def dnas_search(
     start = time.perf_counter()
     cands = allowed_candidates(config)
     net = detached_copy(model)
+    split_attention(net)  # the plan names an attention's projections, as analyze's does
     names = find_layers(net, config.include, config.exclude)
     protected = protected_layers(names, config)
     sizes = {n: net.get_submodule(n).weight.numel() for n in names}

@@ -45,6 +45,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from hq_ptq.attention import split_attention
 from hq_ptq.compression import file_compression, fp32_bytes, weight_compression
 from hq_ptq.errors import first_line
 from hq_ptq.files import atomic_write
@@ -419,6 +420,7 @@ def load(
         device = model_device(model)  # a model passed in goes back where it came from
     model.cpu()
 
+    split_attention(model)  # the plan names an attention's projections, as quantize made them
     modules = dict(model.named_modules())
     absent = [c.name for c in plan.layers if c.name not in modules]
     if absent:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from hq_ptq.attention import split_attention
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.schemes import weight_quant
 from hq_ptq.swap import LAYER_TYPES, layer_state, quant_layers, quantizable, set_layer_quant, swap_layers
@@ -39,11 +40,15 @@ def apply_plan(model: nn.Module, plan: Plan, *, scale_init: str = "mse") -> nn.M
     Each layer's quantizer is new, its scale starting at ``scale_init`` (``"mse"`` or ``"absmax"``,
     :func:`hq_ptq.swap.set_layer_quant`); ``hq_ptq.load`` then restores saved scales over it.
 
+    Each ``nn.MultiheadAttention`` is split first (:func:`hq_ptq.attention.split_attention`), as it was when
+    the plan was made, so the plan's ``<attn>.q_proj`` ... ``<attn>.out_proj`` exist in a fresh float model.
+
     Raises:
         ValueError: the plan names a layer the model does not have or one that is not a Conv/Linear, or
-            a scheme/bits that does not exist; checked before any layer changes.
+            a scheme/bits that does not exist; checked before any layer is swapped.
     """
-    # every check before the first layer is swapped, so a refused plan leaves the model as it was
+    split_attention(model)
+    # every check before the first layer is swapped, so a refused plan leaves every layer as it was
     modules = dict(model.named_modules())
     missing = [c.name for c in plan.layers if c.name not in modules]
     if missing:

@@ -25,6 +25,7 @@ from brevitas.nn.mixin.parameter import QuantWeightMixin
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from torch import nn
 
+from hq_ptq.attention import split_attention
 from hq_ptq.config import SCALE_INITS
 from hq_ptq.plan import LayerQuant
 from hq_ptq.schemes import SCHEMES, channel_axis, mse_threshold, threshold_parameter, weight_quant
@@ -109,8 +110,9 @@ def _quantizable(module: nn.Module) -> bool:
 
 def _why_float(module: nn.Module) -> str | None:
     """Why hq_ptq leaves this weight layer float32, or None when it is not a weight layer hq_ptq knows."""
-    if isinstance(module, nn.MultiheadAttention):
-        return "F.multi_head_attention_forward reads its in_proj_weight and out_proj.weight directly"
+    if isinstance(module, nn.MultiheadAttention):  # the exact type is split (hq_ptq.attention), not this
+        return ("a subclass of nn.MultiheadAttention may have its own forward; only the exact type is split "
+                "into quantizable projections")
     if type(module) in LAYER_MAP:
         return "a grouped transposed convolution (only groups=1 is quantized)"
     if type(module) in (nn.Conv3d, nn.ConvTranspose3d):
@@ -126,16 +128,21 @@ def _why_float(module: nn.Module) -> str | None:
 def float_layers(model: nn.Module) -> dict[str, tuple[str, int, str]]:
     """Weight layers of ``model`` that hq_ptq does not quantize whatever the globs say, and stay float32:
     name → ``(type name, weights in matrices/kernels, why)``. A Linear/Conv *subclass*, a grouped or 3-D
-    transposed convolution, a Conv3d, ``nn.MultiheadAttention`` (its ``out_proj`` counted with it), RNNs,
-    Bilinear and embeddings. :func:`hq_ptq.api.analyze` warns about them: the plan's average bits cover the
-    quantized layers only."""
+    transposed convolution, a Conv3d, a *subclass* of ``nn.MultiheadAttention`` (its ``out_proj`` counted with
+    it; the exact type is split into quantizable projections, :func:`hq_ptq.attention.split_attention`),
+    RNNs, Bilinear and embeddings. :func:`hq_ptq.api.analyze` warns about them: the plan's average bits
+    cover the quantized layers only."""
     out: dict[str, tuple[str, int, str]] = {}
     seen: set[int] = set()  # a weight tied between layers counts once
+    split: list[str] = []  # exact nn.MultiheadAttention: quantized once split (hq_ptq.attention)
     for name, module in model.named_modules():
         if _quantizable(module) or isinstance(module, QuantWeightMixin):
             continue  # ours, or a Brevitas layer the model brought
-        if any(n == "" or name.startswith(n + ".") for n in out):
+        if any(n == "" or name.startswith(n + ".") for n in [*out, *split]):
             continue  # inside a layer already named (the root included)
+        if name and type(module) is nn.MultiheadAttention:  # the root cannot be replaced in place
+            split.append(name)
+            continue
         why = _why_float(module)
         if why is None:
             continue
@@ -238,7 +245,8 @@ def swap_layers(
     Each new layer quantizes its weight with ``scheme`` at ``bits`` and keeps the original weight and
     bias Parameters and constructor attributes (stride, padding, dilation, groups, padding_mode,
     device, dtype). Layers already quantized are left alone, so calling it twice is harmless. A module
-    registered under several names is swapped once and replaced everywhere.
+    registered under several names is swapped once and replaced everywhere. Every ``nn.MultiheadAttention``
+    is split first (:func:`hq_ptq.attention.split_attention`), so its four projections are layers here.
 
     Args:
         model: any ``nn.Module``; changed in place.
@@ -259,6 +267,7 @@ def swap_layers(
     """
     injector = weight_quant(scheme, bits)
     _check_scale_init(scale_init)
+    split_attention(model)
     targets = set(find_layers(model, include, exclude))
     _warn_grouped_transposed(model, _as_globs(include, "include"), _as_globs(exclude, "exclude"))
     modules = list(model.named_modules(remove_duplicate=False))

@@ -39,13 +39,17 @@ def test_data_free_quantize_warns_and_respects_budget():
     model(torch.randn(2, 1, 8, 8))
 
 
+class _OwnAttention(nn.MultiheadAttention):
+    """A user's subclass: it may override forward, so hq_ptq does not split it and it stays float32."""
+
+
 class _WithAttention(nn.Module):
-    """A CNN whose head attends with nn.MultiheadAttention, which hq_ptq leaves float32."""
+    """A CNN whose head attends with a subclass of nn.MultiheadAttention."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.attn = _OwnAttention(8, 2, batch_first=True)
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -57,11 +61,11 @@ def test_layers_left_float_are_warned_about_and_recorded_in_the_plan():
     torch.manual_seed(0)
     model = _WithAttention()
     # in_proj 3*8 x 8 and out_proj 8 x 8 = 256 float weights; conv 8*9 and head 4*8 = 104 quantized
-    match = r"1 weight layers stay float32 \(256 of 360 layer weights, 71\.1%.*attn \(MultiheadAttention: F\."
+    match = r"1 weight layers stay float32 \(256 of 360 layer weights, 71\.1%.*attn \(_OwnAttention: a sub"
     with pytest.warns(UserWarning, match=match):
         hq_ptq.quantize(model, 4.0, calib_data=_batches())  # the default metric: fisher
     left = hq_ptq.get_plan(model).meta["float_layers"]
-    assert left == {"attn": {"type": "MultiheadAttention", "weights": 256, "why": left["attn"]["why"]}}
+    assert left == {"attn": {"type": "_OwnAttention", "weights": 256, "why": left["attn"]["why"]}}
     assert set(quant_layers(model)) == {"conv", "head"}
 
 

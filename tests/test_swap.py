@@ -368,14 +368,16 @@ def test_layers_hq_ptq_cannot_quantize_are_named_with_their_weights_and_reason()
         nn.Conv2d(2, 4, 1), nn.ConvTranspose2d(4, 4, 2, stride=2, groups=2), _StandardizedConv(4, 4, 3),
         nn.Flatten(), nn.Linear(4, 8), nn.MultiheadAttention(8, 2), nn.Conv3d(1, 2, 3), nn.LayerNorm(8),
     )
-    assert swap_layers(model, scheme="pot", bits=4) == ["0", "4"]
+    assert float_layers(model).keys() == {"1", "2", "6"}  # the attention will be split, so it is not listed
+    # the attention is split into four Linear layers (hq_ptq.attention), which are swapped
+    projections = ["5.q_proj", "5.k_proj", "5.v_proj", "5.out_proj"]
+    assert swap_layers(model, scheme="pot", bits=4) == ["0", "4", *projections]
     assert type(model[1]) is nn.ConvTranspose2d and type(model[2]) is _StandardizedConv
     left = float_layers(model)
-    assert list(left) == ["1", "2", "5", "6"]  # LayerNorm's weight is a vector: not a weight layer
-    assert [kind for kind, _, _ in left.values()] == [
-        "ConvTranspose2d", "_StandardizedConv", "MultiheadAttention", "Conv3d"]
-    assert [w for _, w, _ in left.values()] == [4 * 2 * 2 * 2, 4 * 4 * 9, 3 * 8 * 8 + 8 * 8, 2 * 27]
-    assert "grouped" in left["1"][2] and "subclass" in left["2"][2] and "in_proj_weight" in left["5"][2]
+    assert list(left) == ["1", "2", "6"]  # LayerNorm's weight is a vector: not a weight layer
+    assert [kind for kind, _, _ in left.values()] == ["ConvTranspose2d", "_StandardizedConv", "Conv3d"]
+    assert [w for _, w, _ in left.values()] == [4 * 2 * 2 * 2, 4 * 4 * 9, 2 * 27]
+    assert "grouped" in left["1"][2] and "subclass" in left["2"][2]
     assert float_layers(nn.Sequential(nn.Linear(2, 2), nn.ConvTranspose1d(2, 2, 3))) == {}
     # an LSTM cell (snnTorch's SLSTM holds one), a Brevitas layer the model brought, a tied weight once
     plain = "this layer type is not quantized"
@@ -383,10 +385,16 @@ def test_layers_hq_ptq_cannot_quantize_are_named_with_their_weights_and_reason()
     assert float_layers(nn.Sequential(qnn.QuantEmbedding(10, 4), nn.Linear(4, 10))) == {}
     emb, tied = nn.Embedding(10, 4), nn.Embedding(10, 4)
     tied.weight = emb.weight
-    mha = nn.MultiheadAttention(4, 1)
+    mha = _OwnAttention(4, 1)
     assert float_layers(nn.Sequential(emb, tied, mha)) == {
-        "0": ("Embedding", 40, plain), "2": ("MultiheadAttention", 3 * 4 * 4 + 4 * 4, _why(mha))}
-    assert list(float_layers(nn.MultiheadAttention(4, 1))) == [""]  # the root, its out_proj inside it
+        "0": ("Embedding", 40, plain), "2": ("_OwnAttention", 3 * 4 * 4 + 4 * 4, _why(mha))}
+    assert "subclass of nn.MultiheadAttention" in _why(mha)
+    # an attention that is the model itself cannot be replaced in place: it stays float, its out_proj in it
+    assert list(float_layers(nn.MultiheadAttention(4, 1))) == [""]
+
+
+class _OwnAttention(nn.MultiheadAttention):
+    """A user's subclass: it may override forward, so hq_ptq does not split it."""
 
 
 def test_swap_layers_warns_about_a_grouped_transposed_conv_it_leaves_float():

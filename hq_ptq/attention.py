@@ -1,0 +1,189 @@
+"""``nn.MultiheadAttention`` with its projections as four plain ``nn.Linear`` layers, which can be quantized.
+
+``torch.nn.MultiheadAttention`` never calls a Linear module: ``F.multi_head_attention_forward`` reads its
+``in_proj_weight`` (q, k and v packed) and ``out_proj.weight`` directly, so a quantizer attached to
+``out_proj`` would be bypassed and the packed input projection is not a layer at all. In a transformer those
+are a third of the weights. :func:`split_attention` replaces every ``nn.MultiheadAttention`` (the exact type;
+a subclass may have its own forward) by a :class:`SplitMultiheadAttention` holding ``q_proj``, ``k_proj``,
+``v_proj`` and ``out_proj``: the same weights, the same forward signature and the same arithmetic as torch's
+slow path after the projections, so outputs agree with the original to float rounding. Every hq_ptq entry
+point that looks for layers (``analyze``, ``quantize``, ``apply_plan`` and so ``load``, ``swap_layers``, DNAS,
+the baselines) calls it first, so a plan names ``<attn>.q_proj`` ... ``<attn>.out_proj``.
+
+Kept separate rather than one packed ``in_proj`` so that cross-attention (different query and key inputs)
+needs no slicing, and so the search can give q, k and v their own bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["SplitMultiheadAttention", "split_attention"]
+
+
+def _float_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """torch's mask convention: a bool mask is True where attention is *not* allowed (→ -inf), a float
+    mask is added to the scores as it is."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    if mask.dtype != torch.bool:
+        raise TypeError(f"attention masks must be bool or float, got {mask.dtype}")
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+class SplitMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s forward, with q/k/v/out projections as ``nn.Linear`` children.
+
+    Build it with :meth:`from_float`. ``in_proj_bias`` is always None: torch's ``TransformerEncoderLayer``
+    fast path would otherwise read ``in_proj_weight`` and run the float attention kernel, bypassing the
+    projections (their quantizers included); with None it calls this module, as it does for ``bias=False``.
+    """
+
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False  # no packed in_proj here, whatever the dimensions
+
+    def __init__(self, embed_dim: int, num_heads: int, *, kdim: int, vdim: int, bias: bool, dropout: float,
+                 batch_first: bool, add_zero_attn: bool, bias_k: nn.Parameter | None = None,
+                 bias_v: nn.Parameter | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim, vdim
+        self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        made = dict(bias=bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, **made)
+        self.k_proj = nn.Linear(kdim, embed_dim, **made)
+        self.v_proj = nn.Linear(vdim, embed_dim, **made)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, **made)
+        self.bias_k, self.bias_v = bias_k, bias_v
+
+    @classmethod
+    def from_float(cls, mha: nn.MultiheadAttention) -> SplitMultiheadAttention:
+        """The same attention with ``mha``'s weights (copied: the packed ``in_proj_weight`` is cut in three;
+        ``out_proj`` and ``bias_k``/``bias_v`` are shared), in ``mha``'s training mode."""
+        w = mha.out_proj.weight
+        split = cls(mha.embed_dim, mha.num_heads, kdim=mha.kdim, vdim=mha.vdim,
+                    bias=mha.in_proj_bias is not None, dropout=mha.dropout, batch_first=mha.batch_first,
+                    add_zero_attn=mha.add_zero_attn, bias_k=mha.bias_k, bias_v=mha.bias_v,
+                    device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                weights = mha.in_proj_weight.chunk(3)
+            else:
+                weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+            for proj, weight, bias in zip((split.q_proj, split.k_proj, split.v_proj), weights, biases):
+                proj.weight.copy_(weight)
+                if bias is not None:
+                    proj.bias.copy_(bias)
+        split.out_proj.weight = mha.out_proj.weight
+        split.out_proj.bias = mha.out_proj.bias
+        split.train(mha.training)
+        return split
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        """As ``nn.MultiheadAttention.forward`` (torch's slow path, which its fast path matches)."""
+        batched = query.dim() == 3
+        if batched and self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        if not batched:
+            query, key, value = (x.unsqueeze(1) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        tgt_len, bsz, _ = query.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                "is_causal=True needs attn_mask (e.g. nn.Transformer.generate_square_subsequent_mask)"
+            )
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
+        else:
+            attn_mask = _float_mask(attn_mask, query.dtype)
+            if key_padding_mask is not None:
+                is_causal = False
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
+            v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        q = q.view(tgt_len, bsz * heads, head_dim).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * heads, head_dim).transpose(0, 1)
+        if self.add_zero_attn:
+            zeros = torch.zeros(bsz * heads, 1, head_dim, dtype=k.dtype, device=k.device)
+            k, v = torch.cat([k, zeros], dim=1), torch.cat([v, zeros], dim=1)
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+        src_len = k.shape[1]
+        if key_padding_mask is not None:
+            pad = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, heads, -1, -1)
+            pad = pad.reshape(bsz * heads, 1, src_len)
+            attn_mask = pad if attn_mask is None else attn_mask + pad
+        dropout_p = self.dropout if self.training else 0.0
+
+        if need_weights:
+            scores = q * math.sqrt(1.0 / head_dim)
+            scores = (torch.bmm(scores, k.transpose(-2, -1)) if attn_mask is None
+                      else torch.baddbmm(attn_mask, scores, k.transpose(-2, -1)))
+            weights = scores.softmax(dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, self.embed_dim)
+            weights = weights.view(bsz, heads, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            if attn_mask is not None:
+                attn_mask = (attn_mask.unsqueeze(0) if attn_mask.shape[0] == 1
+                             else attn_mask.view(bsz, heads, -1, src_len))
+            out = F.scaled_dot_product_attention(
+                q.view(bsz, heads, tgt_len, head_dim), k.view(bsz, heads, src_len, head_dim),
+                v.view(bsz, heads, src_len, head_dim), attn_mask, dropout_p, is_causal,
+            )
+            out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
+            weights = None
+        out = self.out_proj(out).view(tgt_len, bsz, -1)
+        if not batched:
+            out = out.squeeze(1)
+        elif self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+
+def split_attention(model: nn.Module) -> list[str]:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place, the root excepted) by a
+    :class:`SplitMultiheadAttention` with the same weights; returns their names. Calling it again does
+    nothing. A module registered under several names is replaced under all of them."""
+    found = {id(m): SplitMultiheadAttention.from_float(m) for n, m in model.named_modules()
+             if n and type(m) is nn.MultiheadAttention}
+    names = []
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in found:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, found[id(module)])
+            names.append(name)
+    # a TransformerEncoder decided at construction whether to pack inputs as nested tensors for its fast
+    # path; the split layers take the regular path, which needs regular tensors
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and names:
+            module.use_nested_tensor = False
+    return names
