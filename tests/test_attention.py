@@ -1,5 +1,5 @@
-"""nn.MultiheadAttention split into four quantizable Linear projections (hq_ptq/attention.py): the same outputs
-as torch's module in every calling mode, and quantized, saved, loaded and exported like any other layer."""
+"""nn.MultiheadAttention split into four quantizable Linear projections (hq_ptq/attention.py): the same
+outputs as torch's module in every calling mode, and quantized, saved, loaded and exported like any layer."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def test_transformer_encoder_runs_the_split_projections_not_its_fused_fast_path(
         torch.testing.assert_close(encoder(x), want, rtol=1e-5, atol=1e-5)
         got_padded = encoder(x, src_key_padding_mask=padding)  # regular tensors, not nested ones
         torch.testing.assert_close(got_padded[~padding], want_padded[~padding], rtol=1e-5, atol=1e-5)
-        encoder.layers[0].self_attn.q_proj.weight.mul_(2)  # no hooks: the layer must still call the split module
+        # no hooks registered: the encoder layer must still call the split module
+        encoder.layers[0].self_attn.q_proj.weight.mul_(2)
         assert not torch.allclose(encoder(x), want, atol=1e-3)
 
 
@@ -104,7 +105,8 @@ def _model() -> _SpikingEncoder:
 
 def _batches():
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 6, 12, generator=gen), torch.randint(0, 5, (4,), generator=gen)) for _ in range(4)]
+    return [(torch.randn(4, 6, 12, generator=gen), torch.randint(0, 5, (4,), generator=gen))
+            for _ in range(4)]
 
 
 PROJECTIONS = [f"{attn}.{p}_proj" for attn in ("encoder.layers.0.self_attn", "readout") for p in "qkvo"]

@@ -104,3 +104,19 @@ def test_to_multistep_names_the_synaptic_neuron_it_cannot_convert():
     assert [type(m) for m in model.modules()] == before
     with pytest.raises(ValueError, match=r"^the model is an snn.Synaptic; to_multistep converts snn.Leaky"):
         to_multistep(snn.Synaptic(alpha=0.7, beta=0.8, init_hidden=True))
+
+
+def test_state_the_caller_left_behind_does_not_reach_the_analysis():
+    """The population-coding tutorial's model never resets its neurons; its caller does. A user who ran it
+    (on a batch of the calibration batches' size, so snnTorch keeps the membranes) and then analyzes it must
+    get the traces of a freshly built model: hq_ptq resets every neuron before each forward it runs."""
+    entry = by_name("snntorch-pop-coding")
+    traces = []
+    for used_before in (False, True):
+        model = entry.build()
+        if used_before:
+            with torch.no_grad():
+                model(3 * torch.rand(4, 1, 28, 28))  # membranes left in the neurons
+        analysis = hq_ptq.analyze(model, calib_data=entry.batches(4, 0), loss_fn=entry.loss_fn, config=FAST)
+        traces.append(analysis.traces)
+    assert traces[0] == traces[1]

@@ -54,6 +54,8 @@ class CorpusModel:
     silent_neurons: tuple[str, ...] = ()
     # snnTorch neurons (qualified names) that forward never calls (defined in __init__ only).
     unused_neurons: tuple[str, ...] = ()
+    # False: forward never resets its neurons; the caller must (snntorch.utils.reset before every batch)
+    resets_itself: bool = True
     notes: str = ""
 
     def loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
@@ -315,11 +317,37 @@ def _sae_batches(n: int, seed: int) -> list[Batch]:
     return out
 
 
+# ------------------------------------------------ 10. snnTorch population coding (one step, caller resets)
+
+POPULATION_CLASSES = 10
+
+
+def _pop() -> nn.Module:
+    from .snntorch_pop import net_pop
+
+    return net_pop()
+
+
+def _pop_loss(outputs, targets):
+    # the tutorial's loss on the spikes of its num_steps = 1 steps, stacked as snntorch.backprop.BPTT does
+    loss_fn = SF.mse_count_loss(correct_rate=1.0, incorrect_rate=0.0, population_code=True,
+                                num_classes=POPULATION_CLASSES)
+    spk, _ = outputs
+    return loss_fn(spk.unsqueeze(0), targets)
+
+
+def _pop_scores(outputs):
+    # SF.accuracy_rate(population_code=True): each class counts the spikes of its contiguous block of neurons
+    spk, _ = outputs
+    return spk.view(len(spk), POPULATION_CLASSES, -1).sum(-1)
+
+
 # ------------------------------------------------ the registry
 
 _SNNTORCH = "jeshraghian/snntorch@634fc22385ec5581998e62787bbe39b53662140f"
 
 _mnist_flat = _make_batches(lambda g: torch.rand(BATCH_SIZE, 28 * 28, generator=g), 10)
+_fmnist_images = _make_batches(lambda g: torch.rand(BATCH_SIZE, 1, 28, 28, generator=g), 10)
 _nmnist_frames = _make_batches(lambda g: _events(g, (4, BATCH_SIZE, 2, 34, 34), 1.0), 10)
 _wisdm_windows = _make_batches(lambda g: torch.randn(BATCH_SIZE, 40, 6, generator=g), 7)
 _dvs128_frames = _make_batches(lambda g: _events(g, (BATCH_SIZE, 3, 2, 128, 128), 0.3), 10)
@@ -456,6 +484,24 @@ CORPUS: tuple[CorpusModel, ...] = (
         notes="module-level num_steps shrunk 5 -> 3 and thresh 1 -> 0.5 (at 1 the untrained latent Leaky "
         "never fires, so the decoder gets no input); channel widths are fixed by the tutorial (319k "
         "parameters). decoder.9 (threshold 20000) never fires by design: its membrane is the output",
+    ),
+    CorpusModel(
+        name="snntorch-pop-coding",
+        source=f"{_SNNTORCH} docs/tutorials/tutorial_pop.rst",
+        licence="MIT",
+        exercises="population coding: 500 output neurons for 10 classes (scores = spike counts of contiguous "
+        "blocks of 50), ONE time step with no time loop, init_hidden neurons the caller resets (the model "
+        "never does), (spk, mem) of nn.Sequential, SF.mse_count_loss(population_code=True)",
+        build=_builder(_pop, _fmnist_images),
+        batches=_fmnist_images,
+        loss_fn=_pop_loss,
+        output_fn=_pop_scores,
+        classes=POPULATION_CLASSES,
+        resets_itself=False,
+        silent_neurons=("4",),
+        notes="module-level num_hidden shrunk 128 -> 32; pop_outputs (500) and num_steps (1) are the "
+        "tutorial's. At init the output Leaky (4) is silent: one step of Linear(32, 500) on the hidden "
+        "spikes never reaches threshold; the loss still trains it through the fast-sigmoid surrogate",
     ),
 )
 
