@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hq_ptq import progress
-from hq_ptq.attention import split_attention
 from hq_ptq.config import QuantConfig, check_energy_budget
 from hq_ptq.devices import analysis_autocast, batch_to, model_device, resolve_device
 from hq_ptq.distributed import cached_on_main, check_same, current_shard, data_digest
@@ -57,6 +56,7 @@ from hq_ptq.swap import (
     float_layers,
     quant_layers,
     quantizable,
+    split_matching_attention,
     swap_layers,
     weight_error,
 )
@@ -318,7 +318,7 @@ def analyze(
     config = config or QuantConfig()
     _check_weights(model)
     candidates(config)
-    split_attention(model)
+    split_matching_attention(model, config.include, config.exclude)
     names = find_layers(model, config.include, config.exclude)
     device = resolve_device(config.device, model)
     if config.device != "auto":
@@ -600,16 +600,18 @@ def quantize(
     candidates(config)
     _check_weights(model)
     restore = _snapshot(model)
+    ran_forward = False
     try:
         # the only change before the checks below, and undone if one fails: it computes the same outputs
-        split_attention(model)
+        split_matching_attention(model, config.include, config.exclude)
         names = find_layers(model, config.include, config.exclude)
         sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in names}
         protected, yielding = protected_layers(names, config), yielding_layers(names, config)
         settle_protection(protected, yielding, sizes, budget, config)
+        ran_forward = True
         _quantize(model, names, calib_data, train_data, loss_fn, output_fn, config, budget, energy_budget)
     except BaseException:
-        restore()
+        restore(reset_neurons=ran_forward)  # a call refused before any forward keeps the user's membranes
         raise
     model.eval()
     return model
@@ -710,7 +712,7 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
         else:
             obj.__dict__[name] = value
 
-    def restore() -> None:
+    def restore(reset_neurons: bool = True) -> None:
         for module, kids in children:
             module._modules.clear()
             module._modules.update(kids)
@@ -726,7 +728,8 @@ def _snapshot(model: nn.Module) -> Callable[[], None]:
         for module, flag in training:
             module.training = flag
         put(model, SEARCH_ATTR, report)
-        reset_states(model)
+        if reset_neurons:  # a failed forward leaves half-run state (and its graph) behind
+            reset_states(model)
 
     return restore
 

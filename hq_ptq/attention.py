@@ -12,11 +12,24 @@ the baselines) calls it first, so a plan names ``<attn>.q_proj`` ... ``<attn>.ou
 
 Kept separate rather than one packed ``in_proj`` so that cross-attention (different query and key inputs)
 needs no slicing, and so the search can give q, k and v their own bits.
+
+What differs from torch's module, by design or by limitation:
+- q, k and v get new Parameters (cut from ``in_proj_weight``; ``requires_grad`` carried over); an optimizer
+  built before the split does not hold them. ``out_proj`` and ``bias_k``/``bias_v`` are the same objects.
+- An ``nn.TransformerEncoder`` in eval mode under ``no_grad`` with a ``src_key_padding_mask`` packs its
+  input into nested tensors and returns 0 at padded positions; split from the encoder (or above), it takes
+  the regular path, which computes those positions (torch's own grad-enabled path does the same). The
+  unpadded positions agree.
+- An attention with hooks of its own (forward hooks, ``torch.nn.utils.prune``) is not split, since the split
+  module would drop them: it stays float32 and :func:`hq_ptq.swap.float_layers` names it.
+- ``torch.jit.script`` and ``torch.fx.symbolic_trace`` do not take the split module (``torch.export``,
+  ``torch.jit.trace`` and the ONNX exports do).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +95,10 @@ class SplitMultiheadAttention(nn.Module):
                 proj.weight.copy_(weight)
                 if bias is not None:
                     proj.bias.copy_(bias)
+            for proj, weight, bias in zip((split.q_proj, split.k_proj, split.v_proj), weights, biases):
+                proj.weight.requires_grad_(weight.requires_grad)  # a frozen attention stays frozen
+                if bias is not None:
+                    proj.bias.requires_grad_(bias.requires_grad)
         split.out_proj.weight = mha.out_proj.weight
         split.out_proj.bias = mha.out_proj.bias
         split.train(mha.training)
@@ -94,6 +111,12 @@ class SplitMultiheadAttention(nn.Module):
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         """As ``nn.MultiheadAttention.forward`` (torch's slow path, which its fast path matches)."""
+        if query.is_nested:
+            raise ValueError(
+                "SplitMultiheadAttention got a nested tensor: the enclosing nn.TransformerEncoder packs its "
+                "input for a fast path the split attention does not take; set its use_nested_tensor = False "
+                "(hq_ptq does when it splits the encoder or a module above it)"
+            )
         batched = query.dim() == 3
         if batched and self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
@@ -114,8 +137,17 @@ class SplitMultiheadAttention(nn.Module):
             attn_mask = _float_mask(attn_mask, query.dtype)
             if key_padding_mask is not None:
                 is_causal = False
-        if attn_mask is not None and attn_mask.dim() == 2:
-            attn_mask = attn_mask.unsqueeze(0)
+        src_len = key.shape[0]
+        if attn_mask is not None:  # torch's checks: a wrong mask must not broadcast silently
+            want = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * heads, tgt_len, src_len)
+            if tuple(attn_mask.shape) != want:
+                raise RuntimeError(f"the {attn_mask.dim()}-D attn_mask has shape {tuple(attn_mask.shape)}, "
+                                   f"but should be {want}")
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (bsz, src_len):
+            raise RuntimeError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, but should be "
+                               f"{(bsz, src_len)}")
 
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if self.bias_k is not None:
@@ -169,12 +201,35 @@ class SplitMultiheadAttention(nn.Module):
         return out, weights
 
 
-def split_attention(model: nn.Module) -> list[str]:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place, the root excepted) by a
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, h) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                              "_backward_pre_hooks", "_state_dict_hooks",
+                                              "_load_state_dict_pre_hooks"))
+
+
+def splittable(name: str, module: nn.Module) -> bool:
+    """An attention :func:`split_attention` replaces: the exact ``nn.MultiheadAttention`` type, not the
+    model itself (it cannot be replaced in place), without hooks of its own (the split would drop them)."""
+    return bool(name) and type(module) is nn.MultiheadAttention and not _has_hooks(module)
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def split_attention(model: nn.Module, wanted: Callable[[str], bool] | None = None) -> list[str]:
+    """Replace every splittable ``nn.MultiheadAttention`` in ``model`` (in place) by a
     :class:`SplitMultiheadAttention` with the same weights; returns their names. Calling it again does
-    nothing. A module registered under several names is replaced under all of them."""
-    found = {id(m): SplitMultiheadAttention.from_float(m) for n, m in model.named_modules()
-             if n and type(m) is nn.MultiheadAttention}
+    nothing. A module registered under several names is replaced under all of them.
+
+    Args:
+        wanted: split only an attention for which ``wanted("<attn>.<projection>")`` is true for one of its
+            projections (q_proj, k_proj, v_proj, out_proj): e.g. the layer globs, or a plan's names, so a
+            plan or packed file from before hq_ptq split attention (which left it float) still applies.
+    """
+    found = {}
+    for name, m in model.named_modules():
+        if splittable(name, m) and (wanted is None or any(wanted(f"{name}.{p}") for p in PROJECTIONS)):
+            found[id(m)] = SplitMultiheadAttention.from_float(m)
     names = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in found:

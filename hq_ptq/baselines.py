@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from hq_ptq.attention import split_attention
-from hq_ptq.swap import find_layers
+from hq_ptq.swap import find_layers, split_matching_attention
 
 __all__ = ["TORCHAO_BITS", "PointwiseConv1dAsLinear", "TorchaoResult", "torchao_weight_only"]
 
@@ -111,7 +110,7 @@ def torchao_weight_only(
     for b in (bits, *fixed.values()):
         if b not in dtypes:
             raise ValueError(f"torchao weight-only bits must be 8 or 4, got {b}")
-    split_attention(model)  # the same layers as hq_ptq's plans
+    split_matching_attention(model, include, exclude)  # the same layers as hq_ptq's plans
     names = find_layers(model, include, exclude)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     targets = {}  # layer name -> the name torchao sees (the Linear inside a reshaped pointwise Conv1d)

@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hq_ptq import progress
-from hq_ptq.attention import split_attention
 from hq_ptq.config import QuantConfig
 from hq_ptq.devices import batch_to, model_device
 from hq_ptq.plan import LayerChoice, Plan
@@ -44,7 +43,14 @@ from hq_ptq.schemes import quantized_weight
 from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.space import candidates as allowed_candidates
 from hq_ptq.space import protected_layers
-from hq_ptq.swap import LAYER_MAP, LAYER_TYPES, find_layers, quantizable, swap_layers
+from hq_ptq.swap import (
+    LAYER_MAP,
+    LAYER_TYPES,
+    find_layers,
+    quantizable,
+    split_matching_attention,
+    swap_layers,
+)
 
 __all__ = ["DNASConfig", "MixedQuantLayer", "decode_plan", "dnas_search", "relax"]
 
@@ -312,7 +318,7 @@ def dnas_search(
     start = time.perf_counter()
     cands = allowed_candidates(config)
     net = detached_copy(model)
-    split_attention(net)  # the plan names an attention's projections, as analyze's does
+    split_matching_attention(net, config.include, config.exclude)  # the layers analyze would find
     names = find_layers(net, config.include, config.exclude)
     protected = protected_layers(names, config)
     sizes = {n: net.get_submodule(n).weight.numel() for n in names}

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hq_ptq.attention import SplitMultiheadAttention
 from hq_ptq.model_io import call, class_scores
 from hq_ptq.schemes import quantized_weight, weight_codes
 from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
@@ -558,6 +559,9 @@ def integerize(
         if is_spiking_neuron(m):
             raise ValueError(f"{name}: {type(m).__name__} neurons are not supported by the integer path "
                              "(snn.Leaky and MultiStepLeaky are)")
+        if isinstance(m, SplitMultiheadAttention):  # its softmax has no integer form here
+            raise ValueError(f"{name}: attention (softmax over q·k) is not supported by the integer path; "
+                             "the fake-quant exports take it")
         own = [k for k, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]]
         if own:
             what = f"{name}: {type(m).__name__}" if name else f"the model itself ({type(m).__name__})"

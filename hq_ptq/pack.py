@@ -420,7 +420,9 @@ def load(
         device = model_device(model)  # a model passed in goes back where it came from
     model.cpu()
 
-    split_attention(model)  # the plan names an attention's projections, as quantize made them
+    # an attention split when the file was made (the plan names its projections); a file from before
+    # hq_ptq split attention kept it float, and its state loads into torch's module as it is
+    split_attention(model, {c.name for c in plan.layers}.__contains__)
     modules = dict(model.named_modules())
     absent = [c.name for c in plan.layers if c.name not in modules]
     if absent:

@@ -367,17 +367,25 @@ def spiking_neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_spiking_neuron(m)]
 
 
+def _memories(module: nn.Module) -> dict | None:
+    """A SpikingJelly stateful module's state (its neurons' ``v``, ...): the ``_memories`` dict that its
+    ``reset()`` restores, or None for any other module. Duck-typed, so SpikingJelly need not be installed."""
+    memories = vars(module).get("_memories")
+    return memories if isinstance(memories, dict) and callable(getattr(module, "reset", None)) else None
+
+
 def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
-    """Tensors held by ``model``'s modules (buffers and plain attributes, e.g. snnTorch's ``Leaky.reset``)
-    that still carry an autograd graph: state left behind by the last forward."""
+    """Tensors held by ``model``'s modules (buffers, plain attributes, e.g. snnTorch's ``Leaky.reset``, and
+    SpikingJelly's memories) that still carry an autograd graph: state left behind by the last forward."""
     for module in model.modules():
-        for key, value in list(module._buffers.items()) + list(vars(module).items()):
+        held = [*module._buffers.items(), *vars(module).items(), *(_memories(module) or {}).items()]
+        for key, value in held:
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 yield module, key, value
 
 
 def reset_states(model: nn.Module) -> int:
-    """Zero and detach the hidden state of every snnTorch neuron inside ``model``, per instance.
+    """Zero and detach the hidden state of every snnTorch (or SpikingJelly) neuron inside ``model``.
 
     The one state rule of hq_ptq: every forward it runs (calibration, sensitivity, BatchNorm
     re-estimation, QAT student and teacher, evaluation, export) starts from here. It reaches every
@@ -387,6 +395,9 @@ def reset_states(model: nn.Module) -> int:
     (``mem``, ``syn``, ``spk``, ...) with fresh zeros; any other tensor a module still holds with an
     autograd graph (e.g. ``Leaky.reset``, or a membrane an ``init_hidden=False`` forward left in the
     ``mem`` buffer) is detached, so the previous batch's graph is freed and the model can be deep-copied.
+    A SpikingJelly stateful module (``MemoryModule``: its neurons, e.g. ``LIFNode``) is reset with its own
+    ``reset()``, as ``spikingjelly...functional.reset_net`` does, which a SpikingJelly training loop calls
+    after every batch and hq_ptq's loops would otherwise not.
 
     Args:
         model: any module tree; other networks are never touched.
@@ -401,6 +412,9 @@ def reset_states(model: nn.Module) -> int:
             count += 1
         elif callable(getattr(module, "reset_integer_state", None)):  # hq_ptq.integer's per-step LIF
             module.reset_integer_state()
+            count += 1
+        elif _memories(module) is not None:  # SpikingJelly: v (and any other memory) back to its reset value
+            module.reset()
             count += 1
     with torch.no_grad():
         for module, key, value in _graph_tensors(model):

@@ -40,14 +40,15 @@ def apply_plan(model: nn.Module, plan: Plan, *, scale_init: str = "mse") -> nn.M
     Each layer's quantizer is new, its scale starting at ``scale_init`` (``"mse"`` or ``"absmax"``,
     :func:`hq_ptq.swap.set_layer_quant`); ``hq_ptq.load`` then restores saved scales over it.
 
-    Each ``nn.MultiheadAttention`` is split first (:func:`hq_ptq.attention.split_attention`), as it was when
-    the plan was made, so the plan's ``<attn>.q_proj`` ... ``<attn>.out_proj`` exist in a fresh float model.
+    An ``nn.MultiheadAttention`` whose projections the plan names is split first
+    (:func:`hq_ptq.attention.split_attention`), as it was when the plan was made, so ``<attn>.q_proj`` ...
+    ``<attn>.out_proj`` exist in a fresh float model; one the plan does not name is left as it is.
 
     Raises:
         ValueError: the plan names a layer the model does not have or one that is not a Conv/Linear, or
             a scheme/bits that does not exist; checked before any layer is swapped.
     """
-    split_attention(model)
+    split_attention(model, {c.name for c in plan.layers}.__contains__)
     # every check before the first layer is swapped, so a refused plan leaves every layer as it was
     modules = dict(model.named_modules())
     missing = [c.name for c in plan.layers if c.name not in modules]

@@ -25,7 +25,7 @@ from brevitas.nn.mixin.parameter import QuantWeightMixin
 from brevitas.nn.quant_layer import QuantWeightBiasInputOutputLayer
 from torch import nn
 
-from hq_ptq.attention import split_attention
+from hq_ptq.attention import split_attention, splittable
 from hq_ptq.config import SCALE_INITS
 from hq_ptq.plan import LayerQuant
 from hq_ptq.schemes import SCHEMES, channel_axis, mse_threshold, threshold_parameter, weight_quant
@@ -93,6 +93,14 @@ def _matches(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
     )
 
 
+def split_matching_attention(model: nn.Module, include: str | Iterable[str] = ("*",),
+                             exclude: str | Iterable[str] = ()) -> list[str]:
+    """:func:`hq_ptq.attention.split_attention` for the attentions with a projection the globs select, so
+    an attention the globs leave out stays torch's own module."""
+    inc, exc = _as_globs(include, "include"), _as_globs(exclude, "exclude")
+    return split_attention(model, lambda name: _matches(name, inc, exc))
+
+
 def _grouped_transposed(module: nn.Module) -> bool:
     # Brevitas sizes a transposed convolution's per-channel scale by out_channels, but its weight holds
     # out_channels / groups per input channel: only groups=1 is quantized
@@ -110,7 +118,10 @@ def _quantizable(module: nn.Module) -> bool:
 
 def _why_float(module: nn.Module) -> str | None:
     """Why hq_ptq leaves this weight layer float32, or None when it is not a weight layer hq_ptq knows."""
-    if isinstance(module, nn.MultiheadAttention):  # the exact type is split (hq_ptq.attention), not this
+    if type(module) is nn.MultiheadAttention:  # and not splittable (hq_ptq.attention)
+        return ("an nn.MultiheadAttention with hooks of its own (or the model itself) is not split into "
+                "quantizable projections: the split module would drop them")
+    if isinstance(module, nn.MultiheadAttention):
         return ("a subclass of nn.MultiheadAttention may have its own forward; only the exact type is split "
                 "into quantizable projections")
     if type(module) in LAYER_MAP:
@@ -140,7 +151,7 @@ def float_layers(model: nn.Module) -> dict[str, tuple[str, int, str]]:
             continue  # ours, or a Brevitas layer the model brought
         if any(n == "" or name.startswith(n + ".") for n in [*out, *split]):
             continue  # inside a layer already named (the root included)
-        if name and type(module) is nn.MultiheadAttention:  # the root cannot be replaced in place
+        if splittable(name, module):
             split.append(name)
             continue
         why = _why_float(module)
@@ -245,8 +256,9 @@ def swap_layers(
     Each new layer quantizes its weight with ``scheme`` at ``bits`` and keeps the original weight and
     bias Parameters and constructor attributes (stride, padding, dilation, groups, padding_mode,
     device, dtype). Layers already quantized are left alone, so calling it twice is harmless. A module
-    registered under several names is swapped once and replaced everywhere. Every ``nn.MultiheadAttention``
-    is split first (:func:`hq_ptq.attention.split_attention`), so its four projections are layers here.
+    registered under several names is swapped once and replaced everywhere. An ``nn.MultiheadAttention`` with
+    a projection the globs select is split first (:func:`split_matching_attention`), so its four projections
+    are layers here.
 
     Args:
         model: any ``nn.Module``; changed in place.
@@ -267,7 +279,7 @@ def swap_layers(
     """
     injector = weight_quant(scheme, bits)
     _check_scale_init(scale_init)
-    split_attention(model)
+    split_matching_attention(model, include, exclude)
     targets = set(find_layers(model, include, exclude))
     _warn_grouped_transposed(model, _as_globs(include, "include"), _as_globs(exclude, "exclude"))
     modules = list(model.named_modules(remove_duplicate=False))

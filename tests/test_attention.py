@@ -154,3 +154,52 @@ def test_a_failed_quantize_puts_the_torch_attention_back():
     assert type(model.encoder.layers[0].self_attn) is nn.MultiheadAttention
     assert model.encoder.use_nested_tensor is True
     assert list(model.state_dict()) == keys
+
+
+def test_a_frozen_attention_stays_frozen_and_a_wrong_mask_is_refused():
+    mha = nn.MultiheadAttention(8, 2)
+    mha.requires_grad_(False)
+    split = SplitMultiheadAttention.from_float(mha)
+    assert not any(p.requires_grad for p in split.parameters())  # QAT trains requires_grad parameters only
+    x = torch.randn(5, 3, 8)
+    with pytest.raises(RuntimeError, match=r"2-D attn_mask has shape \(1, 5\), but should be \(5, 5\)"):
+        split(x, x, x, attn_mask=torch.zeros(1, 5))
+    with pytest.raises(RuntimeError, match=r"key_padding_mask has shape \(3, 4\), but should be \(3, 5\)"):
+        split(x, x, x, key_padding_mask=torch.zeros(3, 4, dtype=torch.bool))
+
+
+def test_what_is_not_split_stays_torch_attention():
+    """An attention with a hook of its own (the split would drop it) stays float and is named; one the
+    globs exclude is left alone; a plan that does not name an attention (e.g. from a file saved before
+    hq_ptq split attention) applies to torch's module as it is."""
+    model = _model()
+    model.readout.register_forward_hook(lambda *args: None)
+    assert list(float_layers(model)) == ["readout"]
+    assert "hooks" in float_layers(model)["readout"][2]
+    names = hq_ptq.swap.swap_layers(model, exclude=("encoder.*",))
+    assert type(model.readout) is nn.MultiheadAttention and "encoder.layers.0.linear1" not in names
+    assert type(model.encoder.layers[0].self_attn) is nn.MultiheadAttention
+
+    plan = hq_ptq.get_plan(model)
+    fresh = _model()
+    hq_ptq.apply_plan(fresh, plan)
+    assert type(fresh.encoder.layers[0].self_attn) is nn.MultiheadAttention
+
+
+def test_a_quantize_refused_before_any_forward_leaves_the_membranes():
+    model, data = _model(), _batches()
+    with torch.no_grad():
+        model(data[0][0])
+    membrane = model.lif.mem.clone()
+    with pytest.raises(ValueError, match="no Linear"):
+        hq_ptq.quantize(model, 4.0, calib_data=data, config=hq_ptq.QuantConfig(include=("nothing*",)))
+    assert torch.equal(model.lif.mem, membrane)
+    assert type(model.readout) is nn.MultiheadAttention
+
+
+def test_integerize_names_the_attention_it_cannot_express():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0))
+    hq_ptq.swap.swap_layers(model, scheme="uniform", bits=8)
+    with pytest.raises(ValueError, match=r"^1.self_attn: attention \(softmax over q·k\) is not supported"):
+        hq_ptq.integerize(model, _batches())
