@@ -19,8 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+# SpikingJelly (the neurons of the published Spikformer/SDT code, for the test corpus) goes in without its
+# dependencies: its metadata asks for torchvision, which would pull a multi-GB CUDA torch, and its neuron
+# modules need only torch and numpy.
+SPIKINGJELLY_SPEC ?= spikingjelly==0.0.0.0.14
+
+$(VENV)/.installed-dev: pyproject.toml Makefile $(VENV)/.installed
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "$(SPIKINGJELLY_SPEC)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -116,6 +116,23 @@ def test_copy_right_after_a_training_step():
     hq_ptq.quantize(model, 4.0, calib_data=_vectors(), train_data=_vectors(seed=1), config=_config(steps=2))
 
 
+def test_spikingjelly_neurons_are_reset_and_copied_like_snntorch_ones():
+    """SpikingJelly keeps a neuron's membrane in ``_memories`` (not a buffer or attribute) and its users reset
+    it with functional.reset_net after each batch; hq_ptq's state rule must reach it, or QAT backpropagates
+    through the previous batch's freed graph."""
+    from spikingjelly.activation_based import neuron
+
+    model = nn.Sequential(nn.Linear(6, 8), neuron.LIFNode(tau=2.0, step_mode="m"), nn.Linear(8, 3))
+    x = 3 * torch.rand(4, 2, 6)  # [T, B, features]
+    model(x).sum().backward()  # the neuron now holds v with its graph
+    lif = model[1]
+    assert lif.v.grad_fn is not None
+    clone = detached_copy(model)
+    assert clone[1].v == 0.0 and lif.v.grad_fn is not None  # reset to v_reset; the original untouched
+    assert reset_states(model) == 1 and lif.v == 0.0
+    model(x).sum().backward()  # a second step would fail if the state still held the first graph
+
+
 def test_reset_states_reaches_deep_copies():
     model = OwnLoopNet()
     clone = copy.deepcopy(model)  # not in snnTorch's class-level instance list

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BATCH_SIZE", "CORPUS", "CorpusModel", "ForwardPass", "by_name", "warm_batchnorm"]
+__all__ = ["BATCH_SIZE", "CORPUS", "CorpusModel", "ForwardPass", "by_name", "reset_neurons", "warm_batchnorm"]
 
 BATCH_SIZE = 4
 
@@ -54,7 +54,8 @@ class CorpusModel:
     silent_neurons: tuple[str, ...] = ()
     # snnTorch neurons (qualified names) that forward never calls (defined in __init__ only).
     unused_neurons: tuple[str, ...] = ()
-    # False: forward never resets its neurons; the caller must (snntorch.utils.reset before every batch)
+    # False: forward never resets its neurons; the caller must (reset_neurons: snntorch.utils.reset or
+    # SpikingJelly's functional.reset_net, before or after every batch)
     resets_itself: bool = True
     notes: str = ""
 
@@ -76,6 +77,18 @@ def _call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def reset_neurons(model: nn.Module) -> None:
+    """What the authors' loops do after every batch: ``spikingjelly...functional.reset_net`` (each
+    SpikingJelly ``MemoryModule``'s ``reset()``) and ``snntorch.utils.reset``. Models that reset their own
+    neurons are unaffected."""
+    from snntorch import utils
+
+    for m in model.modules():
+        if isinstance(vars(m).get("_memories"), dict) and callable(getattr(m, "reset", None)):
+            m.reset()
+    utils.reset(model)
+
+
 @torch.no_grad()
 def warm_batchnorm(model: nn.Module, batches: list[Batch]) -> nn.Module:
     """Set every BatchNorm's running statistics to their average over ``batches`` (train-mode forwards with
@@ -91,6 +104,7 @@ def warm_batchnorm(model: nn.Module, batches: list[Batch]) -> nn.Module:
     model.train()
     for inputs, _ in batches:
         _call(model, inputs)
+        reset_neurons(model)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(training)
@@ -248,6 +262,24 @@ def _spikformer_dvs() -> nn.Module:
         in_channels=2, num_classes=10, qkv_bias=False,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), depths=1, sr_ratios=1,
     )  # fmt: skip
+
+
+def _spikformer_dvs_spikingjelly() -> nn.Module:
+    """The same official Spikformer built with the neuron its authors import, SpikingJelly's
+    ``clock_driven.neuron.MultiStepLIFNode`` (SpikingJelly 0.0.0.0.14), instead of the shim. Their
+    ``backend='cupy'`` needs CUDA, so it runs on SpikingJelly's 'torch' backend, the same equations."""
+    from spikingjelly.clock_driven import neuron
+
+    from . import spikformer_cifar10dvs as module
+
+    def multistep_lif(**kwargs):
+        return neuron.MultiStepLIFNode(**{**kwargs, "backend": "torch"})
+
+    shim, module.MultiStepLIFNode = module.MultiStepLIFNode, multistep_lif
+    try:
+        return _spikformer_dvs()
+    finally:
+        module.MultiStepLIFNode = shim
 
 
 # ------------------------------------------------ 7. official Spike-driven Transformer
@@ -435,6 +467,21 @@ CORPUS: tuple[CorpusModel, ...] = (
         classes=10,
         unused_neurons=("block.0.attn.res_lif.lif",),
         notes="res_lif, attn_drop, pos_embed, norm and Block.norm1/norm2 are defined but unused by forward",
+    ),
+    CorpusModel(
+        name="spikformer-cifar10dvs-spikingjelly",
+        source="ZK-Zhou/spikformer@621268981827af47aa666c1b5f774de4281d90ad cifar10dvs/model.py",
+        licence="MIT",
+        exercises="the official Spikformer on SpikingJelly's own MultiStepLIFNode (0.0.0.0.14, 'torch' "
+        "backend): neurons that are not snnTorch's, whose membranes live in SpikingJelly's _memories and "
+        "carry from call to call until the caller's functional.reset_net",
+        build=_builder(_spikformer_dvs_spikingjelly, _dvs128_frames),
+        batches=_dvs128_frames,
+        classes=10,
+        resets_itself=False,
+        unused_neurons=("block.0.attn.res_lif",),
+        notes="the authors' training loop calls functional.reset_net(model) after every batch; the model "
+        "never resets itself",
     ),
     CorpusModel(
         name="sdt-cifar10dvs-tet-official",
