@@ -38,7 +38,6 @@ quantize them first).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -58,7 +57,13 @@ from torch import nn
 from hq_ptq.attention import SplitMultiheadAttention
 from hq_ptq.model_io import call, class_scores
 from hq_ptq.schemes import quantized_weight, weight_codes
-from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, reset_states
+from hq_ptq.snn import (
+    MultiStepLeaky,
+    detached_copy,
+    is_spiking_neuron,
+    is_spikingjelly_stateful,
+    reset_states,
+)
 from hq_ptq.swap import layer_quant, quant_layers
 
 __all__ = ["IntegerLIF", "IntegerReport", "IntegerSynapse", "compare", "integerize", "reference_mode",
@@ -537,8 +542,7 @@ def integerize(
     """
     if membrane_bits < 4:
         raise ValueError(f"membrane_bits must be >= 4, got {membrane_bits}")
-    model = copy.deepcopy(model).eval()
-    reset_states(model)
+    model = detached_copy(model).eval()  # reset neurons; a plain deepcopy fails on a training step's state
     qlayers = quant_layers(model)
     if not qlayers:
         raise ValueError("integerize needs a quantized model (apply a plan first, e.g. hq_ptq.quantize)")
@@ -556,7 +560,7 @@ def integerize(
         inside = any(name.startswith(n + ".") for n in (*neurons, *qlayers))  # their own quantizers, LIF
         if name in qlayers or name in neurons or name in bns or inside:
             continue
-        if is_spiking_neuron(m):
+        if is_spiking_neuron(m) or is_spikingjelly_stateful(m):
             raise ValueError(f"{name}: {type(m).__name__} neurons are not supported by the integer path "
                              "(snn.Leaky and MultiStepLeaky are)")
         if isinstance(m, SplitMultiheadAttention):  # its softmax has no integer form here

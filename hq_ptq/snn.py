@@ -35,6 +35,7 @@ __all__ = [
     "explicit_membranes",
     "get_lif_backend",
     "is_spiking_neuron",
+    "is_spikingjelly_stateful",
     "lif_backend",
     "reset_states",
     "set_lif_backend",
@@ -372,6 +373,12 @@ def _memories(module: nn.Module) -> dict | None:
     ``reset()`` restores, or None for any other module. Duck-typed, so SpikingJelly need not be installed."""
     memories = vars(module).get("_memories")
     return memories if isinstance(memories, dict) and callable(getattr(module, "reset", None)) else None
+
+
+def is_spikingjelly_stateful(module: nn.Module) -> bool:
+    """A SpikingJelly stateful module (``MemoryModule``: its neurons, ...), which hq_ptq resets but whose
+    dynamics it does not model (integer path, energy's neuron memory)."""
+    return _memories(module) is not None
 
 
 def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:

@@ -26,7 +26,7 @@ from hq_ptq.config import QATConfig, QuantConfig, SearchConfig
 from hq_ptq.plan import LayerChoice, Plan
 from hq_ptq.snn import detached_copy, reset_states, to_multistep
 from hq_ptq.state import SEARCH_ATTR
-from hq_ptq.swap import quant_layers
+from hq_ptq.swap import quant_layers, swap_layers
 
 T = 3
 
@@ -131,6 +131,10 @@ def test_spikingjelly_neurons_are_reset_and_copied_like_snntorch_ones():
     assert clone[1].v == 0.0 and lif.v.grad_fn is not None  # reset to v_reset; the original untouched
     assert reset_states(model) == 1 and lif.v == 0.0
     model(x).sum().backward()  # a second step would fail if the state still held the first graph
+    # the integer path models snnTorch LIFs only: it names this neuron instead of leaving it float inside
+    swap_layers(model, scheme="uniform", bits=8)
+    with pytest.raises(ValueError, match="^1: LIFNode neurons are not supported by the integer path"):
+        hq_ptq.integerize(model, [(torch.poisson(torch.full((4, 2, 6), 1.0)), torch.tensor([0, 1]))])
 
 
 def test_reset_states_reaches_deep_copies():

@@ -224,6 +224,9 @@ CORPUS_OUTCOME = {
     "snntorch-tutorial3-synaptic": "lif1: Synaptic neurons are not supported by the integer path",
     # the decoder's transposed convolutions (fake-quant export takes them; the integer path has no synapse)
     "snntorch-sae": "decoder.2: QuantConvTranspose2d has no integer synapse",
+    "snntorch-pop-coding": "1 gets inputs that are not fixed-point",  # Fashion-MNIST pixels in [0, 1]
+    # the unused parameter first; its SpikingJelly neurons would be named next
+    "spikformer-cifar10dvs-spikingjelly": r"the model itself \(Spikformer\) holds pos_embed",
 }
 
 

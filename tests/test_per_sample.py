@@ -150,6 +150,8 @@ CORPUS_OUTCOME = {
     "sdt-cifar10dvs-tet-official": (None, 0),
     "snntorch-tutorial3-synaptic": (None, 0),  # T = 6 != B: the [T, B, 10] outputs are unambiguous
     "snntorch-sae": (None, 0),  # ConvTranspose2d rows: the transposed weight gradient
+    "snntorch-pop-coding": (None, 0),
+    "spikformer-cifar10dvs-spikingjelly": (None, 0),
 }
 
 
