@@ -561,7 +561,8 @@ def integerize(
         if name in qlayers or name in neurons or name in bns or inside:
             continue
         if is_spiking_neuron(m) or is_spikingjelly_stateful(m):
-            raise ValueError(f"{name}: {type(m).__name__} neurons are not supported by the integer path "
+            kind = "neurons" if is_spiking_neuron(m) or hasattr(m, "v_threshold") else "(SpikingJelly state)"
+            raise ValueError(f"{name}: {type(m).__name__} {kind} are not supported by the integer path "
                              "(snn.Leaky and MultiStepLeaky are)")
         if isinstance(m, SplitMultiheadAttention):  # its softmax has no integer form here
             raise ValueError(f"{name}: attention (softmax over q·k) is not supported by the integer path; "

@@ -371,13 +371,18 @@ def spiking_neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def _memories(module: nn.Module) -> dict | None:
     """A SpikingJelly stateful module's state (its neurons' ``v``, ...): the ``_memories`` dict that its
     ``reset()`` restores, or None for any other module. Duck-typed, so SpikingJelly need not be installed."""
-    memories = vars(module).get("_memories")
-    return memories if isinstance(memories, dict) and callable(getattr(module, "reset", None)) else None
+    own = vars(module)
+    memories = own.get("_memories")
+    # _memories_rv (the reset values) too, so a user's module that merely has a _memories dict and a reset()
+    # of its own (e.g. re-initialising weights) is never called
+    spikingjelly = isinstance(memories, dict) and isinstance(own.get("_memories_rv"), dict)
+    return memories if spikingjelly and callable(getattr(module, "reset", None)) else None
 
 
 def is_spikingjelly_stateful(module: nn.Module) -> bool:
-    """A SpikingJelly stateful module (``MemoryModule``: its neurons, ...), which hq_ptq resets but whose
-    dynamics it does not model (integer path, energy's neuron memory)."""
+    """A SpikingJelly stateful module (``MemoryModule``: its neurons, ...), which hq_ptq resets, counts in
+    the energy report's neuron memory (the neurons), and whose dynamics the integer path and
+    ``to_multistep`` refuse."""
     return _memories(module) is not None
 
 
@@ -389,6 +394,21 @@ def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Ten
         for key, value in held:
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 yield module, key, value
+
+
+def _graph_tensors_in_sequences(model: nn.Module) -> Iterator[tuple[nn.Module, str, list | tuple]]:
+    """Plain list/tuple attributes (and SpikingJelly memories) holding tensors with an autograd graph, e.g.
+    a neuron's recorded state sequence."""
+    for module in model.modules():
+        for key, value in [*vars(module).items(), *(_memories(module) or {}).items()]:
+            if isinstance(value, (list, tuple)) and any(
+                isinstance(v, torch.Tensor) and v.grad_fn is not None for v in value
+            ):
+                yield module, key, value
+
+
+def _detached(seq: list | tuple) -> list | tuple:
+    return type(seq)(v.detach() if isinstance(v, torch.Tensor) else v for v in seq)
 
 
 def reset_states(model: nn.Module) -> int:
@@ -426,6 +446,8 @@ def reset_states(model: nn.Module) -> int:
     with torch.no_grad():
         for module, key, value in _graph_tensors(model):
             setattr(module, key, value.detach())
+        for module, key, seq in _graph_tensors_in_sequences(model):
+            setattr(module, key, _detached(seq))
     return count
 
 
@@ -438,6 +460,8 @@ def detached_copy(model: nn.Module) -> nn.Module:
     original model is not changed at all.
     """
     memo = {id(t): t.detach().clone() for _, _, t in _graph_tensors(model)}
+    for _, _, seq in _graph_tensors_in_sequences(model):
+        memo.update({id(t): t.detach().clone() for t in seq if isinstance(t, torch.Tensor)})
     clone = copy.deepcopy(model, memo)
     reset_states(clone)
     return clone
@@ -563,6 +587,11 @@ def _check_convertible(module: nn.Module, name: str) -> None:
         raise ValueError(
             f"{label} is an snn.{type(module).__name__}; to_multistep converts snn.Leaky only, "
             "keep this model step-wise or replace the neuron by snn.Leaky"
+        )
+    if is_spikingjelly_stateful(module):  # folded over T*B it would run once, with no time integration
+        raise ValueError(
+            f"{label} is SpikingJelly's {type(module).__name__}; to_multistep converts snn.Leaky only (use "
+            "SpikingJelly's own step_mode='m' there)"
         )
     for child_name, child in module.named_children():
         _check_convertible(child, f"{name}.{child_name}" if name else child_name)

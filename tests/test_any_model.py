@@ -120,6 +120,7 @@ def test_spikingjelly_neurons_are_reset_and_copied_like_snntorch_ones():
     """SpikingJelly keeps a neuron's membrane in ``_memories`` (not a buffer or attribute) and its users reset
     it with functional.reset_net after each batch; hq_ptq's state rule must reach it, or QAT backpropagates
     through the previous batch's freed graph."""
+    pytest.importorskip("spikingjelly")
     from spikingjelly.activation_based import neuron
 
     model = nn.Sequential(nn.Linear(6, 8), neuron.LIFNode(tau=2.0, step_mode="m"), nn.Linear(8, 3))
@@ -135,6 +136,60 @@ def test_spikingjelly_neurons_are_reset_and_copied_like_snntorch_ones():
     swap_layers(model, scheme="uniform", bits=8)
     with pytest.raises(ValueError, match="^1: LIFNode neurons are not supported by the integer path"):
         hq_ptq.integerize(model, [(torch.poisson(torch.full((4, 2, 6), 1.0)), torch.tensor([0, 1]))])
+
+
+class _SpikingJellyNet(nn.Module):
+    def __init__(self, make_neuron) -> None:
+        super().__init__()
+        self.fc1, self.lif1, self.fc2 = nn.Linear(6, 16), make_neuron(), nn.Linear(16, 16)
+        self.lif2, self.fc3 = make_neuron(), nn.Linear(16, 3)
+
+    def forward(self, x):  # [T, B, 6] -> [B, 3]
+        return self.fc3(self.lif2(self.fc2(self.lif1(self.fc1(x))))).mean(0)
+
+
+def test_spikingjelly_neurons_pass_gradients_in_the_analysis_and_count_in_the_energy_report():
+    """In eval mode SpikingJelly 0.0.0.0.14's activation_based LIFNode fires through a plain step with no
+    surrogate: analysed in eval, every layer before it had a zero trace and was called dead. Its traces must
+    equal those of clock_driven's MultiStepLIFNode, the same neuron, which has no eval-only path."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import neuron as activation_based
+    from spikingjelly.clock_driven import neuron as clock_driven
+
+    from hq_ptq.energy import measure_activity
+
+    gen = torch.Generator().manual_seed(0)
+    data = [(6 * torch.rand(4, 8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen))
+            for _ in range(2)]
+    config = QuantConfig(search=SearchConfig(metric="fisher", protect_first_last=False))
+    traces = []
+    for make in (lambda: activation_based.LIFNode(tau=2.0, step_mode="m"),
+                 lambda: clock_driven.MultiStepLIFNode(tau=2.0, backend="torch")):
+        torch.manual_seed(0)
+        model = _SpikingJellyNet(make)
+        with torch.no_grad():
+            model.fc2.weight.mul_(3)  # so that lif2 fires too
+        analysis = hq_ptq.analyze(model, calib_data=data, config=config)
+        assert analysis.dead == ()
+        traces.append(analysis.traces)
+        assert measure_activity(model, data).neurons == {"lif1": 16, "lif2": 16}  # membranes per sample
+    assert traces[0] == pytest.approx(traces[1], rel=1e-6)
+    with pytest.raises(ValueError, match="^1 is SpikingJelly's LIFNode; to_multistep converts snn.Leaky"):
+        to_multistep(nn.Sequential(nn.Linear(6, 16), activation_based.LIFNode(tau=2.0)))
+
+
+def test_an_export_that_fails_inside_spikingjelly_neurons_names_them(tmp_path):
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import neuron
+
+    # 0.0.0.0.14's activation_based LIF runs a TorchScript loop in eval that the ONNX exporter cannot follow
+    model = _SpikingJellyNet(lambda: neuron.LIFNode(tau=2.0, step_mode="m"))
+    swap_layers(model, scheme="uniform", bits=8)
+    x = torch.rand(4, 2, 6)
+    with pytest.raises(ValueError, match=r"failed in a model with SpikingJelly neurons \(lif1, lif2\)"):
+        hq_ptq.export_onnxruntime(model, x, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="'lif1' is SpikingJelly's LIFNode; use mode='unrolled'"):
+        hq_ptq.export_onnxruntime(model, x, tmp_path / "m.onnx", mode="step")
 
 
 def test_reset_states_reaches_deep_copies():

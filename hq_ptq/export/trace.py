@@ -18,11 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from hq_ptq.errors import first_line
 from hq_ptq.export.passes import _QUANT_OPS, _clean
 from hq_ptq.model_io import call, describe, rebuild, tensors
 from hq_ptq.snn import (
     MultiStepLeaky,
     explicit_membranes,
+    is_spikingjelly_stateful,
     reset_states,
     spiking_neurons,
     surrogate_disabled,
@@ -105,6 +107,7 @@ def _export_state(model: nn.Module) -> Iterator[None]:
     # init_hidden=True neurons keep their membranes in buffers between calls: a trace would bake a
     # previous call's membranes in as constants, and a reference forward would continue from them
     saved = [(m, dict(m._buffers)) for _, m in spiking_neurons(model)]
+    memories = [(m, dict(vars(m)["_memories"])) for m in model.modules() if is_spikingjelly_stateful(m)]
     hook = model.register_forward_pre_hook(_reset_hook, prepend=True)
     model.eval()
     try:
@@ -114,6 +117,8 @@ def _export_state(model: nn.Module) -> Iterator[None]:
         hook.remove()
         for m, buffers in saved:
             m._buffers.update(buffers)
+        for m, state in memories:
+            vars(m)["_memories"].update(state)
         for m, flag in training.items():
             m.train(flag)
 
@@ -259,6 +264,10 @@ def _time_steps(x: Any, time_dim: int) -> int:
 def _bare_neuron_error(model: nn.Module) -> ValueError | None:
     """Why ``model`` cannot be step-exported: an snnTorch neuron outside every MultiStepLeaky."""
     wrapped = {id(m.lif) for m in model.modules() if isinstance(m, MultiStepLeaky)}
+    for name, m in model.named_modules():
+        if is_spikingjelly_stateful(m):
+            return ValueError(f"mode='step' exposes the state of MultiStepLeaky layers only, but {name!r} is "
+                              f"SpikingJelly's {type(m).__name__}; use mode='unrolled'")
     for name, neuron in spiking_neurons(model):
         if id(neuron) not in wrapped:
             return ValueError(
@@ -452,7 +461,25 @@ def _legacy_keys(meta: dict[str, Any], ref: Sequence[torch.Tensor]) -> None:
         meta["logits"], meta["num_classes"] = meta["outputs"][0]["name"], int(ref[0].shape[1])
 
 
-def _trace(
+def _trace(module: nn.Module, *args: Any) -> tuple[Any, dict[str, Any]]:
+    """:func:`_trace_graph`, with a failure inside a model with SpikingJelly neurons named as such: their
+    kernels (custom ops, TorchScript loops, Python surrogates) often have no ONNX form, and the exporter's
+    own message (a missing graph input, an unknown operator) does not say so."""
+    try:
+        return _trace_graph(module, *args)
+    except Exception as err:
+        foreign = [n.removeprefix("model.") for n, m in module.named_modules() if is_spikingjelly_stateful(m)]
+        if not foreign:
+            raise
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"the ONNX export failed in a model with SpikingJelly neurons ({shown}): {first_line(err)}; "
+            "hq_ptq exports snnTorch neurons, and SpikingJelly's clock_driven MultiStep*Node on the 'torch' "
+            "backend"
+        ) from err
+
+
+def _trace_graph(
     module: nn.Module,
     args: tuple[torch.Tensor, ...],
     inputs: list[str],

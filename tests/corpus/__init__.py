@@ -50,9 +50,9 @@ class CorpusModel:
     # Conv/Linear layers (qualified names) that get no gradient from the loss by construction, e.g. defined
     # in __init__ but never called in forward.
     dead_layers: tuple[str, ...] = ()
-    # snnTorch neurons (qualified names) that may stay silent on the corpus data; every other neuron fires.
+    # neurons (qualified names) that may stay silent on the corpus data; every other neuron fires.
     silent_neurons: tuple[str, ...] = ()
-    # snnTorch neurons (qualified names) that forward never calls (defined in __init__ only).
+    # neurons (snnTorch or SpikingJelly; qualified names) that forward never calls (defined in __init__ only).
     unused_neurons: tuple[str, ...] = ()
     # False: forward never resets its neurons; the caller must (reset_neurons: snntorch.utils.reset or
     # SpikingJelly's functional.reset_net, before or after every batch)
