@@ -34,6 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 __all__ = ["SplitMultiheadAttention", "split_attention"]
 
@@ -69,11 +70,12 @@ class SplitMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.kdim, self.vdim = kdim, vdim
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
+        # uninitialised (skip_init): from_float fills them, and a split must not draw from the global RNG
         made = dict(bias=bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(embed_dim, embed_dim, **made)
-        self.k_proj = nn.Linear(kdim, embed_dim, **made)
-        self.v_proj = nn.Linear(vdim, embed_dim, **made)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, **made)
+        self.q_proj = skip_init(nn.Linear, embed_dim, embed_dim, **made)
+        self.k_proj = skip_init(nn.Linear, kdim, embed_dim, **made)
+        self.v_proj = skip_init(nn.Linear, vdim, embed_dim, **made)
+        self.out_proj = skip_init(nn.Linear, embed_dim, embed_dim, **made)
         self.bias_k, self.bias_v = bias_k, bias_v
 
     @classmethod
@@ -93,11 +95,9 @@ class SplitMultiheadAttention(nn.Module):
             biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
             for proj, weight, bias in zip((split.q_proj, split.k_proj, split.v_proj), weights, biases):
                 proj.weight.copy_(weight)
-                if bias is not None:
-                    proj.bias.copy_(bias)
-            for proj, weight, bias in zip((split.q_proj, split.k_proj, split.v_proj), weights, biases):
                 proj.weight.requires_grad_(weight.requires_grad)  # a frozen attention stays frozen
                 if bias is not None:
+                    proj.bias.copy_(bias)
                     proj.bias.requires_grad_(bias.requires_grad)
         split.out_proj.weight = mha.out_proj.weight
         split.out_proj.bias = mha.out_proj.bias

@@ -159,7 +159,9 @@ def test_a_failed_quantize_puts_the_torch_attention_back():
 def test_a_frozen_attention_stays_frozen_and_a_wrong_mask_is_refused():
     mha = nn.MultiheadAttention(8, 2)
     mha.requires_grad_(False)
+    rng = torch.get_rng_state()
     split = SplitMultiheadAttention.from_float(mha)
+    assert torch.equal(torch.get_rng_state(), rng)  # a split draws nothing from the user's RNG
     assert not any(p.requires_grad for p in split.parameters())  # QAT trains requires_grad parameters only
     x = torch.randn(5, 3, 8)
     with pytest.raises(RuntimeError, match=r"2-D attn_mask has shape \(1, 5\), but should be \(5, 5\)"):
