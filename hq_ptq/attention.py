@@ -238,7 +238,8 @@ def split_attention(model: nn.Module, wanted: Callable[[str], bool] | None = Non
             names.append(name)
     # a TransformerEncoder decided at construction whether to pack inputs as nested tensors for its fast
     # path; the split layers take the regular path, which needs regular tensors
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoder) and names:
-            module.use_nested_tensor = False
+    if names:
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoder):
+                module.use_nested_tensor = False
     return names
