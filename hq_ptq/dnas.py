@@ -44,7 +44,6 @@ from hq_ptq.snn import detached_copy, reset_states
 from hq_ptq.space import candidates as allowed_candidates
 from hq_ptq.space import protected_layers
 from hq_ptq.swap import (
-    LAYER_MAP,
     LAYER_TYPES,
     find_layers,
     quantizable,
@@ -195,7 +194,7 @@ def relax(
     out: dict[str, MixedQuantLayer] = {}
     for name in names:
         layer = model.get_submodule(name)
-        if type(layer) not in LAYER_MAP:
+        if not quantizable(layer):
             raise ValueError(f"layer {name} is already quantized; relax a float model")
         mixed = MixedQuantLayer(layer, [protected[name]] if name in protected else candidates)
         parent, _, child = name.rpartition(".")

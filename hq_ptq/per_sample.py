@@ -79,12 +79,12 @@ def _pointwise(module: nn.Module) -> bool:
 
 def _rows(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, output gradients)`` with one leading row dimension: the rows of a Linear, the images of a
-    Conv or ConvTranspose (an unbatched image is one row)."""
+    Conv or ConvTranspose (an unbatched image is one row; a layer that folds ``[T, N]`` itself, such as a
+    SpikingJelly multi-step conv, has ``T * N`` rows)."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-    if x.dim() == len(module.kernel_size) + 1:  # type: ignore[arg-type]
-        return x.unsqueeze(0), grad.unsqueeze(0)
-    return x, grad
+    image = len(module.kernel_size) + 1  # type: ignore[arg-type]
+    return x.reshape(-1, *x.shape[-image:]), grad.reshape(-1, *grad.shape[-image:])
 
 
 def _rows_grad(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import sys
 import warnings
 from collections.abc import Iterable
 
@@ -76,6 +77,57 @@ LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
 }
 LAYER_TYPES = "Linear, Conv1d/Conv2d or ConvTranspose1d/2d"
 
+
+class _StepMode:
+    """SpikingJelly's step modes on an hq_ptq quant layer, as ``spikingjelly.activation_based.layer`` has
+    them: with ``step_mode = "m"`` a convolution takes ``[T, N, C, ...]``, folds time into the batch
+    around the layer and unfolds its output; a Linear takes any leading dimensions in both modes.
+    ``step_mode`` is a plain attribute, so SpikingJelly's ``functional.set_step_mode`` changes it as it does
+    on its own layers."""
+
+    step_mode = "s"
+    _fold_time = True  # False for a Linear
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if self.step_mode != "m" or not self._fold_time:
+            return super().forward(x)  # type: ignore[misc]
+        dims = len(self.kernel_size) + 3  # type: ignore[attr-defined]
+        if x.dim() != dims:  # the same check (and message shape) as SpikingJelly's own layer
+            raise ValueError(f"expected x with shape [T, N, C, ...] ({dims} dimensions) in step_mode 'm', "
+                             f"but got x with shape {x.shape}")
+        y = super().forward(x.flatten(0, 1))  # type: ignore[misc]
+        return y.reshape(x.shape[0], x.shape[1], *y.shape[1:])
+
+
+class StepQuantLinear(_StepMode, qnn.QuantLinear):
+    """hq_ptq's quantized ``spikingjelly.activation_based.layer.Linear``."""
+
+    _fold_time = False
+
+
+class StepQuantConv1d(_StepMode, qnn.QuantConv1d):
+    """hq_ptq's quantized ``spikingjelly.activation_based.layer.Conv1d``."""
+
+
+class StepQuantConv2d(_StepMode, qnn.QuantConv2d):
+    """hq_ptq's quantized ``spikingjelly.activation_based.layer.Conv2d``."""
+
+
+def _step_layers() -> dict[type[nn.Module], type[nn.Module]]:
+    """SpikingJelly's step-mode Linear/Conv1d/Conv2d → the hq_ptq layer that quantizes each. These subclass
+    torch's layers only to fold time into the batch (``functional.seq_to_ann_forward``) around torch's own
+    forward, so they are quantized like torch's; empty unless SpikingJelly's ``activation_based`` is imported
+    (a model built from it has imported it)."""
+    layer = sys.modules.get("spikingjelly.activation_based.layer")
+    if layer is None:
+        return {}
+    return {layer.Linear: StepQuantLinear, layer.Conv1d: StepQuantConv1d, layer.Conv2d: StepQuantConv2d}
+
+
+def _quant_type(module: nn.Module) -> type[nn.Module] | None:
+    """The hq_ptq quant layer type for a float layer: exact LAYER_MAP types and SpikingJelly's step layers."""
+    return LAYER_MAP.get(type(module)) or _step_layers().get(type(module))
+
 QUANT_ATTR = "hq_quant"
 
 
@@ -108,8 +160,9 @@ def _grouped_transposed(module: nn.Module) -> bool:
 
 
 def quantizable(module: nn.Module) -> bool:
-    """A float layer hq_ptq swaps (an exact LAYER_MAP type, transposed only with groups=1)."""
-    return type(module) in LAYER_MAP and not _grouped_transposed(module)
+    """A float layer hq_ptq swaps (an exact LAYER_MAP type, transposed only with groups=1, or one of
+    SpikingJelly's step-mode Linear/Conv1d/Conv2d)."""
+    return _quant_type(module) is not None and not _grouped_transposed(module)
 
 
 def _quantizable(module: nn.Module) -> bool:
@@ -191,8 +244,14 @@ def find_layers(
     inc, exc = _as_globs(include, "include"), _as_globs(exclude, "exclude")
     names = [n for n, m in model.named_modules() if n and _quantizable(m) and _matches(n, inc, exc)]
     if not names:
+        left = {n: v for n, v in float_layers(model).items() if _matches(n, inc, exc)}
+        why = ""
+        if left:  # weight layers the globs select that hq_ptq cannot swap: say which and why
+            first, (kind, _, reason) = next(iter(left.items()))
+            why = f"; the weight layers they select stay float32, e.g. {first or 'the model'} ({kind}: " \
+                  f"{reason})"
         raise ValueError(
-            f"no {LAYER_TYPES} layer matches include={list(inc)} exclude={list(exc)}; "
+            f"no {LAYER_TYPES} layer matches include={list(inc)} exclude={list(exc)}{why}; "
             "check the globs against [n for n, _ in model.named_modules()]"
         )
     return names
@@ -204,16 +263,19 @@ def _quant_layer_like(module: nn.Module, injector: type) -> nn.Module:
         bias=module.bias is not None, weight_quant=injector, bias_quant=None, input_quant=None,
         output_quant=None, return_quant_tensor=False, device=w.device, dtype=w.dtype,
     )
+    quant_type: type = _quant_type(module)  # type: ignore[assignment]
     if isinstance(module, nn.Linear):
-        q = qnn.QuantLinear(module.in_features, module.out_features, **common)
+        q = quant_type(module.in_features, module.out_features, **common)
     else:
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             common["output_padding"] = module.output_padding
-        q = LAYER_MAP[type(module)](
+        q = quant_type(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups,
             padding_mode=module.padding_mode, **common,
         )
+    if isinstance(q, _StepMode):
+        q.step_mode = module.step_mode
     # Reuse the very Parameters (bit-identical, optimizer references stay valid); Brevitas'
     # register_parameter hook re-initialises the quantizer from the assigned weight.
     q.weight = w
@@ -287,7 +349,7 @@ def swap_layers(
     replaced: dict[int, nn.Module] = {}
     swapped: list[str] = []
     for name, module in modules:
-        if name in targets and type(module) in LAYER_MAP and id(module) not in replaced:
+        if name in targets and quantizable(module) and id(module) not in replaced:
             new = _quant_layer_like(module, injector)
             setattr(new, QUANT_ATTR, LayerQuant(scheme, int(bits)))
             _init_scales(new.weight_quant, new, scheme, bits, scale_init)

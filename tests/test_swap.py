@@ -185,6 +185,21 @@ def test_nothing_matched_names_the_globs():
     assert not quant_layers(model)
 
 
+def test_nothing_matched_in_a_model_of_subclasses_says_why():
+    """A model whose only weight layers are Linear subclasses with their own forward: "check the globs" alone
+    sent the user looking for a typo."""
+
+    class ScaledLinear(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(ScaledLinear(3, 4), nn.ReLU(), ScaledLinear(4, 2))
+    with pytest.raises(ValueError, match=r"float32, e\.g\. 0 \(ScaledLinear: a subclass of a Linear/Conv"):
+        swap_layers(model)
+    with pytest.raises(ValueError, match=r"exclude=\['0'\]; the weight layers they select .* e\.g\. 2 "):
+        swap_layers(model, exclude=("0",))
+
+
 def test_bad_scheme_or_bits():
     model, _, _ = _build("mlp")
     with pytest.raises(ValueError, match="unknown scheme 'log'"):
