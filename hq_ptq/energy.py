@@ -43,7 +43,7 @@ from torch import nn
 
 from hq_ptq.compression import FP_BITS
 from hq_ptq.plan import Plan
-from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, is_spikingjelly_stateful, reset_states
+from hq_ptq.snn import MultiStepLeaky, is_spiking_neuron, is_spikingjelly_neuron, reset_states
 from hq_ptq.swap import LAYER_TYPES, find_layers, layer_quant, quant_layers
 
 __all__ = [
@@ -260,7 +260,7 @@ def _neuron_modules(model: nn.Module) -> list[tuple[str, nn.Module, bool]]:
             out.append((name, m, True))
         elif is_spiking_neuron(m):
             out.append((name, m, type(m).__name__ == "LeakyParallel"))
-        elif is_spikingjelly_stateful(m) and hasattr(m, "v_threshold"):  # a SpikingJelly neuron: v
+        elif is_spikingjelly_neuron(m):  # its state: v
             multi = getattr(m, "step_mode", "s") == "m" or type(m).__name__.startswith("MultiStep")
             out.append((name, m, multi))
     return out

@@ -61,6 +61,7 @@ from hq_ptq.snn import (
     MultiStepLeaky,
     detached_copy,
     is_spiking_neuron,
+    is_spikingjelly_neuron,
     is_spikingjelly_stateful,
     reset_states,
 )
@@ -561,7 +562,7 @@ def integerize(
         if name in qlayers or name in neurons or name in bns or inside:
             continue
         if is_spiking_neuron(m) or is_spikingjelly_stateful(m):
-            kind = "neurons" if is_spiking_neuron(m) or hasattr(m, "v_threshold") else "(SpikingJelly state)"
+            kind = "neurons" if is_spiking_neuron(m) or is_spikingjelly_neuron(m) else "(SpikingJelly state)"
             raise ValueError(f"{name}: {type(m).__name__} {kind} are not supported by the integer path "
                              "(snn.Leaky and MultiStepLeaky are)")
         if isinstance(m, SplitMultiheadAttention):  # its softmax has no integer form here

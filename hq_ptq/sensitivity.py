@@ -38,7 +38,7 @@ from hq_ptq.distributed import Shard
 from hq_ptq.errors import first_line
 from hq_ptq.model_io import call, describe, map_tensors, tensors
 from hq_ptq.per_sample import max_samples, per_sample_squared_norms
-from hq_ptq.snn import detached_copy, is_spikingjelly_stateful
+from hq_ptq.snn import detached_copy, train_spikingjelly_neurons
 from hq_ptq.swap import set_layer_quant, swap_layers
 
 logger = logging.getLogger(__name__)
@@ -106,9 +106,8 @@ def _layer_weights(layers: Mapping[str, nn.Module]) -> dict[str, nn.Parameter]:
 def _analysis_mode(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterator[None]:
     """Eval mode (deterministic BN/dropout) and grads only for ``weights``; restores both after.
 
-    SpikingJelly neurons stay in train mode: in eval some (0.0.0.0.14's ``activation_based`` LIF/IF) fire
-    through a plain step with no surrogate, so no gradient would reach any layer before them; their train
-    forward computes the same spikes."""
+    SpikingJelly neurons stay in train mode (:func:`hq_ptq.snn.train_spikingjelly_neurons`): in eval some
+    fire through a plain step with no surrogate, so no gradient would reach any layer before them."""
     training = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     wanted = {id(w) for w in weights}
@@ -117,9 +116,7 @@ def _analysis_mode(model: nn.Module, weights: Iterable[torch.Tensor]) -> Iterato
     extra_flags = [(w, w.requires_grad) for w in extra]
     try:
         model.eval()
-        for m in model.modules():
-            if is_spikingjelly_stateful(m) and hasattr(m, "surrogate_function"):
-                m.train()
+        train_spikingjelly_neurons(model)
         for p in params:
             p.requires_grad_(id(p) in wanted)
         for w in extra:

@@ -12,6 +12,8 @@ import copy
 import difflib
 import logging
 import os
+import sys
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -35,13 +37,16 @@ __all__ = [
     "explicit_membranes",
     "get_lif_backend",
     "is_spiking_neuron",
+    "is_spikingjelly_neuron",
     "is_spikingjelly_stateful",
     "lif_backend",
     "reset_states",
     "set_lif_backend",
     "spiking_neurons",
+    "spikingjelly_step_by_step",
     "stable_surrogates",
     "surrogate_disabled",
+    "train_spikingjelly_neurons",
     "to_multistep",
     "to_stepwise",
 ]
@@ -384,6 +389,45 @@ def is_spikingjelly_stateful(module: nn.Module) -> bool:
     the energy report's neuron memory (the neurons), and whose dynamics the integer path and
     ``to_multistep`` refuse."""
     return _memories(module) is not None
+
+
+def is_spikingjelly_neuron(module: nn.Module) -> bool:
+    """A SpikingJelly neuron (a stateful module with a firing threshold, e.g. ``LIFNode``,
+    ``MultiStepLIFNode``), as opposed to its other stateful modules (``layer.Dropout``'s mask)."""
+    return is_spikingjelly_stateful(module) and hasattr(module, "v_threshold")
+
+
+def train_spikingjelly_neurons(model: nn.Module) -> None:
+    """Put the SpikingJelly neurons of ``model`` in train mode and leave every other module's mode alone
+    (the caller restores them). In eval, SpikingJelly 0.0.0.0.14's ``activation_based`` LIF/IF fire through a
+    TorchScript-scripted loop with a plain step: no gradient reaches the layers before them (the analysis),
+    and the loop exports as an ONNX ``Loop`` that qonnx cannot run (the export). Their train forward computes
+    the same spikes step by step, through the surrogate."""
+    for m in model.modules():
+        if is_spikingjelly_stateful(m) and hasattr(m, "surrogate_function"):
+            m.train()
+
+
+@contextmanager
+def spikingjelly_step_by_step(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, SpikingJelly's ``activation_based`` neurons run their multi-step forward as a Python
+    loop over their single-step forward (``neuron.BaseNode.multi_step_forward``). In eval, LIF/IF/PLIF run
+    it as a TorchScript-scripted loop instead, which the ONNX exporter writes as a ``Loop`` node that qonnx
+    cannot run and whose body reads tensors of the graph around it; the Python loop computes the same spikes
+    and unrolls. Restored on exit, even after an exception."""
+    neuron = sys.modules.get("spikingjelly.activation_based.neuron")
+    patched: list[nn.Module] = []
+    try:
+        if neuron is not None:
+            loop = neuron.BaseNode.multi_step_forward
+            for m in model.modules():
+                if isinstance(m, neuron.BaseNode) and type(m).multi_step_forward is not loop:
+                    m.multi_step_forward = types.MethodType(loop, m)  # an instance attribute, deleted below
+                    patched.append(m)
+        yield model
+    finally:
+        for m in patched:
+            del m.multi_step_forward
 
 
 def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:

@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 
+import onnx
 import pytest
 import snntorch as snn
 import torch
@@ -178,18 +179,70 @@ def test_spikingjelly_neurons_pass_gradients_in_the_analysis_and_count_in_the_en
         to_multistep(nn.Sequential(nn.Linear(6, 16), activation_based.LIFNode(tau=2.0)))
 
 
-def test_an_export_that_fails_inside_spikingjelly_neurons_names_them(tmp_path):
+def test_spikingjelly_step_layers_are_quantized_and_keep_their_step_mode():
+    """SpikingJelly's activation_based ``layer.Conv2d``/``layer.Linear`` subclass torch's to fold [T, N] into
+    the batch in step mode 'm'. hq_ptq swapped exact torch types only, so a model written with SpikingJelly's
+    layers (its own model zoo is) had no layer to quantize: "no Linear, Conv1d/Conv2d ... layer matches"."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from hq_ptq.schemes import quantized_weight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), layer.BatchNorm2d(4), neuron.LIFNode(tau=2.0),
+                          layer.Flatten(), layer.Linear(4 * 6 * 6, 3)).eval()
+    functional.set_step_mode(model, "m")
+    x = torch.poisson(torch.full((3, 2, 2, 6, 6), 1.0), generator=torch.Generator().manual_seed(1))
+    float_model = copy.deepcopy(model)
+    assert swap_layers(model, scheme="pot", bits=4) == ["0", "4"]
+    assert [type(m).__name__ for m in quant_layers(model).values()] == ["StepQuantConv2d", "StepQuantLinear"]
+    assert model[0].step_mode == model[4].step_mode == "m"
+    with torch.no_grad():  # exactly SpikingJelly's forward with the quantized weights
+        for i in (0, 4):
+            float_model[i].weight.copy_(quantized_weight(model[i]))
+        want = float_model(x)
+        got = model(x)
+    assert torch.equal(got, want)
+    functional.reset_net(model)
+    functional.set_step_mode(model, "s")  # reaches hq_ptq's layers as it reaches SpikingJelly's
+    assert model[0].step_mode == model[4].step_mode == "s"
+    with torch.no_grad():
+        steps = torch.stack([model(x[t]) for t in range(len(x))])
+    assert torch.equal(steps, got)
+    functional.reset_net(model)
+    functional.set_step_mode(model, "m")
+    with pytest.raises(ValueError, match=r"\[T, N, C, \.\.\.\] \(5 dimensions\) in step_mode 'm'"):
+        model(x[0])
+
+
+def test_spikingjelly_activation_based_neurons_export_unrolled_and_a_failure_names_them(tmp_path):
+    """In eval, SpikingJelly 0.0.0.0.14's activation_based LIF runs a TorchScript-scripted loop, which the
+    exporter wrote as an ONNX Loop whose body reads the graph around it: constant folding then failed ("Unable
+    to find input"). The export runs it step by step instead, so the file is unrolled and exact."""
     pytest.importorskip("spikingjelly")
     from spikingjelly.activation_based import neuron
 
-    # 0.0.0.0.14's activation_based LIF runs a TorchScript loop in eval that the ONNX exporter cannot follow
     model = _SpikingJellyNet(lambda: neuron.LIFNode(tau=2.0, step_mode="m"))
     swap_layers(model, scheme="uniform", bits=8)
-    x = torch.rand(4, 2, 6)
-    with pytest.raises(ValueError, match=r"failed in a model with SpikingJelly neurons \(lif1, lif2\)"):
-        hq_ptq.export_onnxruntime(model, x, tmp_path / "m.onnx")
+    x, fresh = 3 * torch.rand(4, 2, 6), 3 * torch.rand(4, 2, 6)
+    for export in (hq_ptq.export_onnxruntime, hq_ptq.export_qonnx):
+        path = export(model, x, tmp_path / f"{export.__name__}.onnx")
+        assert "Loop" not in {n.op_type for n in onnx.load(path).graph.node}
+        report = hq_ptq.verify_export(model, path, fresh)
+        assert report["max_abs_output_error"] == 0.0
+        assert report["spikes_not_compared"] == ["lif1", "lif2"]  # named, not silently skipped
+    assert "multi_step_forward" not in vars(model.lif1)  # the neurons are SpikingJelly's own again
     with pytest.raises(ValueError, match="'lif1' is SpikingJelly's LIFNode; use mode='unrolled'"):
         hq_ptq.export_onnxruntime(model, x, tmp_path / "m.onnx", mode="step")
+
+    class OddLIF(neuron.LIFNode):  # a neuron of the user's with an operator that has no ONNX form
+        def single_step_forward(self, x):
+            return super().single_step_forward(torch.special.erfcx(x))
+
+    odd = _SpikingJellyNet(lambda: OddLIF(tau=2.0, step_mode="m"))
+    swap_layers(odd, scheme="uniform", bits=8)
+    with pytest.raises(ValueError, match=r"failed in a model with SpikingJelly neurons \(lif1, lif2\)"):
+        hq_ptq.export_onnxruntime(odd, x, tmp_path / "odd.onnx")
 
 
 def test_reset_states_reaches_deep_copies():

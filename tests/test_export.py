@@ -795,3 +795,40 @@ def test_verify_pairs_in_step_resets_and_leaves_unused_spikes_uncompared(tmp_pat
     assert report["max_abs_output_error"] <= TOL
     assert report["spike_compare"] == "partial" and report["spikes_not_compared"] == ["lif2"]
     assert report["spike_mismatches"] == 0 and report["spikes_compared"] == 4 * 2 * 8
+
+
+@torch.jit.script
+def _scripted_if_neurons(x_seq: torch.Tensor) -> torch.Tensor:
+    """An integrate-and-fire loop compiled by TorchScript: the exporter writes it as an ONNX Loop whose
+    body reads ``x_seq`` from the graph around it, not through the Loop's inputs."""
+    v = torch.zeros_like(x_seq[0])
+    one = torch.ones_like(v)  # tensors, not Python floats, which TorchScript types as double
+    spikes = []
+    for t in range(x_seq.shape[0]):
+        v = v + x_seq[t]
+        s = (v >= one).float()
+        v = v * (one - s)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+class _ScriptedLoopNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, B, 6]
+        return self.fc2(_scripted_if_neurons(self.fc1(x))).sum(0)
+
+
+def test_a_scripted_time_loop_exports_to_onnxruntime(tmp_path) -> None:
+    """A Loop whose explicit inputs are constants is not constant (its body reads the graph around it): it
+    was folded, and failed. And qonnx's QCDQ pass re-sorts nodes on their explicit inputs only, which put the
+    Loop before the node making its sequence; the file then failed onnx's checker."""
+    torch.manual_seed(0)
+    model = _ScriptedLoopNet()
+    swap_layers(model, scheme="uniform", bits=4)
+    x, fresh = 2 * torch.rand(4, 2, 6), 2 * torch.rand(4, 2, 6)
+    path = export_onnxruntime(model, x, tmp_path / "loop.onnx")
+    assert "Loop" in {n.op_type for n in onnx.load(path).graph.node}
+    assert verify_export(model, path, fresh, backend="onnxruntime")["max_abs_output_error"] < 1e-5

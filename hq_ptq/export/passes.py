@@ -16,6 +16,11 @@ _QUANT_OPS = frozenset({"Quant", "IntQuant", "FloatQuant", "BipolarQuant", "Trun
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 
 
+# ops whose output is an ONNX sequence (a scripted loop's list of per-step tensors); never folded
+_SEQUENCE_OPS = frozenset({"SequenceEmpty", "SequenceConstruct", "SequenceInsert", "SequenceErase",
+                           "SplitToSequence"})
+
+
 def _fold_constants(model: Any, keep: frozenset[str], *, custom_only: bool = False) -> int:
     """Replace every node whose inputs are all constant by initializers, in one topological pass.
 
@@ -37,6 +42,13 @@ def _fold_constants(model: Any, keep: frozenset[str], *, custom_only: bool = Fal
     folded = []
     for node in graph.node:
         if node.op_type in keep or any(o in graph_outputs for o in node.output):
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            # a Loop/If/Scan body may read values of the enclosing graph that are not among the node's
+            # inputs (a TorchScript-scripted time loop, e.g. SpikingJelly's multi-step LIF, reads its input
+            # sequence that way), so constant inputs do not make it constant
+            continue
+        if node.op_type in _SEQUENCE_OPS:  # a folded sequence would become a (float64) tensor initializer
             continue
         if custom_only and not is_custom_op(node.domain, node.op_type):
             continue
@@ -126,6 +138,7 @@ def _to_onnxruntime(qmodel: Any) -> Any:
     del qmodel.graph.value_info[:]  # QuantToQCDQ re-wraps the model, whose shape check is quadratic
     before = {i.name for i in qmodel.graph.initializer}
     qmodel = _transform(qmodel, QuantToQCDQ())
+    _sort_nodes(qmodel.model.graph)
     _rename_new_initializers(qmodel.model.graph, before)
     left = sorted({n.op_type for n in qmodel.graph.node if n.domain not in _STANDARD_DOMAINS})
     if left:
@@ -137,6 +150,53 @@ def _to_onnxruntime(qmodel: Any) -> Any:
     del qmodel.model.opset_import[:]
     qmodel.model.opset_import.extend(keep)
     return _infer_shapes(qmodel)
+
+
+def _outer_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph (a Loop/If/Scan body) reads from the graphs around it: used, not defined inside."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    read: set[str] = set()
+    for node in graph.node:
+        read.update(i for i in node.input if i)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                read |= _outer_reads(sub)
+        defined.update(node.output)
+    return read - defined
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Order the nodes so that each comes after every node whose output it reads, counting what a node's
+    subgraphs read from this graph (qonnx's passes sort on explicit inputs only, and so put a scripted time
+    loop whose explicit inputs are constants before the node that makes its input sequence). Stable: nodes
+    already in order stay where they are."""
+    nodes = list(graph.node)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    needs = []
+    for node in nodes:
+        reads = {i for i in node.input if i}
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                reads |= _outer_reads(sub)
+        needs.append({producer[r] for r in reads if r in producer})
+    placed: list[int] = []
+    done: set[int] = set()
+
+    def place(k: int, visiting: frozenset[int] = frozenset()) -> None:
+        if k in done:
+            return
+        if k in visiting:
+            raise ValueError(f"the exported graph has a cycle through {nodes[k].name or nodes[k].op_type}")
+        for dep in sorted(needs[k]):
+            place(dep, visiting | {k})
+        done.add(k)
+        placed.append(k)
+
+    for k in range(len(nodes)):
+        place(k)
+    if placed != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[k] for k in placed)
 
 
 def _rename_new_initializers(graph: onnx.GraphProto, before: set[str]) -> None:
