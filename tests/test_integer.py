@@ -227,6 +227,7 @@ CORPUS_OUTCOME = {
     "snntorch-pop-coding": "1 gets inputs that are not fixed-point",  # Fashion-MNIST pixels in [0, 1]
     # the unused parameter first; its SpikingJelly neurons would be named next
     "spikformer-cifar10dvs-spikingjelly": r"the model itself \(Spikformer\) holds pos_embed",
+    "spikingjelly-dvsgesture-net": "conv_fc.2: LIFNode neurons are not supported by the integer path",
 }
 
 

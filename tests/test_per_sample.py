@@ -152,6 +152,8 @@ CORPUS_OUTCOME = {
     "snntorch-sae": (None, 0),  # ConvTranspose2d rows: the transposed weight gradient
     "snntorch-pop-coding": (None, 0),
     "spikformer-cifar10dvs-spikingjelly": (None, 0),
+    # [T, N, 11] outputs; its multi-step convs fold [T, N] themselves, so their rows are T * N images
+    "spikingjelly-dvsgesture-net": (None, 1),
 }
 
 

@@ -374,6 +374,37 @@ def _pop_scores(outputs):
     return spk.view(len(spk), POPULATION_CLASSES, -1).sum(-1)
 
 
+# ------------------------------------------------ 11. SpikingJelly's DVS Gesture net (activation_based)
+
+GESTURE_CLASSES = 11
+GESTURE_STEPS = 3
+
+
+def _dvsgesture_spikingjelly() -> nn.Module:
+    """SpikingJelly's ``activation_based.model.parametric_lif_net.DVSGestureNet``, imported from the installed
+    SpikingJelly 0.0.0.0.14 and built as its example ``activation_based/examples/classify_dvsg.py`` builds it
+    (``spiking_neuron=neuron.LIFNode, surrogate_function=surrogate.ATan(), detach_reset=True``, then
+    ``functional.set_step_mode(net, 'm')``); ``-channels`` 128 -> 8, and ``v_threshold`` 1.0 -> 0.3 through
+    the net's own ``**kwargs`` (which it hands to every neuron): untrained, its two fully connected LIFs never
+    reach 1.0 (the last one's input peaks at 0.04), so the classifier would be silent and its last Linear get
+    no gradient. Its layers are SpikingJelly's ``layer.Conv2d``/``layer.Linear`` (subclasses of torch's that
+    fold [T, N] in multi-step mode)."""
+    from spikingjelly.activation_based import functional, neuron, surrogate
+    from spikingjelly.activation_based.model import parametric_lif_net
+
+    net = parametric_lif_net.DVSGestureNet(channels=8, spiking_neuron=neuron.LIFNode,
+                                           surrogate_function=surrogate.ATan(), detach_reset=True,
+                                           v_threshold=0.3)
+    functional.set_step_mode(net, "m")
+    return net
+
+
+def _firing_rate_mse(outputs, targets):
+    # classify_dvsg.py: out_fr = net(frame).mean(0); loss = F.mse_loss(out_fr, label_onehot), with
+    # label_onehot = F.one_hot(label, 11).float()
+    return F.mse_loss(outputs.mean(0), F.one_hot(targets, GESTURE_CLASSES).float())
+
+
 # ------------------------------------------------ the registry
 
 _SNNTORCH = "jeshraghian/snntorch@634fc22385ec5581998e62787bbe39b53662140f"
@@ -384,6 +415,10 @@ _nmnist_frames = _make_batches(lambda g: _events(g, (4, BATCH_SIZE, 2, 34, 34), 
 _wisdm_windows = _make_batches(lambda g: torch.randn(BATCH_SIZE, 40, 6, generator=g), 7)
 _dvs128_frames = _make_batches(lambda g: _events(g, (BATCH_SIZE, 3, 2, 128, 128), 0.3), 10)
 _dvs32_frames = _make_batches(lambda g: _events(g, (BATCH_SIZE, 3, 2, 32, 32), 0.3), 10)
+# classify_dvsg.py transposes its [N, T, C, H, W] frames to [T, N, C, H, W] before the net
+_gesture_frames = _make_batches(
+    lambda g: _events(g, (GESTURE_STEPS, BATCH_SIZE, 2, 128, 128), 0.3), GESTURE_CLASSES
+)
 
 CORPUS: tuple[CorpusModel, ...] = (
     CorpusModel(
@@ -549,6 +584,26 @@ CORPUS: tuple[CorpusModel, ...] = (
         notes="module-level num_hidden shrunk 128 -> 32; pop_outputs (500) and num_steps (1) are the "
         "tutorial's. At init the output Leaky (4) is silent: one step of Linear(32, 500) on the hidden "
         "spikes never reaches threshold; the loss still trains it through the fast-sigmoid surrogate",
+    ),
+    CorpusModel(
+        name="spikingjelly-dvsgesture-net",
+        source="spikingjelly 0.0.0.0.14 (PyPI) spikingjelly/activation_based/model/parametric_lif_net.py, "
+        "built as spikingjelly/activation_based/examples/classify_dvsg.py builds it",
+        licence="Apache-2.0 (SpikingJelly's licence; imported from the installed package, not copied)",
+        exercises="SpikingJelly's activation_based API: its own layer.Conv2d/layer.Linear (torch subclasses "
+        "that fold [T, N] into the batch in step_mode 'm'), layer.BatchNorm2d/MaxPool2d/Flatten, a "
+        "MemoryModule Dropout, LIFNode(step_mode='m'), a VotingLayer over 110 outputs for 11 classes, "
+        "[T,N,2,128,128] frames, MSE of the firing rate against one-hot labels; the caller resets",
+        build=_builder(_dvsgesture_spikingjelly, _gesture_frames),
+        batches=_gesture_frames,
+        loss_fn=_firing_rate_mse,
+        output_fn=lambda out: out.mean(0),
+        classes=GESTURE_CLASSES,
+        resets_itself=False,
+        notes="channels 128 -> 8 (the example's -channels argument), v_threshold 1.0 -> 0.3 (the net's "
+        "**kwargs; untrained, its classifier LIFs never reach 1.0), T = 3; 128x128 is fixed by "
+        "Linear(channels * 4 * 4, 512) after five 2x2 max-pools. The example calls "
+        "functional.reset_net(net) after every batch",
     ),
 )
 
