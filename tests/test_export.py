@@ -832,3 +832,27 @@ def test_a_scripted_time_loop_exports_to_onnxruntime(tmp_path) -> None:
     path = export_onnxruntime(model, x, tmp_path / "loop.onnx")
     assert "Loop" in {n.op_type for n in onnx.load(path).graph.node}
     assert verify_export(model, path, fresh, backend="onnxruntime")["max_abs_output_error"] < 1e-5
+
+
+def test_sort_nodes_follows_what_subgraphs_read_and_takes_long_chains() -> None:
+    from onnx import TensorProto, helper
+
+    from hq_ptq.export.passes import _sort_nodes
+
+    n = 5000  # an unrolled graph is a long chain; the sort must not recurse along it
+    chain = [helper.make_node("Identity", [f"x{k}"], [f"x{k + 1}"], name=f"id{k}") for k in range(n)]
+    body = helper.make_graph(  # reads x{n} from the enclosing graph, not through the If's inputs
+        [helper.make_node("Identity", [f"x{n}"], ["out"])], "body", [],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1])])
+    branch = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body, else_branch=body)
+    graph = helper.make_graph(
+        [branch, *reversed(chain)], "g",
+        [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    _sort_nodes(graph)
+    assert [node.name for node in graph.node] == [f"id{k}" for k in range(n)] + ["if"]
+    onnx.checker.check_graph(graph)
+    before = [node.name for node in graph.node]
+    _sort_nodes(graph)  # already in order: unchanged
+    assert [node.name for node in graph.node] == before

@@ -5,6 +5,7 @@ QONNX → onnxruntime (QCDQ) conversion and the compaction of single-valued cons
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
 import numpy as np
@@ -179,21 +180,27 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
                 reads |= _outer_reads(sub)
         needs.append({producer[r] for r in reads if r in producer})
+    # Kahn's algorithm, always taking the earliest ready node: iterative (an unrolled graph is a chain of
+    # thousands of nodes) and stable
+    users: list[list[int]] = [[] for _ in nodes]
+    waiting = [len(d) for d in needs]
+    for k, deps in enumerate(needs):
+        for d in deps:
+            users[d].append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
     placed: list[int] = []
-    done: set[int] = set()
-
-    def place(k: int, visiting: frozenset[int] = frozenset()) -> None:
-        if k in done:
-            return
-        if k in visiting:
-            raise ValueError(f"the exported graph has a cycle through {nodes[k].name or nodes[k].op_type}")
-        for dep in sorted(needs[k]):
-            place(dep, visiting | {k})
-        done.add(k)
+    while ready:
+        k = heapq.heappop(ready)
         placed.append(k)
-
-    for k in range(len(nodes)):
-        place(k)
+        for u in users[k]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(placed) < len(nodes):
+        stuck = next(k for k, w in enumerate(waiting) if w)
+        raise ValueError(f"the exported graph has a cycle through {nodes[stuck].name or nodes[stuck].op_type}"
+                         )
     if placed != list(range(len(nodes))):
         del graph.node[:]
         graph.node.extend(nodes[k] for k in placed)
