@@ -306,6 +306,20 @@ def _dense_macs(module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> int:
     raise ValueError(f"cannot count MACs of {type(module).__name__}; only {LAYER_TYPES} layers are measured")
 
 
+def _weight_uses(module: nn.Module, x: torch.Tensor, batch: int, time_steps: int) -> int:
+    """How many inputs one call applies the layer's weights to: the dimensions in front of a conv's
+    ``[C, *spatial]`` (``T * N`` for a SpikingJelly multi-step conv on ``[T, N, C, H, W]``), and a Linear's
+    first dimension, or its first two when they are the model input's ``[T, B]`` or ``[B, T]`` (a
+    time-first or batch-first sequence; other leading dimensions, e.g. tokens, are positions, as a conv's
+    spatial ones are)."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        image = len(module.kernel_size) + 1
+        return math.prod(x.shape[:-image]) if x.dim() > image else 1
+    if x.dim() >= 3 and tuple(x.shape[:2]) in {(time_steps, batch), (batch, time_steps)}:
+        return x.shape[0] * x.shape[1]
+    return x.shape[0] if x.dim() > 1 else 1
+
+
 def _split_batch(batch: Any, time_first: bool) -> tuple[torch.Tensor, int, int]:
     """(inputs, B, T) of one batch: ``(inputs, targets)`` or a bare tensor."""
     if isinstance(batch, torch.Tensor):
@@ -400,7 +414,7 @@ def measure_activity(
             s = stats[name]
             s.calls += 1
             s.macs += _dense_macs(module, x, y)
-            s.items += x.shape[0] if x.dim() > 1 else 1
+            s.items += _weight_uses(module, x, current["batch"], current["time"])
             s.numel += x.numel()
             s.nonzero += int(torch.count_nonzero(x))
             s.abs_sum += float(x.abs().sum(dtype=torch.float64))
@@ -430,7 +444,7 @@ def measure_activity(
                     raise ValueError(f"batches have different time steps ({time_steps} and {t}); use one T")
                 time_steps = t
                 current["input"] = inputs.to(device)
-                current["batch"] = max(b, 1)
+                current["batch"], current["time"] = max(b, 1), t
                 reset_states(model)
                 neuron_batch.clear()
                 model(current["input"])

@@ -551,6 +551,11 @@ def integerize(
     if transposed:  # fake-quant export (export_qonnx without integer=True) takes them
         raise ValueError(f"{transposed[0]}: {type(qlayers[transposed[0]]).__name__} has no integer synapse "
                          "(the integer path takes quantized Linear/Conv1d/Conv2d)")
+    folding = [n for n, m in qlayers.items() if getattr(m, "step_mode", "s") == "m"]
+    if folding:  # an integer synapse convolves the tensor it is given; it does not fold [T, N] first
+        raise ValueError(f"{folding[0]}: {type(qlayers[folding[0]]).__name__} in SpikingJelly's step_mode "
+                         "'m' has no integer synapse (the integer path takes layers that see [T*B, ...] or "
+                         "[B, ...])")
     neurons: dict[str, nn.Module] = {}
     for n, m in model.named_modules():
         if isinstance(m, MultiStepLeaky) or (type(m) is snn.Leaky and not any(

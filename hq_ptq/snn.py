@@ -43,7 +43,7 @@ __all__ = [
     "reset_states",
     "set_lif_backend",
     "spiking_neurons",
-    "spikingjelly_step_by_step",
+    "spikingjelly_for_export",
     "stable_surrogates",
     "surrogate_disabled",
     "train_spikingjelly_neurons",
@@ -408,26 +408,53 @@ def train_spikingjelly_neurons(model: nn.Module) -> None:
             m.train()
 
 
+class _Heaviside(nn.Module):
+    """SpikingJelly's spike, ``x >= 0``, without its surrogate's ``autograd.Function`` (no ONNX form)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x >= 0).to(x)
+
+
 @contextmanager
-def spikingjelly_step_by_step(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, SpikingJelly's ``activation_based`` neurons run their multi-step forward as a Python
-    loop over their single-step forward (``neuron.BaseNode.multi_step_forward``). In eval, LIF/IF/PLIF run
-    it as a TorchScript-scripted loop instead, which the ONNX exporter writes as a ``Loop`` node that qonnx
-    cannot run and whose body reads tensors of the graph around it; the Python loop computes the same spikes
-    and unrolls. Restored on exit, even after an exception."""
+def spikingjelly_for_export(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, SpikingJelly's neurons compute their spikes as the ONNX exporter can follow them,
+    with the same values; restored on exit, even after an exception:
+
+    * their ``surrogate_function`` is a plain Heaviside step (its ``autograd.Function`` has no ONNX form:
+      ``ParametricLIFNode`` fires through it even in eval);
+    * an ``activation_based`` neuron whose class defines both its multi-step and single-step forward (LIF,
+      IF) runs the first as a Python loop over the second (``neuron.BaseNode.multi_step_forward``). In eval
+      it runs a TorchScript-scripted loop of the same equations instead, which the exporter writes as an ONNX
+      ``Loop`` that qonnx cannot run. A class that overrides only the single step (e.g. ``LIAFNode``) keeps
+      its own multi-step forward, since that is what its eval computes.
+    """
     neuron = sys.modules.get("spikingjelly.activation_based.neuron")
+    swapped: list[tuple[nn.Module, nn.Module]] = []
     patched: list[nn.Module] = []
+
+    def defines(cls: type, name: str) -> type:
+        return next(c for c in cls.__mro__ if name in vars(c))
+
     try:
-        if neuron is not None:
-            loop = neuron.BaseNode.multi_step_forward
-            for m in model.modules():
-                if isinstance(m, neuron.BaseNode) and type(m).multi_step_forward is not loop:
-                    m.multi_step_forward = types.MethodType(loop, m)  # an instance attribute, deleted below
-                    patched.append(m)
+        for m in model.modules():
+            if not is_spikingjelly_neuron(m):
+                continue
+            surrogate = m._modules.get("surrogate_function")
+            if surrogate is not None and not isinstance(surrogate, _Heaviside):
+                swapped.append((m, surrogate))
+                m.surrogate_function = _Heaviside()
+            if neuron is None or not isinstance(m, neuron.BaseNode) or "multi_step_forward" in vars(m):
+                continue  # not activation_based, or patched already (a nested block) or by its user
+            owner = defines(type(m), "multi_step_forward")
+            if owner is not neuron.BaseNode and owner is defines(type(m), "single_step_forward"):
+                m.multi_step_forward = types.MethodType(neuron.BaseNode.multi_step_forward, m)
+                patched.append(m)
         yield model
     finally:
         for m in patched:
-            del m.multi_step_forward
+            vars(m).pop("multi_step_forward", None)
+        for m, surrogate in swapped:
+            m.surrogate_function = surrogate
 
 
 def _graph_tensors(model: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:

@@ -236,13 +236,53 @@ def test_spikingjelly_activation_based_neurons_export_unrolled_and_a_failure_nam
         hq_ptq.export_onnxruntime(model, x, tmp_path / "m.onnx", mode="step")
 
     class OddLIF(neuron.LIFNode):  # a neuron of the user's with an operator that has no ONNX form
-        def single_step_forward(self, x):
-            return super().single_step_forward(torch.special.erfcx(x))
+        def multi_step_forward(self, x_seq):
+            return super().multi_step_forward(torch.special.erfcx(x_seq))
 
     odd = _SpikingJellyNet(lambda: OddLIF(tau=2.0, step_mode="m"))
     swap_layers(odd, scheme="uniform", bits=8)
     with pytest.raises(ValueError, match=r"failed in a model with SpikingJelly neurons \(lif1, lif2\)"):
         hq_ptq.export_onnxruntime(odd, x, tmp_path / "odd.onnx")
+
+
+def test_spikingjelly_models_export_with_every_neuron_and_count_their_steps(tmp_path):
+    """ParametricLIFNode fires through its surrogate's autograd.Function even in eval: its export failed
+    ("Couldn't export Python operator sigmoid"). A class that overrides only its single step keeps its own
+    multi-step forward (what its eval computes), also inside a nested block. The energy report counted a
+    layer's weight uses per sample as x.shape[0] / B: T / N for [T, N, ...] inputs, so it shrank with N."""
+    pytest.importorskip("spikingjelly")
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    from hq_ptq.energy import measure_activity
+    from hq_ptq.snn import spikingjelly_for_export
+
+    model = _SpikingJellyNet(lambda: neuron.ParametricLIFNode(step_mode="m"))
+    swap_layers(model, scheme="uniform", bits=8)
+    x = 3 * torch.rand(4, 2, 6)
+    path = hq_ptq.export_qonnx(model, x, tmp_path / "plif.onnx")
+    assert hq_ptq.verify_export(model, path, 3 * torch.rand(4, 2, 6))["max_abs_output_error"] < 1e-6
+    assert type(model.lif1.surrogate_function).__name__ == "Sigmoid"  # its own surrogate is back
+    assert "multi_step_forward" not in vars(model.lif1)
+
+    class TripledLIF(neuron.LIFNode):  # eval's scripted multi-step loop never calls this
+        def single_step_forward(self, x):
+            return super().single_step_forward(3 * x)
+
+    odd = _SpikingJellyNet(lambda: TripledLIF(step_mode="m"))
+    lif = _SpikingJellyNet(lambda: neuron.LIFNode(step_mode="m"))
+    with spikingjelly_for_export(lif), spikingjelly_for_export(lif), spikingjelly_for_export(odd):
+        assert "multi_step_forward" in vars(lif.lif1) and "multi_step_forward" not in vars(odd.lif1)
+    assert "multi_step_forward" not in vars(lif.lif1)  # the nested block did not break the outer one
+
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), neuron.LIFNode(), layer.Flatten(),
+                        layer.Linear(4 * 6 * 6, 3), neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+    for n in (1, 4):
+        data = [(torch.rand(3, n, 2, 6, 6), torch.zeros(n, dtype=torch.long))]
+        assert [a.steps for a in measure_activity(net, data).values()] == [3.0, 3.0]  # T, whatever N
+    swap_layers(net, scheme="uniform", bits=8)
+    with pytest.raises(ValueError, match="^0: StepQuantConv2d in SpikingJelly's step_mode 'm' has no"):
+        hq_ptq.integerize(net, [(torch.poisson(torch.full((3, 2, 2, 6, 6), 1.0)), None)])
 
 
 def test_reset_states_reaches_deep_copies():

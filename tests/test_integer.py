@@ -227,7 +227,8 @@ CORPUS_OUTCOME = {
     "snntorch-pop-coding": "1 gets inputs that are not fixed-point",  # Fashion-MNIST pixels in [0, 1]
     # the unused parameter first; its SpikingJelly neurons would be named next
     "spikformer-cifar10dvs-spikingjelly": r"the model itself \(Spikformer\) holds pos_embed",
-    "spikingjelly-dvsgesture-net": "conv_fc.2: LIFNode neurons are not supported by the integer path",
+    # its multi-step layers first; its SpikingJelly LIFNode neurons would be named next
+    "spikingjelly-dvsgesture-net": "conv_fc.0: StepQuantConv2d in SpikingJelly's step_mode 'm' has no",
 }
 
 

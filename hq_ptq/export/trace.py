@@ -27,7 +27,7 @@ from hq_ptq.snn import (
     is_spikingjelly_stateful,
     reset_states,
     spiking_neurons,
-    spikingjelly_step_by_step,
+    spikingjelly_for_export,
     surrogate_disabled,
 )
 from hq_ptq.swap import layer_quant, quant_layers
@@ -102,9 +102,9 @@ def _reset_hook(module: nn.Module, _args: object) -> None:
 
 @contextmanager
 def _export_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode (BatchNorm running statistics), no autograd, Heaviside spikes, SpikingJelly neurons step by
-    step (:func:`hq_ptq.snn.spikingjelly_step_by_step`: unrolled, not a scripted ONNX ``Loop``), and every
-    call of ``model`` starting from reset neuron states; restores all of it, the neurons' states included."""
+    """Eval mode (BatchNorm running statistics), no autograd, Heaviside spikes (SpikingJelly's too, and its
+    LIF/IF step by step: :func:`hq_ptq.snn.spikingjelly_for_export`), and every call of ``model`` starting
+    from reset neuron states; restores all of it, the neurons' states included."""
     training = {m: m.training for m in model.modules()}
     # init_hidden=True neurons keep their membranes in buffers between calls: a trace would bake a
     # previous call's membranes in as constants, and a reference forward would continue from them
@@ -113,7 +113,7 @@ def _export_state(model: nn.Module) -> Iterator[None]:
     hook = model.register_forward_pre_hook(_reset_hook, prepend=True)
     model.eval()
     try:
-        with torch.no_grad(), surrogate_disabled(model), spikingjelly_step_by_step(model):
+        with torch.no_grad(), surrogate_disabled(model), spikingjelly_for_export(model):
             yield
     finally:
         hook.remove()
@@ -476,8 +476,8 @@ def _trace(module: nn.Module, *args: Any) -> tuple[Any, dict[str, Any]]:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(
             f"the ONNX export failed in a model with SpikingJelly neurons ({shown}): {first_line(err)}; "
-            "hq_ptq exports snnTorch neurons and SpikingJelly's own LIF/IF neurons (clock_driven "
-            "MultiStep*Node, activation_based *Node) on the 'torch' backend"
+            "hq_ptq exports snnTorch neurons and SpikingJelly's own neurons (clock_driven MultiStep*Node, "
+            "activation_based *Node) on the 'torch' backend"
         ) from err
 
 
