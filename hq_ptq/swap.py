@@ -48,7 +48,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Exact types only: subclasses (e.g. MultiheadAttention's out_proj, which F.multi_head_attention_forward
-# reads as a raw tensor) would be silently bypassed if swapped, and Brevitas layers subclass these too.
+# reads as a raw tensor) would be silently bypassed if swapped, and Brevitas layers subclass these too. The
+# one exception is SpikingJelly's step-mode layers, whose forward is known (StepQuant* below).
 # Transposed convolutions (decoders, e.g. snnTorch's spiking autoencoder) keep their output channels in the
 # weight's second dimension; schemes.channel_axis tells every per-channel step so.
 class QuantConvTranspose1d(qnn.QuantConvTranspose1d):
