@@ -37,7 +37,9 @@ def test_registry_is_well_formed():
     assert len(CORPUS) >= 6
     assert len(NAMES) == len(set(NAMES))
     for entry in CORPUS:
-        assert re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40} \S.*", entry.source), entry.source
+        # pinned: a repository at a commit, or a released package at its version (a model a library ships)
+        pinned = r"([\w.-]+/[\w.-]+@[0-9a-f]{40}|[\w.-]+==[\w.]+ \(PyPI\)) \S.*"
+        assert re.fullmatch(pinned, entry.source), entry.source
         assert entry.exercises and entry.licence
         assert entry.classes is None or entry.classes >= 2
 

@@ -587,7 +587,7 @@ CORPUS: tuple[CorpusModel, ...] = (
     ),
     CorpusModel(
         name="spikingjelly-dvsgesture-net",
-        source="spikingjelly 0.0.0.0.14 (PyPI) spikingjelly/activation_based/model/parametric_lif_net.py, "
+        source="spikingjelly==0.0.0.0.14 (PyPI) spikingjelly/activation_based/model/parametric_lif_net.py, "
         "built as spikingjelly/activation_based/examples/classify_dvsg.py builds it",
         licence="Apache-2.0 (SpikingJelly's licence; imported from the installed package, not copied)",
         exercises="SpikingJelly's activation_based API: its own layer.Conv2d/layer.Linear (torch subclasses "
