@@ -399,10 +399,9 @@ def is_spikingjelly_neuron(module: nn.Module) -> bool:
 
 def train_spikingjelly_neurons(model: nn.Module) -> None:
     """Put the SpikingJelly neurons of ``model`` in train mode and leave every other module's mode alone
-    (the caller restores them). In eval, SpikingJelly 0.0.0.0.14's ``activation_based`` LIF/IF fire through a
-    TorchScript-scripted loop with a plain step: no gradient reaches the layers before them (the analysis),
-    and the loop exports as an ONNX ``Loop`` that qonnx cannot run (the export). Their train forward computes
-    the same spikes step by step, through the surrogate."""
+    (the caller restores them), for the sensitivity analysis. In eval, SpikingJelly 0.0.0.0.14's
+    ``activation_based`` LIF/IF fire through a TorchScript-scripted loop with a plain step, so no gradient
+    reaches the layers before them; their train forward computes the same spikes through the surrogate."""
     for m in model.modules():
         if is_spikingjelly_stateful(m) and hasattr(m, "surrogate_function"):
             m.train()

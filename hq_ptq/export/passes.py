@@ -44,7 +44,7 @@ def _fold_constants(model: Any, keep: frozenset[str], *, custom_only: bool = Fal
     for node in graph.node:
         if node.op_type in keep or any(o in graph_outputs for o in node.output):
             continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if _subgraphs(node):
             # a Loop/If/Scan body may read values of the enclosing graph that are not among the node's
             # inputs (a TorchScript-scripted time loop, e.g. SpikingJelly's multi-step LIF, reads its input
             # sequence that way), so constant inputs do not make it constant
@@ -153,17 +153,28 @@ def _to_onnxruntime(qmodel: Any) -> Any:
     return _infer_shapes(qmodel)
 
 
-def _outer_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names a subgraph (a Loop/If/Scan body) reads from the graphs around it: used, not defined inside."""
-    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
-    read: set[str] = set()
-    for node in graph.node:
-        read.update(i for i in node.input if i)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                read |= _outer_reads(sub)
-        defined.update(node.output)
-    return read - defined
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes: a Loop's or Scan's body, an If's branches."""
+    out: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            out.append(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            out.extend(attr.graphs)
+    return out
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """What a node reads from its graph: its inputs and what its subgraphs read from around them."""
+    read = {i for i in node.input if i}
+    for sub in _subgraphs(node):
+        defined = {i.name for i in sub.input} | {i.name for i in sub.initializer}
+        inner: set[str] = set()
+        for n in sub.node:
+            inner |= _reads(n)
+            defined.update(n.output)
+        read |= inner - defined
+    return read
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> None:
@@ -173,13 +184,7 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
     already in order stay where they are."""
     nodes = list(graph.node)
     producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    needs = []
-    for node in nodes:
-        reads = {i for i in node.input if i}
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                reads |= _outer_reads(sub)
-        needs.append({producer[r] for r in reads if r in producer})
+    needs = [{producer[r] for r in _reads(node) if r in producer} for node in nodes]
     # Kahn's algorithm, always taking the earliest ready node: iterative (an unrolled graph is a chain of
     # thousands of nodes) and stable
     users: list[list[int]] = [[] for _ in nodes]
@@ -198,9 +203,8 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
             if waiting[u] == 0:
                 heapq.heappush(ready, u)
     if len(placed) < len(nodes):
-        stuck = next(k for k, w in enumerate(waiting) if w)
-        raise ValueError(f"the exported graph has a cycle through {nodes[stuck].name or nodes[stuck].op_type}"
-                         )
+        stuck = nodes[next(k for k, w in enumerate(waiting) if w)]
+        raise ValueError(f"the exported graph has a cycle through {stuck.name or stuck.op_type}")
     if placed != list(range(len(nodes))):
         del graph.node[:]
         graph.node.extend(nodes[k] for k in placed)
