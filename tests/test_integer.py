@@ -229,6 +229,8 @@ CORPUS_OUTCOME = {
     "spikformer-cifar10dvs-spikingjelly": r"the model itself \(Spikformer\) holds pos_embed",
     # its multi-step layers first; its SpikingJelly LIFNode neurons would be named next
     "spikingjelly-dvsgesture-net": "conv_fc.0: StepQuantConv2d in SpikingJelly's step_mode 'm' has no",
+    # SpikingJelly's LIFNode first; its real-valued series would be refused next
+    "seqsnn-spikformer-forecast": "network.temporal_encoder.lif: LIFNode neurons are not supported by the",
 }
 
 

@@ -154,6 +154,8 @@ CORPUS_OUTCOME = {
     "spikformer-cifar10dvs-spikingjelly": (None, 0),
     # [T, N, 11] outputs; its multi-step convs fold [T, N] themselves, so their rows are T * N images
     "spikingjelly-dvsgesture-net": (None, 1),
+    # Linear layers on [T * B, L, D] token sequences: each of the T * B * L rows reaches one sample's loss
+    "seqsnn-spikformer-forecast": (None, 0),
 }
 
 

@@ -405,6 +405,52 @@ def _firing_rate_mse(outputs, targets):
     return F.mse_loss(outputs.mean(0), F.one_hot(targets, GESTURE_CLASSES).float())
 
 
+# ------------------------------------------------ 12. Microsoft SeqSNN's Spikformer (time-series forecasting)
+
+SERIES_VARIABLES, SERIES_WINDOW, SERIES_HORIZON = 4, 16, 3
+
+
+def _seqsnn_spikformer() -> nn.Module:
+    """SeqSNN's ``Spikformer`` network under its ``TS`` runner's regression head, configured as the authors'
+    ``exp/forecast/spikformer/spikformer_electricity.yml`` (``pe_type: neuron``, ``pe_mode: add``,
+    ``num_pe_neuron: 40``, ``neuron_pe_scale: 10000``, ``num_steps: 4``, ``depths: 2``, ``task: regression``,
+    ``aggregate: True``) shrunk: dim 256 -> 16, d_ff 1024 -> 32, heads 8 -> 2, depths 2 -> 1, 321 electricity
+    variables -> 4 (``input_size`` and the head's ``out_size``), window 168 -> 16; and ``common_thr`` 1.0 ->
+    0.02 (a constructor argument): the authors initialise every Linear with std 0.02, and ``init_lif``, behind
+    the input Linear with no BatchNorm, never reaches 1.0 untrained, which silences everything after it."""
+    from .seqsnn_spikformer import TS, Spikformer
+
+    net = Spikformer(dim=16, d_ff=32, depths=1, num_steps=4, heads=2, pe_type="neuron", pe_mode="add",
+                     num_pe_neuron=40, neuron_pe_scale=10000.0, input_size=SERIES_VARIABLES, common_thr=0.02)
+    return TS(net, task="regression", out_size=SERIES_VARIABLES, aggregate=True)
+
+
+def _series_batches(n: int, seed: int) -> list[Batch]:
+    """Multivariate series in [0, 1] as SeqSNN's ``TSMSDataset`` serves them: a ``[B, window, variables]``
+    window and, as the target, every variable ``horizon`` steps after the window ends (``[B, variables]``).
+    Each variable is a noisy sinusoid with its own period (4-16 steps), phase and level."""
+    gen = torch.Generator().manual_seed(seed)
+    steps = torch.arange(SERIES_WINDOW + SERIES_HORIZON, dtype=torch.float32).view(1, -1, 1)
+    shape = (BATCH_SIZE, 1, SERIES_VARIABLES)
+    out = []
+    for _ in range(n):
+        period = 4 + 12 * torch.rand(shape, generator=gen)
+        phase = 2 * torch.pi * torch.rand(shape, generator=gen)
+        level = 0.3 + 0.4 * torch.rand(shape, generator=gen)
+        noise = 0.05 * torch.randn(BATCH_SIZE, len(steps[0]), SERIES_VARIABLES, generator=gen)
+        series = (level + 0.25 * torch.sin(2 * torch.pi * steps / period + phase) + noise).clamp(0, 1)
+        out.append((series[:, :SERIES_WINDOW], series[:, SERIES_WINDOW + SERIES_HORIZON - 1]))
+    return out
+
+
+def _single_mse(outputs, targets):
+    # SeqSNN's runner (runner/base.py): loss = self.loss_fn(label.squeeze(-1), pred.squeeze(-1)), with
+    # loss_fn "mse" = common/function.py's single_mse (the mean squared error over the non-NaN labels)
+    y_true, y_pred = targets.squeeze(-1), outputs.squeeze(-1)
+    mask = ~torch.isnan(y_true)
+    return ((torch.masked_select(y_true, mask) - torch.masked_select(y_pred, mask)) ** 2).mean()
+
+
 # ------------------------------------------------ the registry
 
 _SNNTORCH = "jeshraghian/snntorch@634fc22385ec5581998e62787bbe39b53662140f"
@@ -604,6 +650,26 @@ CORPUS: tuple[CorpusModel, ...] = (
         "**kwargs; untrained, its classifier LIFs never reach 1.0), T = 3; 128x128 is fixed by "
         "Linear(channels * 4 * 4, 512) after five 2x2 max-pools. The example calls "
         "functional.reset_net(net) after every batch",
+    ),
+    CorpusModel(
+        name="seqsnn-spikformer-forecast",
+        source="microsoft/SeqSNN@903abb481c9b3865f55aa5f4219e7bca50bb2751 SeqSNN/network/snn/spikformer.py, "
+        "SeqSNN/module/spike_attention.py, SeqSNN/module/encoding/spikingjelly/encoder.py, "
+        "SeqSNN/module/positional_encoding.py, SeqSNN/runner/timeseries.py",
+        licence="MIT",
+        exercises="time-series FORECASTING: [B,L,C] windows, the time steps made by a Conv2d's output "
+        "channels (1 -> T), plain nn.Linear on [T*B, L, D] token sequences with BatchNorm1d on the "
+        "transposed tokens, SpikingJelly activation_based LIFNode(step_mode='m'), a binary positional code "
+        "buffer added to the input, spike residuals (integer counts into the next layers), "
+        "functional.reset_net(self) inside forward, (seq, emb) tuple into the runner's Linear head, MSE",
+        build=_builder(_seqsnn_spikformer, _series_batches),
+        batches=_series_batches,
+        loss_fn=_single_mse,
+        classes=None,
+        notes="the authors' electricity configuration shrunk through the constructor: dim 256 -> 16, d_ff "
+        "1024 -> 32, heads 8 -> 2, depths 2 -> 1, 321 variables -> 4, window 168 -> 16, horizon 3, "
+        "common_thr 1.0 -> 0.02 (untrained, the input LIF behind the std-0.02 Linear never reaches 1.0 and "
+        "everything after it is silent); NeuronPE prints its buffer's shape when built",
     ),
 )
 

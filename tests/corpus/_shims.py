@@ -1,6 +1,7 @@
-"""Drop-in stand-ins for the few third-party names the corpus models import but which are not installed
-here (spikingjelly, timm). The model files import these from ``._shims`` instead of from their original
-packages; that import line is the only change made to the authors' code.
+"""Drop-in stand-ins for a few third-party names the corpus models import (spikingjelly's clock_driven
+neurons, timm, utilsd), so that the models run without those packages or on snnTorch neurons. The model files
+import these from ``._shims`` instead of from their original packages; that import line is the only change
+made to the authors' code.
 
 * ``MultiStepLIFNode`` / ``MultiStepParametricLIFNode`` (spikingjelly.clock_driven.neuron): built from
   ``snntorch.Leaky`` with explicit membranes, looping over dim 0 of a ``[T, ...]`` input. The maths is
@@ -16,7 +17,8 @@ packages; that import line is the only change made to the authors' code.
   threshold after a subtraction, so very strong inputs spike differently. ``backend`` ('cupy') is
   accepted and ignored: everything runs in plain torch, on any device.
 * ``DropPath``, ``trunc_normal_``, ``to_2tuple`` (timm.models.layers), ``register_model``
-  (timm.models.registry), ``_cfg`` (timm.models.vision_transformer): minimal equivalents.
+  (timm.models.registry), ``_cfg`` (timm.models.vision_transformer), ``NETWORKS`` (SeqSNN's registry, from
+  ``utilsd``): minimal equivalents.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "DropPath",
     "MultiStepLIFNode",
     "MultiStepParametricLIFNode",
+    "NETWORKS",
     "_cfg",
     "register_model",
     "to_2tuple",
@@ -163,6 +166,15 @@ class DropPath(nn.Module):
 def register_model(fn):
     """timm's model registry decorator; here a no-op."""
     return fn
+
+
+class NETWORKS:
+    """SeqSNN's network registry (``SeqSNN.network.base.NETWORKS``, a ``utilsd`` ``Registry``); here
+    ``register_module(name)`` is a no-op decorator."""
+
+    @staticmethod
+    def register_module(name: str | None = None, **kwargs):
+        return lambda cls: cls
 
 
 def _cfg(url: str = "", **kwargs) -> dict:
