@@ -151,7 +151,8 @@ def measure(name: str, args) -> dict:
             out["export"]["bytes"] = onnx.stat().st_size
             report = _timed(out, "verify", lambda: verify_export(q, onnx, held_out[0][:, 1:2]))
             out["verify"].update({k: report[k] for k in ("executor", "max_abs_output_error", "spike_compare",
-                                                         "spike_mismatches", "spikes_compared")})
+                                                         "spike_mismatches", "spikes_compared",
+                                                         "first_spike_flip")})
             out["verify"]["spec_passed"] = report.get("spec_check", {}).get("passed")
     out["peak_gb"] = _peak_gb()
     return out

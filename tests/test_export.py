@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 
 import numpy as np
 import onnx
@@ -27,6 +28,7 @@ from hq_ptq.export import (  # noqa: E402
 from hq_ptq.export.runtime import _run  # noqa: E402
 from hq_ptq.models import build_model  # noqa: E402
 from hq_ptq.models.layers import SeqMaxPool, conv2d_bn  # noqa: E402
+from hq_ptq.pipeline import export_reproduces  # noqa: E402
 from hq_ptq.schemes import weight_codes  # noqa: E402
 from hq_ptq.snn import MultiStepLeaky, explicit_membranes  # noqa: E402
 from hq_ptq.swap import quant_layers, set_layer_quant, swap_layers  # noqa: E402
@@ -856,3 +858,69 @@ def test_sort_nodes_follows_what_subgraphs_read_and_takes_long_chains() -> None:
     before = [node.name for node in graph.node]
     _sort_nodes(graph)  # already in order: unchanged
     assert [node.name for node in graph.node] == before
+
+
+class _OnThreshold(nn.Module):
+    """A Linear of weights 0.25 on binary inputs into a LIF with threshold 0.5: every membrane is a sum of
+    quarters (exact in float32), so some sit exactly on the threshold and do not fire (a spike is
+    mem > thr)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6, bias=False)
+        nn.init.constant_(self.fc.weight, 0.25)
+        self.lif = MultiStepLeaky(0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lif(self.fc(x)).sum(0)
+
+
+def _move_threshold(path, out, threshold: float) -> None:
+    """A copy of the file whose LIF thresholds (the Sub in front of each Greater) are ``threshold``."""
+    proto = onnx.load(str(path))
+    makers = {o: n for n in proto.graph.node for o in n.output}
+    names = {makers[n.input[0]].input[1] for n in proto.graph.node if n.op_type == "Greater"}
+    for init in proto.graph.initializer:
+        if init.name in names:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.array(threshold, np.float32), init.name))
+    onnx.save(proto, str(out))
+
+
+def test_verify_locates_the_first_flip_and_tells_rounding_from_a_wrong_file(tmp_path, caplog) -> None:
+    model = _OnThreshold()
+    x = _events((3, 8, 4), 0)
+    path = export_onnxruntime(model, x, tmp_path / "m.onnx", allow_float=True)
+    report = verify_export(model, path, x, backend="onnxruntime")
+    assert report["spike_mismatches"] == 0 and report["first_spike_flip"] is None
+    # membranes exactly on the threshold fire once it is 2^-20 lower: a flip the size of float rounding
+    _move_threshold(path, tmp_path / "ulp.onnx", 0.5 - 2.0**-20)
+    with caplog.at_level(logging.WARNING, logger="hq_ptq.export"):
+        report = verify_export(model, tmp_path / "ulp.onnx", x, backend="onnxruntime")
+    first = report["first_spike_flip"]
+    assert report["spike_mismatches"] > 0 and first["flips"] > 0
+    assert first["neuron"] == "lif" and first["tensor"] == "/lif/Greater_output_0"  # step 0 comes first
+    assert first["max_margin"] == pytest.approx(2.0**-20) and first["rounding"] is True
+    assert "consistent with float rounding near the threshold" in caplog.text
+    assert export_reproduces(report)  # hq-ptq run keeps such a file
+    # qonnx's semantics, and its node-by-node executor (its shape checks see the margins' shapes)
+    assert verify_export(model, tmp_path / "ulp.onnx", x, backend="qonnx")["first_spike_flip"] == first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        slow, executor = _run(tmp_path / "ulp.onnx", x, "qonnx", spikes=True, fold=False, margins=True)
+    assert executor == "qonnx"
+    np.testing.assert_array_equal(slow["margins"][first["tensor"]] > 0, slow["spikes"][first["tensor"]])
+    # a threshold 0.2 lower is another computation, not rounding
+    caplog.clear()
+    _move_threshold(path, tmp_path / "wrong.onnx", 0.3)
+    with caplog.at_level(logging.WARNING, logger="hq_ptq.export"):
+        report = verify_export(model, tmp_path / "wrong.onnx", x, backend="onnxruntime")
+    first = report["first_spike_flip"]
+    assert first["rounding"] is False and first["max_margin"] == pytest.approx(0.2, abs=1e-6)
+    assert "computes something else in front of this neuron" in caplog.text
+    assert not export_reproduces(report)
+    # a step file counts its flips but does not locate them
+    step = export_onnxruntime(model, x, tmp_path / "step.onnx", allow_float=True, mode="step")
+    _move_threshold(step, tmp_path / "step_ulp.onnx", 0.5 - 2.0**-20)
+    report = verify_export(model, tmp_path / "step_ulp.onnx", x, backend="onnxruntime")
+    assert report["spike_mismatches"] > 0 and report["first_spike_flip"] is None
+    assert not export_reproduces(report)

@@ -77,16 +77,38 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
 
 
-def _with_spike_outputs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """A copy of ``proto`` that also outputs every ``Greater`` result (the Heaviside spikes)."""
+MARGIN_SUFFIX = "__hq_margin"  # the graph output holding a spike's margin ``a - b`` of its ``Greater(a, b)``
+
+
+def _with_spike_outputs(
+    proto: onnx.ModelProto, margins: bool = False
+) -> tuple[onnx.ModelProto, list[str], dict[str, str]]:
+    """A copy of ``proto`` that also outputs every ``Greater`` result (the Heaviside spikes), in node order;
+    with ``margins``, also each ``Greater(a, b)``'s ``a - b`` where ``a`` is a float32 tensor the graph
+    computes: how far the file's membrane was from firing (positive where it fired). Returns the copy,
+    the spike names and ``{spike name: its margin output}``."""
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
     infos = {v.name: v for v in proto.graph.value_info}
-    names = [n.output[0] for n in proto.graph.node if n.op_type == "Greater" and n.output[0] in infos]
+    greaters = [n for n in proto.graph.node if n.op_type == "Greater" and n.output[0] in infos]
+    names = [n.output[0] for n in greaters]
     proto.graph.output.extend(infos[n] for n in names)
+    margin_names: dict[str, str] = {}
+    for node in greaters if margins else ():
+        a = node.input[0]
+        if a in infos and infos[a].type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            spike = node.output[0]
+            margin_names[spike] = spike + MARGIN_SUFFIX
+            proto.graph.node.append(onnx.helper.make_node("Sub", list(node.input), [margin_names[spike]],
+                                                          name=margin_names[spike]))
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(infos[spike])  # the spike's shape (qonnx's executor checks output shapes)
+            info.name = margin_names[spike]
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            proto.graph.output.append(info)
     keep = [v for v in proto.graph.value_info if v.name not in set(names)]  # one ValueInfo per tensor
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(keep)
-    return proto, names
+    return proto, names, margin_names
 
 
 def _ort_session(proto: onnx.ModelProto, optimize: bool, providers: Sequence[str] = (CPU_PROVIDER,)) -> Any:
@@ -332,17 +354,20 @@ def _run(
     spikes: bool,
     fold: bool = True,
     providers: Sequence[str] = (CPU_PROVIDER,),
+    margins: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """:func:`run_export` plus the executor that ran; ``fold=False`` forces qonnx's ``execute_onnx``;
-    ``providers`` as :func:`resolve_providers` gives them."""
+    ``providers`` as :func:`resolve_providers` gives them; ``margins`` (with ``spikes``) adds
+    ``"margins"``: spike tensor name → float32 ``a - b`` of its ``Greater(a, b)``, laid out as its spikes."""
     _check_backend(backend)
     info = _io_info(export_info(path))
     arrays = _feeds(info, inputs, path)
     names = [s["name"] for s in info["inputs"]]
     proto = onnx.load(str(path))
     spike_names: list[str] = []
+    margin_names: dict[str, str] = {}
     if spikes:
-        proto, spike_names = _with_spike_outputs(proto)
+        proto, spike_names, margin_names = _with_spike_outputs(proto, margins)
     runner = _Runner(proto, backend, fold, providers)
     result: dict[str, Any] = {}
     if info["mode"] == "unrolled":
@@ -350,23 +375,27 @@ def _run(
         result["outputs"] = {o["name"]: out[o["name"]] for o in info["outputs"]}
         if spikes:
             result["spikes"] = {n: out[n][None] for n in spike_names}
+        if margins:
+            result["margins"] = {n: out[m][None] for n, m in margin_names.items()}
     else:
         axis = info["time_dim"]
         states = {s["name"]: np.zeros(s["shape"], dtype=np.float32) for s in info["states"]}
         per_output: dict[str, list[np.ndarray]] = {o["name"]: [] for o in info["outputs"]}
-        per_step: dict[str, list[np.ndarray]] = {n: [] for n in spike_names}
+        per_step: dict[str, list[np.ndarray]] = {n: [] for n in [*spike_names, *margin_names.values()]}
         for t in range(arrays[0].shape[axis]):
             feeds = {n: np.take(a, t, axis=axis) for n, a in zip(names, arrays, strict=True)}
             out = runner({**feeds, **states})
             states = {s["name"]: out[s["output"]] for s in info["states"]}
             for name, acc in per_output.items():
                 acc.append(out[name])
-            for n in spike_names:
-                per_step[n].append(out[n])
+            for n, acc in per_step.items():
+                acc.append(out[n])
         result["outputs"] = {o["name"]: _read_out(o, per_output[o["name"]]) for o in info["outputs"]}
         result["states"] = states
         if spikes:
-            result["spikes"] = {n: np.stack(v) for n, v in per_step.items()}
+            result["spikes"] = {n: np.stack(per_step[n]) for n in spike_names}
+        if margins:
+            result["margins"] = {n: np.stack(per_step[m]) for n, m in margin_names.items()}
     if "logits" in info:
         result["logits"] = result["outputs"][info["logits"]]
     result["providers"] = runner.providers

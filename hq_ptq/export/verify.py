@@ -130,17 +130,19 @@ def _match_spikes(
     got: Mapping[str, np.ndarray],
     mode: str,
     scope_prefix: str,
-) -> tuple[dict[str, tuple[int, int, int, int]], list[str]]:
+) -> tuple[dict[str, tuple[int, int, int, int]], list[str], dict[str, tuple[str, np.ndarray]]]:
     """Pair the graph's spike tensors with the neurons' calls by module scope and call order.
 
     Returns ``{neuron: (mismatches, compared, spikes in the graph, spikes in PyTorch)}`` for every neuron
-    whose calls could be paired, and the names of the others. Unrolled graphs: a neuron's Greater nodes,
-    sorted by (call suffixes of its scope, index in the scope), are its per-step spikes in call order (T
-    per MultiStepLeaky call, one per call of a per-step neuron). A per-step snnTorch neuron whose pending
-    reset does not merge with its previous spike (``reset_delay=False``: the reset is taken after the
-    in-step reset) has a reset node per call too, before the spike (the first call's folds away): both
-    are checked. Step graphs: one or two per layer and step (the pending reset recomputed from the
-    carried-in membrane, which is the previous step's spike, then this step's spike); both are checked.
+    whose calls could be paired, the names of the others, and ``{graph tensor: (neuron, where it differs
+    from PyTorch)}`` for every paired tensor of an unrolled graph that differs. Unrolled graphs: a
+    neuron's Greater nodes, sorted by (call suffixes of its scope, index in the scope), are its per-step
+    spikes in call order (T per MultiStepLeaky call, one per call of a per-step neuron). A per-step
+    snnTorch neuron whose pending reset does not merge with its previous spike (``reset_delay=False``:
+    the reset is taken after the in-step reset) has a reset node per call too, before the spike (the
+    first call's folds away): both are checked. Step graphs: one or two per layer and step (the pending
+    reset recomputed from the carried-in membrane, which is the previous step's spike, then this step's
+    spike); both are checked.
     """
     ref: dict[str, list[np.ndarray]] = {}
     resets: dict[str, list[np.ndarray | None]] = {}
@@ -149,7 +151,7 @@ def _match_spikes(
         resets.setdefault(name, []).append(reset)
     kinds = {name: isinstance(m, MultiStepLeaky) for name, m in _recorded_neurons(model)}
     modules = dict(model.named_modules())
-    groups: dict[str, list[tuple[tuple[int, ...], np.ndarray]]] = {name: [] for name in ref}
+    groups: dict[str, list[tuple[tuple[int, ...], str, np.ndarray]]] = {name: [] for name in ref}
     for tensor, value in got.items():
         m = _SPIKE_NAME.match(tensor)
         if m is None:
@@ -166,22 +168,28 @@ def _match_spikes(
         while owner and owner not in ref:
             owner = owner.rpartition(".")[0]
         if owner in ref:
-            groups[owner].append(((*key, int(m["k"] or 0)), value))
+            groups[owner].append(((*key, int(m["k"] or 0)), tensor, value))
     paired: dict[str, tuple[int, int, int, int]] = {}
+    flips: dict[str, tuple[str, np.ndarray]] = {}
     for name, spikes in ref.items():
-        graph = [v for _, v in sorted(groups[name], key=lambda kv: kv[0])]
-        result = (
-            _compare_unrolled(spikes, resets[name], graph, kinds.get(name, False)) if mode == "unrolled"
-            else _compare_step(spikes, graph)
-        )
+        ordered = sorted(groups[name], key=lambda kv: kv[0])
+        graph = [v for _, _, v in ordered]
+        if mode == "unrolled":
+            compared = _compare_unrolled(spikes, resets[name], graph, kinds.get(name, False))
+            result, masks = compared if compared is not None else (None, [])
+            flips.update({t: (name, mask) for (_, t, _), mask in zip(ordered, masks) if mask.any()})
+        else:
+            result = _compare_step(spikes, graph)
         if result is not None:
             paired[name] = result
-    return paired, [name for name in ref if name not in paired]
+    return paired, [name for name in ref if name not in paired], flips
 
 
 def _compare_unrolled(
     spikes: list[np.ndarray], resets: list[np.ndarray | None], graph: list[np.ndarray], multistep: bool
-) -> tuple[int, int, int, int] | None:
+) -> tuple[tuple[int, int, int, int], list[np.ndarray]] | None:
+    """``((mismatches, compared, graph spikes, PyTorch spikes), where each graph tensor differs)``, or None
+    when the graph's tensors cannot be paired with the calls."""
     steps = [s for call_spikes in spikes for s in call_spikes] if multistep else list(spikes)
     graph = [g[0] for g in graph]  # run_export's [calls=1, ...]
     expected: list[tuple[np.ndarray, bool]] = [(s, True) for s in steps]  # (value, is a spike)
@@ -195,9 +203,11 @@ def _compare_unrolled(
     pairs = list(zip(graph, expected, strict=True))
     if any(g.shape != e.shape for g, (e, _) in pairs):
         return None
-    mismatches = sum(int((g.astype(bool) != e).sum()) for g, (e, _) in pairs)
+    masks = [g.astype(bool) != e for g, (e, _) in pairs]
+    mismatches = sum(int(mask.sum()) for mask in masks)
     count_graph = sum(int(g.astype(bool).sum()) for g, (_, spike) in pairs if spike)
-    return mismatches, sum(e.size for e, _ in expected), count_graph, sum(int(s.sum()) for s in steps)
+    counts = (mismatches, sum(e.size for e, _ in expected), count_graph, sum(int(s.sum()) for s in steps))
+    return counts, masks
 
 
 def _compare_step(spikes: list[np.ndarray], graph: list[np.ndarray]) -> tuple[int, int, int, int] | None:
@@ -214,6 +224,58 @@ def _compare_step(spikes: list[np.ndarray], graph: list[np.ndarray]) -> tuple[in
     mismatches += int((graph[-1].astype(bool) != spk).sum())
     compared += spk.size
     return mismatches, compared, int(graph[-1].astype(bool).sum()), int(spk.sum())
+
+
+# A flipped spike whose membrane in the file lies within this fraction of the tensor's typical distance
+# from the threshold (its 99th percentile, so that a few far-off membranes do not set the scale) is
+# consistent with float rounding: two float32 sums of the same terms in another order differ by a few ulps
+# of their terms, so a membrane that close to the threshold may fire in one and not in the other
+ROUNDING_MARGIN = 1e-4
+
+
+def _first_flip(
+    order: list[str], flips: Mapping[str, tuple[str, np.ndarray]], margins: Mapping[str, np.ndarray]
+) -> dict[str, Any] | None:
+    """The first spike tensor in the graph's node order that differs from PyTorch, and how far from firing
+    the file's membranes were where it differs. Node order is topological, so no spike compared before it
+    differs: its flips come from the arithmetic in front of it, not from a compared flip upstream (a
+    neuron whose spikes are not compared, e.g. SpikingJelly's, could still have flipped before it). The
+    file's distance is a lower bound on how far it is from PyTorch's membrane, which lies on the other
+    side of the threshold."""
+    for tensor in order:
+        if tensor not in flips:
+            continue
+        neuron, mask = flips[tensor]
+        first: dict[str, Any] = {"neuron": neuron, "tensor": tensor, "flips": int(mask.sum())}
+        if tensor in margins:
+            distance = np.abs(margins[tensor][0].astype(np.float64))
+            worst, typical = float(distance[mask].max()), float(np.percentile(distance, 99))
+            relative = worst / typical if typical > 0 else float("inf")
+            first.update(max_margin=worst, relative_margin=relative, rounding=relative <= ROUNDING_MARGIN)
+        return first
+    return None
+
+
+def _log_flips(mismatches: int, compared: int, first: dict[str, Any] | None, unpaired: list[str]) -> None:
+    head = f"{mismatches} of {compared} compared spikes differ from PyTorch"
+    tail = (f"; neurons {', '.join(unpaired)} are not compared, and a flip there would show here too"
+            if unpaired else "")
+    if first is None or "rounding" not in first:
+        where = "" if first is None else f"; the first neuron that differs is {first['neuron']}"
+        log.warning("%s%s%s", head, where, tail)
+    elif first["rounding"]:
+        log.warning(
+            "%s; the first neuron that differs, %s, flips %d spikes whose membranes in the file lie within "
+            "%.2g of the threshold (%.1g of the typical distance): consistent with float rounding near the "
+            "threshold (the file sums in another order than PyTorch); later flips may follow from it and "
+            "are not judged%s", head, first["neuron"], first["flips"], first["max_margin"],
+            first["relative_margin"], tail)
+    else:
+        log.warning(
+            "%s; the first neuron that differs, %s, flips %d spikes whose membranes in the file lie up to "
+            "%.3g from the threshold (%.2g of the typical distance): more than float rounding, so the file "
+            "computes something else in front of this neuron%s", head, first["neuron"], first["flips"],
+            first["max_margin"], first["relative_margin"], tail)
 
 
 # the QONNX operator spec (qonnx 1.0.0 docs/qonnx-custom-ops): the ops a QONNX consumer must accept;
@@ -398,7 +460,15 @@ def verify_export(
         "not compared"), "spike_mismatches" (over the paired neurons; None when none was paired),
         "spikes_compared", "spikes_not_compared" (neuron names), "spike_count_torch",
         "spike_count_export" (spikes of the paired neurons; when none was paired, the model's total
-        and the total of the file's Greater outputs, which are not comparable), "seconds"}``.
+        and the total of the file's Greater outputs, which are not comparable), "first_spike_flip",
+        "seconds"}``. ``first_spike_flip`` is None when no compared spike differs, and for a step file
+        (its flips are counted, not located); otherwise the first differing spike tensor in the graph's
+        (topological) order: ``{"neuron", "tensor", "flips"}``, and where the spike's ``Greater`` compares a
+        float tensor the graph computes, ``"max_margin"`` (the largest distance from the threshold, in the
+        file, of a flipped membrane: a lower bound on its distance from PyTorch's), ``"relative_margin"``
+        (that over the 99th percentile of the tensor's distances) and ``"rounding"`` (relative_margin <=
+        1e-4: consistent with float rounding near the threshold; the flips after it are not judged).
+        Any mismatch is logged at WARNING with that reading.
         ``executor`` says what ran the file: ``"onnxruntime"``, ``"qonnx-folded+onnxruntime"`` (qonnx
         backend, quantizer nodes evaluated once by qonnx, the rest one onnxruntime session without
         optimizations) or ``"qonnx"`` (qonnx's ``execute_onnx``, for graphs that cannot be folded, e.g.
@@ -417,7 +487,9 @@ def verify_export(
     info = _io_info(export_info(path))
     x = _check_example(model, inputs, "inputs")
     start = time.perf_counter()
-    got, executor = _run(path, x, backend, spikes=True, providers=providers)
+    # margins locate flips in unrolled files only (a step file's flips are counted, not located)
+    got, executor = _run(path, x, backend, spikes=True, providers=providers,
+                         margins=info["mode"] == "unrolled")
     seconds = time.perf_counter() - start
     ref_outputs, calls, ref_mems = _torch_reference(model, x, info.get("states"), info.get("time_dim", 0))
     names = [o["name"] for o in info["outputs"]]
@@ -435,7 +507,7 @@ def verify_export(
             )
         diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
         errors[name] = float(diff.max()) if diff.size else 0.0
-    paired, unpaired = _match_spikes(model, calls, got["spikes"], info["mode"], info["scope_prefix"])
+    paired, unpaired, flips = _match_spikes(model, calls, got["spikes"], info["mode"], info["scope_prefix"])
     # SpikingJelly's neurons are not recorded (their spikes in the graph are not paired with their calls)
     foreign = [n for n, m in model.named_modules() if is_spikingjelly_neuron(m)]
     if paired:
@@ -448,6 +520,10 @@ def verify_export(
         how, mismatches, compared = "not compared", None, 0
         count_torch = int(sum(spk.sum() for _, spk, _ in calls))
         count_export = int(sum(s.astype(bool).sum() for s in got["spikes"].values()))
+    first = _first_flip(list(got["spikes"]), flips, got.pop("margins", {}))
+    del flips  # a mask per differing tensor, as large as the spikes: not kept through the spec check
+    if mismatches:
+        _log_flips(mismatches, compared, first, [*unpaired, *foreign])
     if unpaired:
         log.warning("cannot pair the graph's spike tensors with neuron(s) %s; their spikes are not compared "
                     "(the outputs are)", ", ".join(unpaired))
@@ -473,6 +549,7 @@ def verify_export(
         "max_abs_logit_error": max(errors.values()),
         "spike_compare": how,
         "spike_mismatches": mismatches,
+        "first_spike_flip": first,
         "spikes_compared": compared,
         "spikes_not_compared": unpaired,
         "spike_count_torch": count_torch,
